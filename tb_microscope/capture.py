@@ -1,0 +1,466 @@
+"""Architecture capture (training side) and restore (reading side).
+
+A run must be rebuilt by a process that cannot import the training script. The primary capture is
+`torch.export` with a dynamic batch dimension and, for images, dynamic height and width; it is
+restored with `torch.export.unflatten`, which gives back the module hierarchy so forward hooks on
+named submodules fire. Models that do not export (data-dependent Python control flow, say) fall
+back to a cloudpickled copy of the module with its weights on the `meta` device; reading that back
+runs code from the log directory, so readers must opt in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+import site
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cloudpickle
+import sympy
+import torch
+from torch import nn
+from torch.utils import _pytree
+from torch.utils._sympy.numbers import int_oo
+
+from .errors import NodeNotFoundError, PickleNotAllowedError, summarize
+
+EXPORT = "export"
+PICKLE = "pickle"
+NONE = "none"  # neither worked: weights only
+
+
+@dataclass(frozen=True)
+class Node:
+    """A place in the model: the output of one named submodule (its last call in a forward)."""
+
+    name: str
+    kind: str  # "spatial": N x C x H x W, units are channels; "vector": N x F, units are features
+    units: int
+    shape: tuple[int, ...]  # one example's output shape at the example input size
+    module: str  # the submodule's class name
+    calls: int  # how many times one forward pass calls it
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Node:
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` in eval mode without autocast, then give every submodule its mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _node_kind(output: object) -> str | None:
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return {4: "spatial", 2: "vector"}.get(output.dim())
+    return None
+
+
+def _is_within(name: str, ancestor: str) -> bool:
+    return name.startswith(ancestor + ".")
+
+
+def innermost_edges(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Drop (a, b) where a descendant of b receives the same input from a: keep specific edges."""
+    return {(a, b) for a, b in edges if not any(a2 == a and _is_within(b2, b) for a2, b2 in edges)}
+
+
+def discover_nodes(model: nn.Module, example: torch.Tensor) -> tuple[list[Node], list]:
+    """Run one eval-mode forward with hooks on every named submodule.
+
+    Returns the nodes (4-D and 2-D floating-point outputs), in the order they are first called,
+    and edges found by tensor identity (used only when the model cannot be exported).
+    """
+    order: dict[str, int] = {}
+    outputs: dict[str, object] = {}
+    calls: dict[str, int] = {}
+    producer: dict[int, str] = {}
+    alive: list[torch.Tensor] = [example]  # keeps ids unique for the whole pass
+    raw_edges: set[tuple[str, str]] = set()
+
+    def before(name):
+        def hook(module, args):
+            order.setdefault(name, len(order))
+            for a in _pytree.tree_leaves(args):
+                if isinstance(a, torch.Tensor):
+                    source = "input" if a is example else producer.get(id(a))
+                    if source and source != name:
+                        raw_edges.add((source, name))
+
+        return hook
+
+    def after(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            outputs[name] = output
+            if isinstance(output, torch.Tensor):
+                alive.append(output)
+                current = producer.get(id(output))
+                if current is None or not _is_within(current, name):
+                    producer[id(output)] = name
+
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(before(name)))
+            handles.append(module.register_forward_hook(after(name)))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+    modules = dict(model.named_modules())
+    nodes = []
+    for name in sorted(outputs, key=order.__getitem__):
+        out = outputs[name]
+        kind = _node_kind(out)
+        if kind:
+            shape = tuple(out.shape[1:])
+            nodes.append(
+                Node(name, kind, shape[0], shape, type(modules[name]).__name__, calls[name])
+            )
+    kept = {n.name for n in nodes} | {"input"}
+    edges = {(a, b) for a, b in raw_edges if a in kept and b in kept}
+    return nodes, sorted(innermost_edges(edges))
+
+
+def select_nodes(nodes: list[Node], wanted: list[str] | None) -> list[Node]:
+    if wanted is None:
+        return nodes
+    by_name = {n.name: n for n in nodes}
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise NodeNotFoundError(
+            f"nodes= names {', '.join(map(repr, missing))} are not nodes of this model "
+            f"(submodules with a 4-D or 2-D output); nodes: {summarize(list(by_name), 40)}"
+        )
+    return [by_name[w] for w in dict.fromkeys(wanted)]
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capture:
+    kind: str  # EXPORT, PICKLE or NONE
+    program: torch.export.ExportedProgram | None
+    pickled: bytes | None
+    dims: list[dict]  # per input dimension: {"name", "size", "min", "max"}; max None = unbounded
+    edges: list[tuple[str, str]]
+    note: str | None  # why the capture is less than fully dynamic, or why it fell back
+
+
+_DIM_NAMES = {4: ["batch", "channels", "height", "width"], 2: ["batch", "features"]}
+
+
+def _export_example(example: torch.Tensor) -> torch.Tensor:
+    """Two examples: with a batch of one, export would specialise the batch size to 1."""
+    example = example[:2]
+    return example if example.shape[0] >= 2 else torch.cat([example, example])
+
+
+def _dynamic_dims(example: torch.Tensor, spatial: bool) -> dict[int, object]:
+    dims = {0: torch.export.Dim.AUTO}
+    if spatial and example.dim() == 4:
+        dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
+    return dims
+
+
+def _input_dims(ep: torch.export.ExportedProgram) -> list[dict]:
+    user_input = ep.graph_signature.user_inputs[0]
+    placeholder = next(n for n in ep.graph.nodes if n.name == user_input)
+    shape = placeholder.meta["val"].shape
+    names = _DIM_NAMES.get(len(shape), [f"dim{i}" for i in range(len(shape))])
+    dims = []
+    for name, size in zip(names, shape):
+        if isinstance(size, int):
+            dims.append({"name": name, "size": size, "min": size, "max": size})
+            continue
+        bounds = ep.range_constraints.get(size.node.expr)
+        upper = None if bounds is None or bounds.upper in (int_oo, sympy.oo) else int(bounds.upper)
+        lower = int(bounds.lower) if bounds is not None else 1
+        # A dimension that export calls dynamic from 2 still runs at 1 in the unflattened
+        # module (0/1 specialisation only concerns tracing); batch 1 was checked to work.
+        dims.append(
+            {"name": name, "size": None, "min": 1 if name == "batch" else lower, "max": upper}
+        )
+    return dims
+
+
+def _outputs_match(model: nn.Module, ep: torch.export.ExportedProgram, x: torch.Tensor) -> bool:
+    with eval_mode(model), torch.no_grad():
+        expected = _pytree.tree_leaves(model(x))
+        got = _pytree.tree_leaves(ep.module()(x))
+    return len(expected) == len(got) and all(
+        torch.allclose(e, g, rtol=1e-4, atol=1e-5)
+        for e, g in zip(expected, got)
+        if isinstance(e, torch.Tensor)
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def exported_edges(ep: torch.export.ExportedProgram, names: set[str]) -> list[tuple[str, str]]:
+    """Edges between nodes read from the exported graph, between the most specific nodes.
+
+    A use of value v by op u enters every node that u is inside and v is not; the deepest of those
+    is the edge's target. Its sources are the deepest nodes v leaves on the way to u, found by
+    walking back through ops that belong to no such node (a residual add, a flatten).
+    """
+    user_inputs = set(ep.graph_signature.user_inputs)
+
+    def scope(fx_node) -> list[tuple[str, str]]:
+        stack = fx_node.meta.get("nn_module_stack") or {}
+        return [(key, path) for key, (path, _) in stack.items() if path in names]
+
+    def sources(value, inside: set[str]) -> set[str]:
+        found, seen, todo = set(), set(), [value]
+        while todo:
+            w = todo.pop()
+            if w in seen:
+                continue
+            seen.add(w)
+            if w.op == "placeholder":
+                if w.name in user_inputs:
+                    found.add("input")
+                continue
+            left = [path for key, path in scope(w) if key not in inside]
+            if left:
+                found.add(left[-1])
+            elif w.op == "call_function":
+                todo.extend(w.all_input_nodes)
+        return found
+
+    edges = set()
+    for u in ep.graph.nodes:
+        if u.op != "call_function":
+            continue
+        u_scope = scope(u)
+        u_keys = {key for key, _ in u_scope}
+        for v in u.all_input_nodes:
+            if v.op == "placeholder" and v.name not in user_inputs:
+                continue  # a parameter, buffer or constant
+            v_keys = {key for key, _ in scope(v)}
+            entered = [path for key, path in u_scope if key not in v_keys]
+            if entered:
+                edges.update((s, entered[-1]) for s in sources(v, u_keys) if s != entered[-1])
+    return sorted(innermost_edges(edges))
+
+
+def _try_export(model, example, nodes, spatial: bool):
+    x = _export_example(example)
+    with eval_mode(model):
+        ep = torch.export.export(model, (x,), dynamic_shapes=(_dynamic_dims(x, spatial),))
+    if not _outputs_match(model, ep, x):
+        raise RuntimeError("the exported program's output differs from the model's")
+    module = torch.export.unflatten(ep)
+    lost = [n.name for n in nodes if not _has_submodule(module, n.name)]
+    if lost:
+        raise RuntimeError(f"export did not keep the submodules {summarize(lost)}")
+    return ep
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def capture(
+    model: nn.Module, example: torch.Tensor, nodes: list[Node], eager_edges: list
+) -> Capture:
+    """Capture `model`'s architecture: export if possible, else a pickled copy (see module doc)."""
+    names = {n.name for n in nodes}
+    notes = []
+    for spatial in (True, False):
+        if not spatial and example.dim() != 4:
+            break
+        try:
+            ep = _try_export(model, example, nodes, spatial)
+        except Exception as e:  # export raises many types; every one means "try the next way"
+            notes.append(
+                (
+                    "with dynamic height/width"
+                    if spatial and example.dim() == 4
+                    else "with a dynamic batch"
+                )
+                + f" failed ({_first_line(e)})"
+            )
+            continue
+        return Capture(
+            EXPORT, ep, None, _input_dims(ep), exported_edges(ep, names), "; ".join(notes) or None
+        )
+    dims = [
+        {"name": name, "size": size, "min": size, "max": size}
+        for name, size in zip(_DIM_NAMES.get(example.dim(), []), example.shape)
+    ]
+    if dims:
+        dims[0].update(size=None, min=1, max=None)
+    return Capture(
+        PICKLE,
+        None,
+        pickle_architecture(model),
+        dims,
+        eager_edges,
+        "torch.export " + "; ".join(notes),
+    )
+
+
+# --- pickle fallback -----------------------------------------------------------------------------
+
+
+def _installed_roots() -> list[Path]:
+    paths = sysconfig.get_paths()
+    roots = {paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]}
+    roots.update(site.getsitepackages())
+    roots.add(site.getusersitepackages())
+    return [Path(r).resolve() for r in roots if r]
+
+
+def _user_code_modules(model: nn.Module) -> list:
+    """Modules defining the model's classes that are not installed packages: pickle by value."""
+    roots = _installed_roots()
+    found = {}
+    for cls in {type(m) for m in model.modules()}:
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None)
+        if module is None or cls.__module__ == "__main__" or not path:
+            continue
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            found[module.__name__] = module
+    return list(found.values())
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def pickle_architecture(model: nn.Module) -> bytes:
+    """cloudpickle a copy of `model` whose parameters and persistent buffers are on `meta`."""
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+    for b in model.buffers():
+        if id(b) in persistent and id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    skeleton = copy.deepcopy(model, memo)
+    for m in skeleton.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks is not None:
+                hooks.clear()
+    by_value = _user_code_modules(model)
+    for module in by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(skeleton)
+    finally:
+        for module in by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+# --- restore -------------------------------------------------------------------------------------
+
+
+def load_exported(path: Path, device: torch.device) -> torch.export.ExportedProgram:
+    ep = torch.export.load(str(path))
+    if device.type != "cpu":
+        ep = torch.export.passes.move_to_device_pass(ep, device)
+    return ep
+
+
+def load_pickled(data: bytes, run_dir: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        raise PickleNotAllowedError(
+            f"run '{run_dir}' stores its architecture as a pickle, because torch.export could not "
+            "capture the model. Unpickling runs code from the log directory, so it is refused by "
+            "default: pass allow_pickle=True (tensorboard --microscope_allow_pickle) only for log "
+            "directories you trust."
+        )
+    try:
+        return pickle.loads(data)
+    except Exception as e:
+        raise PickleNotAllowedError(
+            f"the pickled architecture of run '{run_dir}' cannot be loaded here "
+            f"({_first_line(e)}); the classes it needs may be missing from this environment."
+        ) from e
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Put `state`'s tensors into `module` in place of its own (no copy), keeping ties.
+
+    The module gets fresh Parameter objects, so two modules rebuilt from one architecture never
+    share weights.
+    """
+    expected = set(module.state_dict(keep_vars=True))
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            "the snapshot does not match the run's architecture: "
+            + "; ".join(
+                f"{what} {summarize(names)}"
+                for what, names in (("missing", missing), ("unexpected", unexpected))
+                if names
+            )
+        )
+    made: dict[int, nn.Parameter] = {}
+    for key, tensor in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if attr in owner._parameters:
+            old = owner._parameters[attr]
+            if id(tensor) not in made:
+                made[id(tensor)] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            owner._parameters[attr] = made[id(tensor)]
+        else:
+            owner._buffers[attr] = tensor
+    return module
