@@ -3,9 +3,8 @@
 Usage: python check_run.py RUN_DIR REFERENCE_FILE [--allow-pickle]
 
 For every logged step: load the model with tb_microscope.open_run, then check each reference
-node's activation and the gradient of its unit 1 with respect to the input against the eager
-model's (recorded by train_and_reference.py). Prints one line per step and exits non-zero on any
-mismatch.
+node's activation, and the gradient of its most active unit with respect to the input, against
+the eager model's (recorded by train_and_reference.py). Exits non-zero on any mismatch.
 """
 
 import argparse
@@ -39,7 +38,7 @@ def main() -> int:
             x = ref["input"].clone().requires_grad_(True)
             model(x)
             act = captured["out"]
-            act[:, 1].mean().backward()
+            act[:, int(expected["unit"])].mean().backward()
             for what, got, want in (
                 ("activation", act.detach(), expected["activation"]),
                 ("grad", x.grad, expected["grad"]),

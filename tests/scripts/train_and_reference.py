@@ -59,7 +59,7 @@ def build(name: str) -> nn.Module:
 
 
 def reference(model: nn.Module, nodes: list[str], x: torch.Tensor) -> dict:
-    """Each node's activation on x and the input gradient of its unit 1's mean, in eval mode."""
+    """Each node's activation on x and the input gradient of its most active unit, in eval mode."""
     out = {}
     was_training = model.training
     model.eval()
@@ -72,8 +72,17 @@ def reference(model: nn.Module, nodes: list[str], x: torch.Tensor) -> dict:
         model(xi)
         handle.remove()
         act = captured["out"]
-        act[:, 1].mean().backward()
-        out[name] = {"activation": act.detach().clone(), "grad": xi.grad.detach().clone()}
+        unit = (
+            int(act.flatten(2).mean(-1).mean(0).argmax())
+            if act.dim() == 4
+            else int(act.mean(0).argmax())
+        )
+        act[:, unit].mean().backward()
+        out[name] = {
+            "activation": act.detach().clone(),
+            "grad": xi.grad.detach().clone(),
+            "unit": torch.tensor(unit),
+        }
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return out

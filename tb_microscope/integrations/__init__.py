@@ -1,0 +1,1 @@
+"""Thin shells over tb_microscope.Logger for training frameworks."""

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a Python process of the test environment; fail with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(self.drop(x.mean((2, 3))))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+@pytest.fixture
+def example():
+    return torch.rand(4, 3, 16, 16)
+
+
+def train_step(model, x, lr=0.1):
+    """One SGD step that changes every weight, so consecutive snapshots differ."""
+    model.train()
+    loss = model(x).square().mean()
+    model.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad

@@ -1,0 +1,351 @@
+"""The Logger in-process: schedules, what lands on disk, and what it leaves alone."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import summary_pb2
+from torch import nn
+
+import tb_microscope
+from conftest import train_step
+from tb_microscope.runstore import SUMMARY_TAG, RunStore
+from tb_microscope.schedule import DenseEarly, make_schedule
+
+
+def test_default_schedule_logs_31_steps_over_100k_dense_early():
+    steps = DenseEarly().steps_until(100_000)
+    assert steps[:12] == [0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70]
+    assert steps[-3:] == [50_000, 70_000, 100_000]
+    assert len(steps) == 31
+    assert sum(s <= 1000 for s in steps) == 19
+
+
+def test_every_and_steps_combine():
+    schedule = make_schedule(every=100, steps=[5, 250])
+    assert schedule.steps_until(300) == [0, 5, 100, 200, 250, 300]
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(every=0), dict(every=2.5), dict(steps=[-1]), dict(steps=["a"])]
+)
+def test_bad_schedules_are_refused(bad):
+    with pytest.raises(ValueError):
+        make_schedule(bad.get("every"), bad.get("steps"))
+
+
+def test_log_called_sparsely_still_snapshots_each_stretch_of_the_schedule(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        taken = [s for s in range(0, 40, 4) if logger.log(s)]
+    # scheduled 0 1 2 3 5 7 10 15 20 30: one snapshot at the first call at or after each stretch
+    assert taken == [0, 4, 8, 12, 16, 20, 32]
+    assert tb_microscope.open_run(tmp_path).steps == taken
+
+
+def test_snapshots_hold_the_weights_of_their_step(tmp_path, tiny, example):
+    expected = {}
+    with tb_microscope.Logger(tmp_path, tiny, example, every=1) as logger:
+        for step in range(3):
+            logger.log(step)
+            expected[step] = {k: v.clone() for k, v in tiny.state_dict().items()}
+            train_step(tiny, example)
+    run = tb_microscope.open_run(tmp_path)
+    assert run.steps == [0, 1, 2]
+    for step in run.steps:
+        state = run.load_state_dict(step)
+        assert state.keys() == expected[step].keys()
+        for key, value in expected[step].items():
+            assert torch.equal(state[key], value), (step, key)
+    assert not torch.equal(run.load_state_dict(0)["conv1.weight"], expected[2]["conv1.weight"])
+
+
+def test_users_model_is_left_exactly_as_it_was(tmp_path, tiny, example):
+    tiny.train()
+    tiny.bn.eval()
+    tiny.conv1.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    modes = {name: m.training for name, m in tiny.named_modules()}
+    rng = torch.get_rng_state()
+    with tb_microscope.Logger(tmp_path, tiny, example, every=1) as logger:
+        logger.log(0)
+        logger.log(1)
+    assert {name: m.training for name, m in tiny.named_modules()} == modes
+    assert [p.requires_grad for p in tiny.parameters()] == [False] + [True] * 7
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.device.type == "cpu" for p in tiny.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.modules())
+
+
+def test_manifest_records_nodes_edges_and_input_spec(tmp_path, tiny, example):
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    with tb_microscope.Logger(tmp_path, tiny, example, normalize=(mean, std)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    nodes = {n.name: n for n in run.nodes}
+    assert list(nodes) == ["conv1", "bn", "conv2", "drop", "fc"]
+    assert (nodes["conv1"].kind, nodes["conv1"].units, nodes["conv1"].shape) == (
+        "spatial",
+        8,
+        (8, 16, 16),
+    )
+    assert (nodes["conv2"].units, nodes["conv2"].shape) == (16, (16, 8, 8))
+    assert (nodes["fc"].kind, nodes["fc"].units, nodes["fc"].shape) == ("vector", 5, (5,))
+    # relu and mean are functional: the edges pass through them
+    assert set(run.edges) == {
+        ("input", "conv1"),
+        ("conv1", "bn"),
+        ("bn", "conv2"),
+        ("conv2", "drop"),
+        ("drop", "fc"),
+    }
+    spec = run.input_spec
+    assert spec["shape"] == [3, 16, 16] and spec["normalize"] == {"mean": mean, "std": std}
+    dims = {d["name"]: d for d in spec["dims"]}
+    assert dims["batch"]["size"] is None and dims["height"]["size"] is None
+    assert run.architecture == "export"
+
+
+def test_resnet_edges_follow_the_residual_connections(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=4)
+    with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 64, 64)) as logger:
+        logger.log(0)
+    edges = set(tb_microscope.open_run(tmp_path).edges)
+    assert ("maxpool", "layer1.0.conv1") in edges
+    assert ("maxpool", "layer1.0.relu") in edges  # the skip connection into the block's last relu
+    assert ("layer1.0.bn2", "layer1.0.relu") in edges
+    assert ("layer1.1.relu", "layer2.0.downsample.0") in edges
+    assert ("avgpool", "fc") in edges  # through torch.flatten
+
+
+def test_nodes_narrow_the_list_and_unknown_names_are_listed(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path / "a", tiny, example, nodes=["conv2", "fc"]) as logger:
+        assert [n.name for n in logger.nodes] == ["conv2", "fc"]
+        logger.log(0)
+    assert set(tb_microscope.open_run(tmp_path / "a").edges) == {
+        ("input", "conv2"),
+        ("conv2", "fc"),
+    }
+    with pytest.raises(tb_microscope.NodeNotFoundError) as err:
+        tb_microscope.Logger(tmp_path / "b", tiny, example, nodes=["conv9"])
+    assert "'conv9'" in str(err.value) and "conv1, bn, conv2, drop, fc" in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        (torch.rand(4, 1, 16, 16), ValueError, "does not fit the model"),
+        (torch.rand(4, 3), ValueError, "does not fit the model"),
+        (torch.zeros(4, 3, 16, 16, dtype=torch.long), ValueError, "floating-point"),
+        ([[0.0]], TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_wrong_example_input_fails_at_once_with_what_to_pass(tmp_path, tiny, bad, error, words):
+    with pytest.raises(error) as err:
+        tb_microscope.Logger(tmp_path, tiny, bad)
+    assert words in str(err.value)
+    assert not tmp_path.joinpath("plugins").exists()
+
+
+def test_logging_a_step_twice_is_harmless(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        assert logger.log(3, force=True)
+        logger.flush()
+        path = RunStore(tmp_path).snapshot_path(3)
+        stamp = path.stat().st_mtime_ns
+        train_step(tiny, example)
+        assert not logger.log(3, force=True)
+        assert not logger.log(3)
+    assert path.stat().st_mtime_ns == stamp
+    assert tb_microscope.open_run(tmp_path).steps == [3]
+
+
+def test_resumed_training_appends_to_the_same_run(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        for step in range(4):
+            logger.log(step)
+    architecture = RunStore(tmp_path).root / "model.pt2"
+    stamp = architecture.stat().st_mtime_ns
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        assert not logger.log(3)  # already on disk
+        taken = [s for s in range(3, 12) if logger.log(s)]
+    assert taken == [5, 7, 10]
+    assert tb_microscope.open_run(tmp_path).steps == [0, 1, 2, 3, 5, 7, 10]
+    assert architecture.stat().st_mtime_ns == stamp
+
+
+def test_a_different_model_in_an_existing_run_is_refused(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        logger.log(0)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    other(example)
+    with pytest.raises(tb_microscope.IncompatibleRunError) as err:
+        tb_microscope.Logger(tmp_path, other, example)
+    assert "different model" in str(err.value) and "new run directory" in str(err.value)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(16, 16)
+        self.decode = nn.Linear(16, 16)
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x):
+        return self.decode(torch.relu(self.encode(x)))
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
+    model = Tied()
+    with tb_microscope.Logger(tmp_path, model, torch.rand(4, 16)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    state = run.load_state_dict(0)
+    assert state["decode.weight"] is state["encode.weight"]
+    assert RunStore(tmp_path).snapshot_path(0).stat().st_size < 2 * 16 * 16 * 4
+    rebuilt = run.load_model(0)
+    assert rebuilt.get_submodule("decode").weight is rebuilt.get_submodule("encode").weight
+    x = torch.rand(3, 16)
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+
+
+def test_two_rebuilt_steps_do_not_share_weights(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example, every=1) as logger:
+        logger.log(0)
+        train_step(tiny, example)
+        logger.log(1)
+    run = tb_microscope.open_run(tmp_path)
+    first, second = run.load_model(0), run.load_model(1)
+    weight = first.get_submodule("conv1").weight
+    assert not torch.equal(weight, second.get_submodule("conv1").weight)
+    assert torch.equal(weight, run.load_state_dict(0)["conv1.weight"])
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
+def test_wrappers_are_unwrapped(tmp_path, tiny, example, wrap):
+    wrapped = nn.DataParallel(tiny) if wrap == "DataParallel" else torch.compile(tiny)
+    with tb_microscope.Logger(tmp_path, wrapped, example) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    assert set(run.load_state_dict(0)) == set(tiny.state_dict())
+    assert [n.name for n in run.nodes][0] == "conv1"
+
+
+def test_distributed_data_parallel_is_unwrapped(tmp_path, tiny, example):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with tb_microscope.Logger(
+            tmp_path / "run", nn.parallel.DistributedDataParallel(tiny), example
+        ) as logger:
+            logger.log(0)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert set(tb_microscope.open_run(tmp_path / "run").load_state_dict(0)) == set(
+        tiny.state_dict()
+    )
+
+
+def test_each_snapshot_adds_a_plugin_summary_to_the_event_file(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        for step in range(4):
+            logger.log(step)
+    files = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    events = [
+        e for e in event_file_loader.EventFileLoader(str(files[0])).Load() if e.HasField("summary")
+    ]
+    assert [e.step for e in events] == [0, 1, 2, 3]
+    value = events[0].summary.value[0]
+    assert value.tag == SUMMARY_TAG
+    assert value.metadata.plugin_data.plugin_name == "tb_microscope"
+    assert value.metadata.data_class == summary_pb2.DATA_CLASS_TENSOR
+    assert json.loads(value.metadata.plugin_data.content) == {"version": 1}
+
+
+def test_probe_images_are_stored_once_as_uint8_in_image_space(tmp_path, tiny):
+    images = torch.rand(6, 3, 16, 16)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.25]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    normalized = (images - m) / s
+    with tb_microscope.Logger(
+        tmp_path, tiny, normalized[:2], probe=normalized, normalize=(mean, std)
+    ) as logger:
+        logger.log(0)
+        logger.log(1)
+    probe = tb_microscope.open_run(tmp_path).probe_images()
+    assert probe.dtype == torch.uint8 and probe.shape == (6, 3, 16, 16)
+    assert (probe.float() / 255 - images).abs().max() <= 0.5 / 255 + 1e-6
+    assert tb_microscope.open_run(tmp_path).manifest["probe"] == {"count": 6, "shape": [3, 16, 16]}
+
+
+def test_probe_of_the_wrong_shape_is_refused(tmp_path, tiny, example):
+    with pytest.raises(ValueError, match="probe must be a tensor shaped like example_input"):
+        tb_microscope.Logger(tmp_path, tiny, example, probe=torch.rand(5, 1, 16, 16))
+
+
+def test_export_falls_back_to_a_pickle_with_a_warning(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h) if h.sum() > 0 else -self.b(h)
+
+    model = Branchy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 8, 8)) as logger:
+            logger.log(0)
+    message = " ".join(str(w.message) for w in caught)
+    assert "could not capture Branchy" in message and "allow_pickle=True" in message
+    with pytest.raises(tb_microscope.PickleNotAllowedError):
+        tb_microscope.open_run(tmp_path).load_model(0)
+    rebuilt = tb_microscope.open_run(tmp_path, allow_pickle=True).load_model(0)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_open_run_on_a_directory_without_our_data_says_what_to_do(tmp_path):
+    with pytest.raises(tb_microscope.RunNotFoundError) as err:
+        tb_microscope.open_run(tmp_path)
+    assert "holds no tb_microscope data" in str(err.value)
+
+
+def test_missing_steps_and_nodes_are_named_with_what_exists(tmp_path, tiny, example):
+    with tb_microscope.Logger(tmp_path, tiny, example) as logger:
+        for step in range(3):
+            logger.log(step)
+    run = tb_microscope.open_run(tmp_path)
+    with pytest.raises(tb_microscope.StepNotFoundError, match=r"step 7 is not logged .* 0, 1, 2"):
+        run.load_model(7)
+    with pytest.raises(tb_microscope.NodeNotFoundError, match="nodes: conv1, bn, conv2, drop, fc"):
+        run.node("layer9")
+
+
+def test_logger_cannot_log_after_close(tmp_path, tiny, example):
+    logger = tb_microscope.Logger(tmp_path, tiny, example)
+    logger.close()
+    logger.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        logger.log(0)
+
+
+def test_unfinished_snapshots_are_flushed_at_interpreter_exit(tmp_path):
+    from conftest import run_python
+
+    script = (
+        "import torch, tb_microscope\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))\n"
+        f"lg = tb_microscope.Logger({str(tmp_path)!r}, m, torch.rand(2, 512), every=1)\n"
+        "for s in range(5): lg.log(s)\n"
+    )
+    run_python("-c", script)
+    assert tb_microscope.open_run(tmp_path).steps == [0, 1, 2, 3, 4]
