@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import errno
 import queue
+import re
 import threading
 import time
 import warnings
@@ -92,6 +94,17 @@ def _per_channel(value, channels: int, what: str) -> list[float]:
             "channels: give one value per channel, or a single number"
         )
     return values
+
+
+def _hint(error: BaseException) -> str:
+    """What to do about a write error (safetensors reports OS errors as text, without errno)."""
+    text = str(error)
+    codes = {getattr(error, "errno", None)} | {int(c) for c in re.findall(r"os error (\d+)", text)}
+    if codes & {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}:
+        return "free some disk space, or log to another directory"
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return "check that the directory is writable"
+    return "see the error for the cause"
 
 
 def weights_fingerprint(model: nn.Module) -> dict[str, list]:
@@ -361,8 +374,10 @@ class Logger:
             error = SnapshotWriteError(text)
             error.__cause__ = cause
             self._error = self._error or error
-        else:
-            warnings.warn(text + " Training continues.", RuntimeWarning, stacklevel=2)
+        else:  # often on the writer thread, where a caller's line would mean nothing
+            warnings.warn_explicit(
+                text + ". Training continues.", RuntimeWarning, "tb_microscope", 0
+            )
 
     # --- background thread -----------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -394,12 +409,7 @@ class Logger:
             self._events.write(job.step, job.record.bytes, job.wall_time)
         except Exception as e:
             job.record.error = f"{type(e).__name__}: {e}"
-            hint = (
-                "free some disk space"
-                if getattr(e, "errno", None) in (28, 27)
-                else "check that the directory is writable"
-            )
-            self._fail(job.step, f"{job.record.error}; {hint}", e)
+            self._fail(job.step, f"{job.record.error}; {_hint(e)}", e)
         job.record.write_s = time.perf_counter() - start
 
     def _write_architecture(self, result: Capture) -> None:

@@ -16,9 +16,11 @@ listing is the one source of truth and the manifest is written once per run.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +42,7 @@ PROBE = "probe/images.safetensors"
 SUMMARY_TAG = "tb_microscope/snapshot"
 
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{9,})\.safetensors$")
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")
+_STAGING_NAME = re.compile(r"^\.tmp-(\d+)$")
 _ALIASES_KEY = "tb_microscope.aliases"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -54,12 +56,14 @@ def plugin_dir(run_dir: str | os.PathLike) -> Path:
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through a temporary file in the same folder: fsync, rename, fsync the folder.
 
-    Readers see either the old file or the whole new one. A temporary file is removed on any
-    error (KeyboardInterrupt included); one left by a killed process carries its pid in its name
-    and is swept by `RunStore.remove_stale_temporaries`.
+    Readers see either the old file or the whole new one. The temporary file lives in a hidden
+    folder named after this process (`.tmp-<pid>/`, where writers' own temporaries land too); it
+    is removed on any error, KeyboardInterrupt included, and one left by a killed process is swept
+    by `RunStore.remove_stale_temporaries`.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.stem}.{os.getpid()}.tmp{path.suffix}"  # keeps the suffix
+    staging = path.parent / f".tmp-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    temp = staging / path.name  # keeps the suffix: torch.export.save wants ".pt2"
     try:
         write(temp)
         os.chmod(temp, 0o666 & ~_UMASK)  # some writers create 0600 files; readers may be others
@@ -72,6 +76,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            staging.rmdir()  # fails harmlessly while another write of this process is in flight
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -227,14 +234,14 @@ class RunStore:
 
     # housekeeping ---------------------------------------------------------------------------
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete temporary files that processes killed mid-write left behind."""
+        """Delete the temporary folders that processes killed mid-write left behind."""
         removed = []
         for folder in (self.root, self.root / SNAPSHOTS, (self.root / PROBE).parent):
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                m = _TEMP_NAME.match(entry.name)
+                m = _STAGING_NAME.match(entry.name)
                 if m and not _process_alive(int(m.group(1))):
-                    entry.unlink(missing_ok=True)
+                    shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
         return removed
