@@ -10,8 +10,10 @@ training unless `strict=True`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import errno
+import os
 import queue
 import re
 import threading
@@ -68,6 +70,7 @@ class _Job:
     extra: dict = field(default_factory=dict)
 
 
+WRITER_NICENESS = 10
 _open_loggers: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -381,6 +384,11 @@ class Logger:
 
     # --- background thread -----------------------------------------------------------------
     def _write_loop(self) -> None:
+        # Lower this thread's priority (Linux schedules threads one by one): on a machine whose
+        # cores the training step keeps busy, the writer then yields to it instead of stretching
+        # every parallel op of the step while it runs.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
         while True:
             job = self._queue.get()
             try:

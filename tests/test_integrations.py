@@ -1,0 +1,68 @@
+"""The Lightning callback and the command line, run for real."""
+
+import torch
+from torch import nn
+
+import tb_microscope
+from conftest import run_python
+
+
+def test_lightning_callback_logs_on_the_loggers_schedule(tmp_path):
+    import lightning.pytorch as L
+
+    from tb_microscope.integrations.lightning import MicroscopeCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+            self.example_input_array = torch.rand(2, 3, 8, 8)
+            self.net(self.example_input_array)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.rand(24, 3, 8, 8), torch.randint(0, 2, (24,)))
+    trainer = L.Trainer(
+        max_steps=12,
+        callbacks=[MicroscopeCallback(tmp_path / "run")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
+    run = tb_microscope.open_run(tmp_path / "run")
+    assert run.steps == [0, 1, 2, 3, 5, 7, 10]
+    assert [n.name for n in run.nodes] == ["net", "net.0", "net.1", "net.2", "net.3"]
+    assert set(run.load_state_dict(10)) == {
+        "net.0.weight",
+        "net.0.bias",
+        "net.3.weight",
+        "net.3.bias",
+    }
+
+
+def test_info_lists_runs_steps_and_nodes(tmp_path, tiny, example):
+    for name in ("b", "a"):
+        with tb_microscope.Logger(tmp_path / name, tiny, example) as logger:
+            for step in range(4):
+                logger.log(step)
+    out = run_python("-m", "tb_microscope.cli", "info", tmp_path).stdout
+    assert out.index("a  conftest.TinyCNN") < out.index("b  conftest.TinyCNN")
+    assert "steps (4): 0 1 2 3" in out
+    assert "conv2  spatial     16 units  16×8×8" in out
+    assert "fc     vector       5 units  5 " in out
+
+
+def test_info_on_a_logdir_without_runs_says_so(tmp_path):
+    proc = run_python("-m", "tb_microscope.cli", "info", tmp_path, check=False)
+    assert proc.returncode == 1 and "no tb_microscope runs under" in proc.stderr
