@@ -1,7 +1,9 @@
 """tb_microscope: OpenAI Microscope over training, as a TensorBoard plugin.
 
 `Logger` saves a model's weights at chosen steps into a run directory; `open_run` reads a run back
-(steps, nodes, edges) and rebuilds the model at any logged step without the training script.
+(steps, nodes, edges) and rebuilds the model at any logged step without the training script;
+`render` draws feature visualizations of its units, `dataset_examples`, `unit_weights` and
+`unit_history` the other views of a unit.
 """
 
 __version__ = "0.1.0"
@@ -25,10 +27,35 @@ __all__ = [
     "MicroscopeError",
     "NodeNotFoundError",
     "PickleNotAllowedError",
+    "RenderCache",
     "Run",
     "RunNotFoundError",
     "SnapshotWriteError",
     "StepNotFoundError",
+    "UnitIndexError",
+    "dataset_examples",
     "find_runs",
     "open_run",
+    "render",
+    "unit_history",
+    "unit_weights",
 ]
+
+_RENDERING = {
+    "RenderCache",
+    "UnitIndexError",
+    "dataset_examples",
+    "render",
+    "unit_history",
+    "unit_weights",
+}
+
+
+def __getattr__(name: str):
+    """The rendering API loads on first use, so a training script importing the Logger stays
+    light (no lucent, kornia or PIL)."""
+    if name in _RENDERING:
+        from . import rendering
+
+        return getattr(rendering, name)
+    raise AttributeError(f"module 'tb_microscope' has no attribute {name!r}")

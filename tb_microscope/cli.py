@@ -1,9 +1,14 @@
-"""`tb-microscope`: the command line. `info LOGDIR` lists runs, steps and nodes."""
+"""`tb-microscope`: the command line.
+
+tb-microscope info LOGDIR       runs, steps and nodes
+tb-microscope render LOGDIR     render feature visualizations ahead of time into the cache
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .errors import MicroscopeError
@@ -74,6 +79,127 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_indexes(text: str, limit: int, what: str) -> list[int]:
+    """`all`, or a comma list of numbers and ranges (`0-15,32`), checked against `limit`."""
+    if text == "all":
+        return list(range(limit))
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise MicroscopeError(
+                f"--{what} takes numbers and ranges like 0-15,32; got {text!r}"
+            ) from None
+        out.extend(range(first, last + 1))
+    return [i for i in dict.fromkeys(out) if i < limit]
+
+
+class Progress:
+    """A one-line progress bar on stderr: done/total, units per second, time left."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.rendered, self.stream = total, 0, 0, stream
+        self.start = time.monotonic()
+
+    def advance(self, count: int, rendered: bool, label: str = "") -> None:
+        self.done += count
+        self.rendered += count if rendered else 0
+        elapsed = time.monotonic() - self.start
+        rate = self.rendered / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        filled = int(30 * self.done / max(self.total, 1))
+        bar = "#" * filled + "." * (30 - filled)
+        minutes, seconds = divmod(int(left), 60)
+        self.stream.write(
+            f"\r[{bar}] {self.done}/{self.total} units  {rate:.2f} units/s  "
+            f"{minutes}m{seconds:02d}s left  {label[:40]:<40}"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rendering import RenderCache, RenderKey, get_technique, render_cached
+
+    logdir = Path(args.logdir)
+    runs = find_runs(logdir)
+    if args.runs:
+        wanted = set(args.runs)
+        runs = [r for r in runs if str(r.relative_to(logdir)) in wanted or r.name in wanted]
+    if not runs:
+        raise MicroscopeError(f"no tb_microscope runs to render under '{logdir}'")
+    technique = get_technique(args.technique)
+    device = torch.device(args.device) if args.device else None
+    jobs = []  # (run, step, node, units)
+    for path in runs:
+        run = Run(path, allow_pickle=args.allow_pickle)
+        steps = (
+            run.steps
+            if args.steps == "all"
+            else [s for s in parse_indexes(args.steps, 10**12, "steps") if s in set(run.steps)]
+        )
+        nodes = [run.node(n) for n in args.nodes] if args.nodes else run.nodes
+        for step in steps:
+            for node in nodes:
+                units = (
+                    [0] if technique.whole_node else parse_indexes(args.units, node.units, "units")
+                )
+                jobs.append((run, step, node.name, units))
+    total = sum(len(j[3]) for j in jobs)
+    progress = Progress(total)
+    rendered = 0
+    try:
+        for run, step, node, units in jobs:
+            cache = RenderCache(run, args.cache_dir)
+            options = dict(size=args.size, iterations=args.iterations, seed=args.seed)
+            todo = [
+                u for u in units if RenderKey(step, node, u, technique.name, **options) not in cache
+            ]
+            progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
+            if not todo:
+                continue
+            model = run.load_model(step, device or _default_device())
+            for start in range(0, len(todo), args.batch_size):
+                chunk = todo[start : start + args.batch_size]
+                render_cached(
+                    cache,
+                    run,
+                    step,
+                    node,
+                    chunk,
+                    technique.name,
+                    device=device,
+                    batch_size=args.batch_size,
+                    model=model,
+                    **options,
+                )
+                rendered += len(chunk)
+                progress.advance(len(chunk), True, f"{run.name}@{step}/{node}")
+    except KeyboardInterrupt:
+        progress.close()
+        print(
+            f"interrupted: {rendered} units rendered and cached; run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
+    progress.close()
+    print(f"{total} units: {rendered} rendered, {total - rendered} were already cached")
+    return 0
+
+
+def _default_device():
+    from .rendering.engine import default_device
+
+    return default_device()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tb-microscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("logdir", help="a TensorBoard log directory, or one run directory")
     info.add_argument("--all-nodes", action="store_true", help="list every node")
     info.set_defaults(func=cmd_info)
+
+    render = sub.add_parser(
+        "render",
+        help="render feature visualizations ahead of time into the runs' caches",
+        description="Render units into the same cache the TensorBoard tab reads. Resumable: "
+        "cached units are skipped; Ctrl-C leaves no half-written file.",
+    )
+    render.add_argument("logdir")
+    render.add_argument("--runs", nargs="+", help="run names (default: all runs)")
+    render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 (default: all)")
+    render.add_argument("--nodes", nargs="+", help="node names (default: every node)")
+    render.add_argument("--units", default="all", help="e.g. 0-15,32 (default: all)")
+    render.add_argument(
+        "--technique",
+        default="channel",
+        help="channel, neuron, negative_channel, negative_neuron, diversity, "
+        "deepdream (default: channel)",
+    )
+    render.add_argument("--size", type=int, default=128, help="image size in px (default 128)")
+    render.add_argument("--iterations", type=int, default=512, help="default 512")
+    render.add_argument("--seed", type=int, default=0)
+    render.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    render.add_argument("--batch-size", type=int, default=32, help="units per optimization")
+    render.add_argument("--cache-dir", help="cache root (default: in each run, else ~/.cache)")
+    render.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickled architectures (runs code from the log directory)",
+    )
+    render.set_defaults(func=cmd_render)
     return parser
 
 
@@ -88,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MicroscopeError as e:
+    except (MicroscopeError, ValueError) as e:
         print(f"tb-microscope: {e}", file=sys.stderr)
         return 2
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,23 @@ def train_step(model, x, lr=0.1):
     with torch.no_grad():
         for p in model.parameters():
             p -= lr * p.grad
+
+
+@pytest.fixture
+def read_only():
+    """Make a directory unwritable, even for root (who ignores permission bits)."""
+    made = []
+
+    def lock(path):
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+        else:
+            path.chmod(0o555)
+        made.append(path)
+
+    yield lock
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)

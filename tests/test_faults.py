@@ -112,26 +112,6 @@ def test_a_full_disk_raises_with_strict(tmp_path):
     assert not [p for p in RunStore(tmp_path).root.rglob(".*")]
 
 
-@pytest.fixture
-def read_only(tmp_path):
-    """Make a directory unwritable, even for root (who ignores permission bits)."""
-    made = []
-
-    def lock(path):
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "+i", str(path)], check=True)
-        else:
-            path.chmod(0o555)
-        made.append(path)
-
-    yield lock
-    for path in made:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
-
-
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_permission_error_warns_or_raises_with_strict(tmp_path, tiny, example, read_only, strict):
     logger = tb_microscope.Logger(tmp_path, tiny, example, every=1, strict=strict)

@@ -1,0 +1,29 @@
+"""Rendering: feature visualizations, dataset examples, weights and unit histories.
+
+(DESIGN.md called this package `render/`; it is `rendering/` so that `tb_microscope.render` is
+unambiguously the function.)
+"""
+
+from .cache import RenderCache, RenderKey, render_cached
+from .engine import ENGINE_VERSION, RenderResult, UnitIndexError, render
+from .examples import Example, dataset_examples
+from .history import unit_history
+from .techniques import TECHNIQUES, get_technique
+from .weights import Connection, unit_weights
+
+__all__ = [
+    "ENGINE_VERSION",
+    "TECHNIQUES",
+    "Connection",
+    "Example",
+    "RenderCache",
+    "RenderKey",
+    "RenderResult",
+    "UnitIndexError",
+    "dataset_examples",
+    "get_technique",
+    "render",
+    "render_cached",
+    "unit_history",
+    "unit_weights",
+]

@@ -1,0 +1,371 @@
+"""The rendering engine: feature visualizations of many units of one node in one optimization.
+
+lucid's recipe (Fourier-space image with decorrelated colour, Adam at lr 0.05, padding, jitter,
+scale and rotation), driven by our own loop rather than lucent's `render_vis`:
+- batch element i is unit i, so one forward/backward serves a whole batch of units;
+- the forward pass stops as soon as the target node's output is captured;
+- each unit's starting image and every random transform it sees are drawn from a generator
+  seeded by (seed, node, unit) alone, and transforms are applied per sample with one affine grid,
+  so a unit's image never depends on which units share its batch, and the same unit at two steps
+  starts from the same noise;
+- CUDA when present (bf16 autocast, channels_last), the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lucent.optvis.param.color import color_correlation_normalized
+from lucent.optvis.param.spatial import rfft2d_freqs
+from torch import nn
+
+from ..capture import Node
+from ..errors import MicroscopeError
+from ..run import Run
+from .techniques import Technique, get_technique
+
+ENGINE_VERSION = 1
+PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
+SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)])
+ANGLES = torch.tensor(list(range(-10, 11)) + [0] * 5, dtype=torch.float32)
+LEARNING_RATE = 0.05
+
+
+class UnitIndexError(MicroscopeError, IndexError):
+    """A unit index outside the node's units."""
+
+
+@dataclass
+class RenderResult:
+    """Images (uint8, N x H x W x 3); per image, its objective and the unit's mean activation."""
+
+    images: np.ndarray
+    objective: np.ndarray
+    activation: np.ndarray
+    units: list[int]
+    technique: str
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unit_seed(seed: int, node: str, unit: int, image: int, stream: str) -> int:
+    """A 63-bit seed that depends only on what identifies one image of one unit."""
+    digest = hashlib.sha256(f"{seed}\0{node}\0{unit}\0{image}\0{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class _Stop(Exception):
+    pass
+
+
+class NodeTap:
+    """Captures a node's output (its last call of a forward) and stops the forward pass there."""
+
+    def __init__(self, model: nn.Module, node: Node):
+        self.model = model
+        self.node = node
+        self.module = model.get_submodule(node.name)
+        self._count = 0
+        self._output: torch.Tensor | None = None
+
+    def _hook(self, module, args, output):
+        self._count += 1
+        if self._count == self.node.calls:
+            self._output = output
+            raise _Stop
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._count, self._output = 0, None
+        handle = self.module.register_forward_hook(self._hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if self._output is None:
+            raise MicroscopeError(f"node {self.node.name!r} was not reached in the forward pass")
+        return self._output
+
+
+class InputSpace:
+    """Maps images in [0, 1] to what the model was fed in training (value range, mean/std)."""
+
+    def __init__(self, spec: dict, device: torch.device):
+        lo, hi = spec["value_range"]
+        self.lo, self.span = lo, hi - lo
+        self.channels = spec["shape"][0]
+        norm = spec.get("normalize")
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(norm["mean"], device=device).view(shape) if norm else None
+        self.std = torch.tensor(norm["std"], device=device).view(shape) if norm else None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.lo + self.span * images
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+
+class FourierImages:
+    """lucid's image parameterization for a batch: one spectrum per image, seeded per image."""
+
+    def __init__(self, seeds: Sequence[int], channels: int, size: int, device: torch.device):
+        freqs = rfft2d_freqs(size, size)
+        shape = (channels, *freqs.shape, 2)
+        spectra = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(s)) * 0.01 for s in seeds
+        ]
+        self.spectrum = torch.stack(spectra).to(device).requires_grad_(True)
+        scale = 1.0 / np.maximum(freqs, 1.0 / size)
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=device)[None, None, ..., None]
+        self.size = size
+        self.colour = (
+            torch.tensor(color_correlation_normalized.T, device=device) if channels == 3 else None
+        )
+
+    def __call__(self) -> torch.Tensor:
+        spectrum = torch.view_as_complex(self.scale * self.spectrum)
+        image = torch.fft.irfftn(spectrum, s=(self.size, self.size), norm="ortho") / 4.0
+        if self.colour is not None:
+            image = torch.einsum("nchw,cd->ndhw", image, self.colour)
+        return torch.sigmoid(image)
+
+
+class RandomTransforms:
+    """lucid's standard transforms as one affine warp per sample, drawn from per-image seeds.
+
+    Every random number a sample sees at every iteration is drawn up front from its own
+    generator. The output canvas is the image padded by `pad` (grey outside the image).
+    """
+
+    def __init__(
+        self, seeds: Sequence[int], iterations: int, size: int, canvas: int, device: torch.device
+    ):
+        draws = []
+        for s in seeds:
+            g = torch.Generator().manual_seed(s)
+            first = torch.randint(0, 8, (iterations, 2), generator=g) - 4
+            second = torch.randint(0, 4, (iterations, 2), generator=g) - 2
+            scale = SCALES[torch.randint(0, len(SCALES), (iterations,), generator=g)]
+            angle = ANGLES[torch.randint(0, len(ANGLES), (iterations,), generator=g)]
+            draws.append(torch.cat([first, second, scale[:, None], angle[:, None]], 1))
+        self.draws = torch.stack(draws, 1).float().to(device)  # iterations x N x 6
+        self.size, self.canvas = size, canvas
+
+    def theta(self, iteration: int) -> torch.Tensor:
+        """Affine maps from canvas coordinates to image coordinates (both normalized)."""
+        d = self.draws[iteration]
+        t1, t2, s, a = d[:, 0:2], d[:, 2:4], d[:, 4], d[:, 5] * (math.pi / 180)
+        cos, sin = torch.cos(a), torch.sin(a)
+        rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
+        linear = rot_inv * (self.canvas / (self.size * s))[:, None, None]
+        shift = -(2 / self.size) * (torch.einsum("nij,nj->ni", rot_inv, t2) / s[:, None] + t1)
+        return torch.cat([linear, shift[:, :, None]], 2)
+
+    def __call__(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
+        n, c = images.shape[:2]
+        grid = F.affine_grid(
+            self.theta(iteration), [n, c, self.canvas, self.canvas], align_corners=False
+        )
+        warped = F.grid_sample(
+            images - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        return warped + 0.5
+
+
+def centred(images: torch.Tensor, canvas: int) -> torch.Tensor:
+    """Images placed in the middle of a grey canvas (no random transform)."""
+    pad = (canvas - images.shape[-1]) // 2
+    extra = canvas - images.shape[-1] - 2 * pad
+    return F.pad(images, [pad, pad + extra, pad, pad + extra], value=0.5)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def canvas_size(run: Run, size: int) -> tuple[int, bool]:
+    """The input size renders are fed at, and whether the model also accepts `size` itself."""
+    dims = {d["name"]: d for d in run.input_spec["dims"]}
+    height = dims.get("height")
+    if height is None:
+        raise MicroscopeError(f"run '{run.name}' has no image input (N x C x H x W)")
+    if height["size"] is not None:  # exported with a fixed size
+        return height["size"], size == height["size"]
+    canvas = size + 2 * PAD
+    if size < height["min"]:
+        raise MicroscopeError(
+            f"size {size} is too small for run '{run.name}': its model needs at least "
+            f"{height['min']} px"
+        )
+    return canvas, True
+
+
+@contextmanager
+def _autocast(device: torch.device) -> Iterator[None]:
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def check_units(node: Node, units: Sequence[int]) -> list[int]:
+    units = list(units)
+    bad = [
+        u for u in units if not isinstance(u, int) or isinstance(u, bool) or not 0 <= u < node.units
+    ]
+    if bad:
+        raise UnitIndexError(
+            f"unit {bad[0]!r} is out of range for node {node.name!r}, which has {node.units} "
+            f"units (0 … {node.units - 1})"
+        )
+    return units
+
+
+def optimize(
+    model: nn.Module,
+    run: Run,
+    node: Node,
+    units: list[int],
+    technique: Technique,
+    *,
+    size: int,
+    iterations: int,
+    seed: int,
+    device: torch.device,
+) -> RenderResult:
+    """One optimization of all `units` (times the technique's images per unit) as one batch."""
+    per_unit = technique.images_per_unit
+    targets = [u for u in units for _ in range(per_unit)]
+    images_of = [k for _ in units for k in range(per_unit)]
+    init = [unit_seed(seed, node.name, u, k, "init") for u, k in zip(targets, images_of)]
+    moves = [unit_seed(seed, node.name, u, k, "transform") for u, k in zip(targets, images_of)]
+    canvas, accepts_size = canvas_size(run, size)
+    space = InputSpace(run.input_spec, device)
+    param = FourierImages(init, space.channels, size, device)
+    transforms = RandomTransforms(moves, iterations, size, canvas, device)
+    tap = NodeTap(model, node)
+    unit_index = torch.tensor(targets, device=device)
+    optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)
+    channels_last = device.type == "cuda" and node.kind == "spatial"
+    for iteration in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        x = space(transforms(param(), iteration))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            act = tap(x)
+        loss = -technique.value(act.float(), unit_index).sum()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        images = param()
+        shown = images if accepts_size else centred(images, canvas)
+        act = tap(space(shown)).float()
+        objective = technique.value(act, unit_index)
+        activation = _unit_mean(act, unit_index)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    return RenderResult(
+        images=pixels.permute(0, 2, 3, 1).cpu().numpy(),
+        objective=objective.cpu().numpy(),
+        activation=activation.cpu().numpy(),
+        units=targets,
+        technique=technique.name,
+    )
+
+
+def _unit_mean(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    picked = act[torch.arange(act.shape[0], device=act.device), units]
+    return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def render(
+    run: Run,
+    step: int,
+    node: str,
+    units: Sequence[int],
+    technique: str = "channel",
+    *,
+    size: int = 128,
+    iterations: int = 512,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    model: nn.Module | None = None,
+) -> RenderResult:
+    """Feature visualizations of `units` of `node` at `step`.
+
+    Returns uint8 images (N x H x W x 3) with, per image, its objective's final value and the
+    unit's mean activation on it. `diversity` gives several images per unit (consecutive);
+    `deepdream` one image for the whole node (units are ignored). Units are optimized together
+    in batches of `batch_size` (32 on CUDA, 16 on the CPU); a CUDA out-of-memory error halves
+    the batch and retries. `model` may pass a model already loaded for this step.
+    """
+    spec = get_technique(technique)
+    if spec.objective is None:
+        other = {"examples": "dataset_examples", "weights": "unit_weights"}[technique]
+        raise ValueError(
+            f"technique {technique!r} is not an image optimization; use "
+            f"tb_microscope.{other}() instead"
+        )
+    target = run.node(node)
+    units = [0] if spec.whole_node else check_units(target, units)
+    if not isinstance(size, int) or not 8 <= size <= 1024:
+        raise ValueError(f"size must be a whole number of pixels from 8 to 1024, got {size!r}")
+    if not isinstance(iterations, int) or not 1 <= iterations <= 100_000:
+        raise ValueError(f"iterations must be from 1 to 100000, got {iterations!r}")
+    device = torch.device(device) if device is not None else default_device()
+    model = _frozen(model if model is not None else run.load_model(step, device))
+    batch = batch_size or (32 if device.type == "cuda" else 16)
+    batch = max(1, batch // spec.images_per_unit)
+    results, start = [], 0
+    while start < len(units):
+        chunk = units[start : start + batch]
+        try:
+            results.append(
+                optimize(
+                    model,
+                    run,
+                    target,
+                    chunk,
+                    spec,
+                    size=size,
+                    iterations=iterations,
+                    seed=seed,
+                    device=device,
+                )
+            )
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_out_of_memory(e) or batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+    return RenderResult(
+        images=np.concatenate([r.images for r in results]),
+        objective=np.concatenate([r.objective for r in results]),
+        activation=np.concatenate([r.activation for r in results]),
+        units=[u for r in results for u in r.units],
+        technique=technique,
+    )

@@ -1,0 +1,35 @@
+"""Feeding a run's probe images (the Logger's `probe=`) through the model at a step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..capture import Node
+from ..errors import MicroscopeError
+from ..run import Run
+from .engine import InputSpace, NodeTap
+
+
+def probe_images(run: Run) -> torch.Tensor:
+    images = run.probe_images()
+    if images is None:
+        raise MicroscopeError(
+            f"run '{run.name}' has no probe images; pass probe= (a few hundred training inputs) "
+            "to tb_microscope.Logger to get dataset examples and activation histories"
+        )
+    return images
+
+
+def probe_activations(
+    run: Run, model: nn.Module, node: Node, device: torch.device, batch: int = 64
+) -> torch.Tensor:
+    """The node's activations on every probe image (N x C x H x W or N x F), on the CPU."""
+    images = probe_images(run)
+    space, tap = InputSpace(run.input_spec, device), NodeTap(model, node)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch].to(device).float() / 255
+            out.append(tap(space(x)).float().cpu())
+    return torch.cat(out)

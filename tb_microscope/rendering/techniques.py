@@ -1,0 +1,97 @@
+"""Techniques: how a unit or a node is shown. Each optimizable one is an objective, as in lucid.
+
+An objective maps the node's activations for a batch (N x C x H x W or N x F) and the unit of
+each batch element to one value per element, to be maximized. Batch elements never interact,
+except within one unit's diversity group, so a unit's image does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _pick(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    return act[torch.arange(act.shape[0], device=act.device), units]
+
+
+def channel(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """The mean of the unit's feature map (the unit's value, for a 2-D node)."""
+    picked = _pick(act, units)
+    return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
+
+
+def neuron(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """The unit at the centre position of its feature map."""
+    picked = _pick(act, units)
+    if picked.dim() == 1:
+        return picked
+    return picked[:, picked.shape[1] // 2, picked.shape[2] // 2]
+
+
+def deepdream(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """The whole node: the mean square of all its activations."""
+    return act.square().flatten(1).mean(1)
+
+
+def diversity_penalty(act: torch.Tensor, group: int) -> torch.Tensor:
+    """lucid's diversity term, per batch element: the summed cosine similarity of its Gram matrix
+    (style) to those of the other images of its group of `group` consecutive elements."""
+    n = act.shape[0]
+    flat = act.flatten(2) if act.dim() == 4 else act.unsqueeze(2)
+    grams = torch.matmul(flat, flat.transpose(1, 2)).flatten(1)
+    grams = F.normalize(grams, dim=1).view(n // group, group, -1)
+    similarity = torch.matmul(grams, grams.transpose(1, 2))  # groups x group x group
+    off_diagonal = similarity.sum(2) - similarity.diagonal(dim1=1, dim2=2)
+    return off_diagonal.reshape(n)
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    objective: Objective | None  # None: not an optimization (examples, weights)
+    images_per_unit: int = 1
+    whole_node: bool = False  # one image for the node; units are ignored
+    diversity: float = 0.0  # weight of the diversity term, relative to the objective's size
+
+    def value(self, act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """The quantity to maximize, per batch element."""
+        value = self.objective(act, units)
+        if self.diversity:
+            penalty = diversity_penalty(act, self.images_per_unit)
+            value = value - self.diversity * value.detach().abs().clamp_min(1e-3) * penalty
+        return value
+
+
+def _negative(objective: Objective) -> Objective:
+    return lambda act, units: -objective(act, units)
+
+
+TECHNIQUES: dict[str, Technique] = {
+    t.name: t
+    for t in [
+        Technique("channel", channel),
+        Technique("neuron", neuron),
+        Technique("negative_channel", _negative(channel)),
+        Technique("negative_neuron", _negative(neuron)),
+        Technique("diversity", channel, images_per_unit=4, diversity=0.5),
+        Technique("deepdream", deepdream, whole_node=True),
+        Technique("examples", None),
+        Technique("weights", None),
+    ]
+}
+OPTIMIZED = [name for name, t in TECHNIQUES.items() if t.objective is not None]
+
+
+def get_technique(name: str) -> Technique:
+    try:
+        return TECHNIQUES[name]
+    except KeyError:
+        raise ValueError(
+            f"technique {name!r} is not known; techniques: {', '.join(TECHNIQUES)}"
+        ) from None

@@ -1,0 +1,240 @@
+"""The rendering engine on a CNN trained on generated stripes and blobs."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tb_microscope
+from conftest import run_python
+from tb_microscope.demo.train import train
+from tb_microscope.rendering import RenderCache, RenderKey, render_cached
+from tb_microscope.rendering.engine import InputSpace, NodeTap
+from tb_microscope.rendering.probe import probe_activations
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    train(run_dir, steps=STEPS, log=lambda *_: None)
+    return tb_microscope.open_run(run_dir)
+
+
+def _live_units(run, node, count):
+    """Units whose activation varies over the probe images (not dead at the last step)."""
+    model = run.load_model(STEPS)
+    act = probe_activations(run, model, run.node(node), torch.device("cpu"))
+    per_image = act.flatten(2).mean(2)
+    return [int(u) for u in per_image.max(0).values.argsort(descending=True)[:count]], per_image
+
+
+def test_renders_excite_their_unit_more_than_any_probe_image(trained):
+    units, per_image = _live_units(trained, "conv3", 4)
+    result = tb_microscope.render(trained, STEPS, "conv3", units, size=32, iterations=96)
+    assert result.images.shape == (4, 32, 32, 3) and result.images.dtype == np.uint8
+    best_probe = per_image[:, units].max(0).values.numpy()
+    assert (best_probe > 0).all()
+    assert (result.activation > best_probe).all(), (result.activation, best_probe)
+    # the activation reported is the unit's on the image returned
+    space = InputSpace(trained.input_spec, torch.device("cpu"))
+    x = torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        act = NodeTap(trained.load_model(STEPS), trained.node("conv3"))(space(x))
+    again = act[torch.arange(4), torch.tensor(units)].mean((1, 2)).numpy()
+    np.testing.assert_allclose(again, result.activation, rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(result.objective, result.activation, rtol=1e-6)
+
+
+def test_trained_units_differ_from_their_step_zero_noise(trained):
+    early = tb_microscope.render(trained, 0, "conv2", [0, 1], size=32, iterations=48)
+    late = tb_microscope.render(trained, STEPS, "conv2", [0, 1], size=32, iterations=48)
+    difference = np.abs(early.images.astype(int) - late.images.astype(int)).mean()
+    assert difference > 10
+
+
+@pytest.mark.parametrize("technique", ["channel", "neuron", "negative_channel", "diversity"])
+def test_a_unit_rendered_alone_or_in_a_batch_gives_the_same_image(trained, technique):
+    alone = tb_microscope.render(trained, STEPS, "conv2", [5], technique, size=24, iterations=12)
+    batch = tb_microscope.render(
+        trained, STEPS, "conv2", [3, 5, 9], technique, size=24, iterations=12
+    )
+    per_unit = len(alone.images)
+    np.testing.assert_array_equal(alone.images, batch.images[per_unit : 2 * per_unit])
+    again = tb_microscope.render(trained, STEPS, "conv2", [5], technique, size=24, iterations=12)
+    np.testing.assert_array_equal(alone.images, again.images)
+    other_seed = tb_microscope.render(
+        trained, STEPS, "conv2", [5], technique, size=24, iterations=12, seed=1
+    )
+    assert not np.array_equal(alone.images, other_seed.images)
+
+
+def test_diversity_gives_distinct_images_and_negative_lowers_the_unit(trained):
+    diverse = tb_microscope.render(
+        trained, STEPS, "conv2", [4], "diversity", size=24, iterations=48
+    )
+    assert len(diverse.images) == 4 and diverse.units == [4, 4, 4, 4]
+    pairs = [
+        np.abs(diverse.images[i].astype(int) - diverse.images[j]).mean()
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    assert min(pairs) > 5
+    negative = tb_microscope.render(
+        trained, STEPS, "conv2", [4], "negative_channel", size=24, iterations=48
+    )
+    positive = tb_microscope.render(trained, STEPS, "conv2", [4], size=24, iterations=48)
+    assert negative.activation[0] < positive.activation[0]
+    dream = tb_microscope.render(trained, STEPS, "conv2", [], "deepdream", size=24, iterations=8)
+    assert dream.images.shape == (1, 24, 24, 3)
+
+
+def test_bad_arguments_say_what_is_allowed(trained):
+    with pytest.raises(
+        tb_microscope.UnitIndexError, match=r"unit 64 is out of range .* \(0 … 31\)"
+    ):
+        tb_microscope.render(trained, STEPS, "conv2", [1, 64], iterations=1)
+    with pytest.raises(tb_microscope.UnitIndexError):
+        tb_microscope.render(trained, STEPS, "conv2", [-1], iterations=1)
+    with pytest.raises(ValueError, match="techniques: channel, neuron"):
+        tb_microscope.render(trained, STEPS, "conv2", [1], "wobble", iterations=1)
+    with pytest.raises(tb_microscope.NodeNotFoundError, match="nodes: conv1"):
+        tb_microscope.render(trained, STEPS, "conv9", [1], iterations=1)
+    with pytest.raises(tb_microscope.StepNotFoundError):
+        tb_microscope.render(trained, 4, "conv2", [1], iterations=1)
+    with pytest.raises(ValueError, match="size must be"):
+        tb_microscope.render(trained, STEPS, "conv2", [1], size=10**6, iterations=1)
+
+
+def test_cache_returns_the_engines_pixels_without_rendering_again(trained, tmp_path):
+    cache = RenderCache(trained, tmp_path / "cache")
+    options = dict(size=24, iterations=10)
+    first = render_cached(cache, trained, STEPS, "conv1", [2, 7], **options)
+    direct = tb_microscope.render(trained, STEPS, "conv1", [2, 7], **options)
+    np.testing.assert_array_equal(first[7][0].image, direct.images[1])
+    assert first[7][0].activation == pytest.approx(float(direct.activation[1]))
+    paths = [cache.path(RenderKey(STEPS, "conv1", u, "channel", 24, 10, 0)) for u in (2, 7)]
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    second = render_cached(cache, trained, STEPS, "conv1", [2, 7], **options)
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    np.testing.assert_array_equal(second[2][0].image, first[2][0].image)
+    other = RenderKey(STEPS, "conv1", 2, "channel", 24, 11, 0)
+    assert other not in cache and cache.path(other) != paths[0]
+
+
+def test_cache_moves_to_the_user_cache_dir_when_the_run_is_read_only(
+    trained, tmp_path, monkeypatch, read_only
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    plugin = trained.store.root
+    (plugin / "cache").mkdir(exist_ok=True)
+    read_only(plugin / "cache")
+    cache = RenderCache(trained)
+    assert str(cache.root).startswith(str(tmp_path / "xdg" / "tb_microscope"))
+
+
+def test_dataset_examples_are_the_strongest_probe_images_with_their_receptive_field(trained):
+    examples = tb_microscope.dataset_examples(trained, STEPS, "conv2", [3, 8], count=5)
+    model = trained.load_model(STEPS)
+    act = probe_activations(trained, model, trained.node("conv2"), torch.device("cpu"))
+    for unit, found in examples.items():
+        peaks = act[:, unit].flatten(1).max(1).values
+        assert [e.index for e in found] == peaks.argsort(descending=True)[:5].tolist()
+        assert [e.activation for e in found] == pytest.approx(
+            peaks.sort(descending=True).values[:5].tolist()
+        )
+        for e in found:
+            top, left, bottom, right = e.box
+            assert e.image.shape == (32, 32, 3) and e.crop.shape == (bottom - top, right - left, 3)
+            # conv1 (5x5) -> pool (2) -> conv2 (3x3): a 10-pixel receptive field inside the image
+            assert bottom - top <= 10 and right - left <= 10
+
+
+def test_dataset_examples_of_a_run_without_probe_images_say_how_to_get_them(tmp_path, tiny):
+    with tb_microscope.Logger(tmp_path, tiny, torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    with pytest.raises(tb_microscope.MicroscopeError, match="no probe images; pass probe="):
+        tb_microscope.dataset_examples(tb_microscope.open_run(tmp_path), 0, "conv1", [3])
+
+
+def test_weights_next_to_a_convolution_are_its_kernel(trained):
+    source, connections, strength = tb_microscope.unit_weights(trained, STEPS, "conv2", 6)
+    assert source == "pool"  # conv2 reads pooled conv1 units
+    kernel = trained.load_state_dict(STEPS)["conv2.weight"][6].flatten(1)
+    expected = (kernel.norm(dim=1) * torch.sign(kernel.sum(1))).numpy()
+    np.testing.assert_allclose(strength, expected, rtol=1e-4, atol=1e-6)
+    assert [c.unit for c in connections] == np.argsort(-np.abs(expected))[:8].tolist()
+    source3, _, strength3 = tb_microscope.unit_weights(trained, STEPS, "conv3", 0)
+    assert source3 == "pool" and strength3.shape == (32,)  # the pool's second call feeds conv3
+    _, _, through_relu = tb_microscope.unit_weights(trained, STEPS, "fc", 1, source="conv3")
+    fc = trained.load_state_dict(STEPS)["fc.weight"][1]
+    # fc reads the spatial mean of relu(conv3): linearized, a kernel of fc[1, c] / (8 * 8) each
+    np.testing.assert_allclose(through_relu, (fc / 8).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_unit_history_shows_the_unit_settling(trained):
+    history = tb_microscope.unit_history(trained, "conv2", 3)
+    assert [h["step"] for h in history] == trained.steps
+    assert history[0]["weight_cosine"] is None and history[0]["activation_correlation"] is None
+    cosines = [h["weight_cosine"] for h in history[1:]]
+    assert all(-1 <= c <= 1 for c in cosines)
+    assert cosines[-1] > cosines[0] or cosines[-1] > 0.99
+    assert all(h["activation_correlation"] is not None for h in history[1:])
+
+
+def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, tmp_path):
+    args = [
+        "-m",
+        "tb_microscope.cli",
+        "render",
+        trained.path.parent,
+        "--steps",
+        "0,150",
+        "--nodes",
+        "conv1",
+        "--units",
+        "0-3",
+        "--size",
+        "24",
+        "--iterations",
+        "8",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
+    first = run_python(*args)
+    assert "8 units: 8 rendered, 0 were already cached" in first.stdout
+    assert "units/s" in first.stderr
+    again = run_python(*args)
+    assert "8 units: 0 rendered, 8 were already cached" in again.stdout
+
+    slow = [str(a) for a in args[:-1]] + [
+        str(tmp_path / "slow"),
+        "--iterations",
+        "400",
+        "--batch-size",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "slow").rglob("*.png")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "again to resume" in err
+    leftovers = [p for p in (tmp_path / "slow").rglob("*") if p.name.startswith(".")]
+    assert not leftovers
+    done = list((tmp_path / "slow").rglob("*.png"))
+    assert 1 <= len(done) < 8
+    from PIL import Image
+
+    for path in done:
+        with Image.open(path) as png:
+            assert png.size == (24, 24) and "tb_microscope" in png.text
