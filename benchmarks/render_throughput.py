@@ -1,0 +1,139 @@
+"""Render throughput: our engine versus lucent's `render_vis` one unit at a time, side by side.
+
+    python benchmarks/render_throughput.py                       # CPU defaults
+    python benchmarks/render_throughput.py --device cuda --size 224 --iterations 512 --units 64
+
+Both render the same units of the same node of the same model (torchvision resnet18, random
+weights, logged with the Logger and rebuilt with open_run), at the same image size, iterations,
+learning rate and lucid transforms; lucent gets `fixed_image_size` equal to our padded canvas so
+both feed the model the same resolution. Prints units per second for each and their ratio, the
+ratio of the mean target activation reached (each measured the same way, on the final images),
+and the achieved FLOP rate of our engine against the FLOPs of forward + backward up to the node.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+from lucent.optvis import objectives, param, render, transform
+from torch.utils.flop_counter import FlopCounterMode
+
+import tb_microscope
+from tb_microscope.rendering.engine import PAD, InputSpace, NodeTap, default_device
+
+
+def mean_activation(run, model, node, units, images: np.ndarray, device) -> np.ndarray:
+    """The target unit's mean activation on each final image (uint8 or float, N x H x W x 3)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    x = (x / 255 if images.dtype == np.uint8 else x).permute(0, 3, 1, 2).to(device)
+    with torch.no_grad():
+        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x)).float()
+    return act[torch.arange(len(units)), torch.tensor(units)].flatten(1).mean(1).cpu().numpy()
+
+
+def lucent_one_at_a_time(run, model, node, units, size, iterations, device):
+    space = InputSpace(run.input_spec, device)
+    layer = node.replace(".", "_")
+    images = []
+    np.random.seed(0)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    for unit in units:
+        out = render.render_vis(
+            model,
+            objectives.channel(layer, unit),
+            param_f=lambda: param.image(size),
+            transforms=transform.standard_transforms + [space],
+            thresholds=(iterations,),
+            preprocess=False,
+            show_image=False,
+            progress=False,
+            fixed_image_size=size + 2 * PAD,
+        )
+        images.append(out[-1][0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, np.stack(images)
+
+
+def flops_per_iteration(run, model, node, batch, size, device) -> int:
+    x = torch.rand(batch, 3, size + 2 * PAD, size + 2 * PAD, device=device, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x))
+        act[:, 0].mean().backward()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--node", default="layer2.1.conv2")
+    parser.add_argument("--units", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of our engine")
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+
+    with tempfile.TemporaryDirectory() as logdir:
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18(num_classes=10)
+        with tb_microscope.Logger(logdir, net, torch.rand(2, 3, args.size, args.size)) as logger:
+            logger.log(0)
+        run = tb_microscope.open_run(logdir)
+        model = run.load_model(0, device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        units = list(range(args.units))
+        options = dict(
+            size=args.size,
+            iterations=args.iterations,
+            device=device,
+            batch_size=args.batch_size,
+            model=model,
+        )
+
+        tb_microscope.render(run, 0, args.node, units[:2], **{**options, "iterations": 2})
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            ours = tb_microscope.render(run, 0, args.node, units, **options)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        ours_s = statistics.median(times)
+        lucent_s, lucent_images = lucent_one_at_a_time(
+            run, model, args.node, units, args.size, args.iterations, device
+        )
+        ours_act = mean_activation(run, model, args.node, units, ours.images, device)
+        lucent_act = mean_activation(run, model, args.node, units, lucent_images, device)
+        batch = min(len(units), args.batch_size or (32 if device.type == "cuda" else 16))
+        flops = flops_per_iteration(run, model, args.node, batch, args.size, device)
+
+    total_flops = flops * args.iterations * len(units) / batch
+    print(
+        f"resnet18 {args.node}, {len(units)} units, {args.size}px (canvas "
+        f"{args.size + 2 * PAD}px), {args.iterations} iterations, {device}"
+    )
+    print(f"ours:   {len(units) / ours_s:8.3f} units/s  ({ours_s:.1f} s)")
+    print(f"lucent: {len(units) / lucent_s:8.3f} units/s  ({lucent_s:.1f} s, one unit at a time)")
+    print(f"speed-up: {lucent_s / ours_s:.2f}x")
+    print(
+        f"mean target activation: ours {ours_act.mean():.4f}, lucent {lucent_act.mean():.4f}, "
+        f"ratio {ours_act.mean() / lucent_act.mean():.3f}"
+    )
+    print(
+        f"ours: {total_flops / ours_s / 1e12:.4f} TFLOP/s achieved "
+        f"({flops / 1e9:.2f} GFLOP per iteration of a batch of {batch}, forward + backward "
+        "up to the node)"
+    )
+
+
+if __name__ == "__main__":
+    main()
