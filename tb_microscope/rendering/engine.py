@@ -295,7 +295,14 @@ def _unit_mean(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+    text = str(error)
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "out of memory" in text
+        or (
+            "can't allocate memory" in text  # the CPU allocator's words
+        )
+    )
 
 
 def render(
