@@ -176,7 +176,7 @@ class Logger:
             )
         self.nodes = select_nodes(all_nodes, list(nodes) if nodes is not None else None)
         self._input = self._input_spec(example, normalize, value_range)
-        self._probe = self._probe_images(probe, example, normalize, value_range)
+        self._probe = self._probe_images(probe, example)
 
         self.store.remove_stale_temporaries()
         self._fingerprint = weights_fingerprint(self._model)
@@ -227,7 +227,7 @@ class Logger:
             spec["normalize"] = {"mean": mean, "std": std}
         return spec
 
-    def _probe_images(self, probe, example, normalize, value_range) -> torch.Tensor | None:
+    def _probe_images(self, probe, example) -> torch.Tensor | None:
         """Probe images as uint8 N x C x H x W, in the image space renders are drawn in."""
         if probe is None:
             return None
