@@ -187,7 +187,7 @@ class RunStore:
         """The weights at `step`, tied names restored, verified against the stored checksum."""
         path = self.snapshot_path(step)
         if not path.is_file():
-            raise StepNotFoundError(self._missing_step_message(step))
+            raise StepNotFoundError(self.missing_step_message(step))
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -212,7 +212,7 @@ class RunStore:
             f"({path}: {why}). The other steps are unaffected; delete this file to drop the step."
         )
 
-    def _missing_step_message(self, step: int) -> str:
+    def missing_step_message(self, step: int) -> str:
         steps = self.steps()
         listed = (
             ", ".join(map(str, steps))

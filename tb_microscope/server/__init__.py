@@ -1,0 +1,1 @@
+"""The TensorBoard side: the plugin (routes, flags) and the render service."""

@@ -1,0 +1,1 @@
+"""Serves nothing: holds the built Microscope tab (index.js) as package data."""

@@ -1,0 +1,133 @@
+"""The plugin in a real `tensorboard` process on 127.0.0.1, on a logdir written by the Logger."""
+
+import io
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tb_microscope
+from tb_microscope.demo.model import SmallCNN
+from tb_microscope.demo.train import train
+
+SIZE, ITERATIONS = 24, 8
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("logdir")
+    train(logdir / "demo", steps=20, log=lambda *_: None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--reload_interval",
+            "1",
+            "--microscope_device",
+            "cpu",
+            "--microscope_size",
+            str(SIZE),
+            "--microscope_iterations",
+            str(ITERATIONS),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url, seen = None, []
+    deadline = time.monotonic() + 120
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen.append(line)
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        url = match.group(1) if match else None
+    assert url, "".join(seen)
+    yield url, logdir
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def poll_image(base: str, query: str) -> bytes:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status, kind, body = get(f"{base}/data/plugin/tb_microscope/image?{query}")
+        if status == 200:
+            assert kind == "image/png"
+            return body
+        assert status == 202, (status, body)
+        assert b'"status"' in body and b'"position"' in body
+        time.sleep(0.2)
+    pytest.fail("the image did not arrive")
+
+
+def test_plugin_is_listed_and_serves_the_engines_render(server):
+    base, logdir = server
+    status, _, body = get(f"{base}/data/plugins_listing")
+    assert status == 200 and b'"tb_microscope"' in body and b'"Microscope"' in body
+    status, _, body = get(f"{base}/data/plugin/tb_microscope/index.js")
+    assert status == 200 and b"export async function render" in body
+
+    png = poll_image(base, "run=demo&step=20&node=conv2&unit=3")
+    served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    run = tb_microscope.open_run(logdir / "demo")
+    engine = tb_microscope.render(
+        run, 20, "conv2", [3], size=SIZE, iterations=ITERATIONS, device="cpu"
+    )
+    np.testing.assert_array_equal(served, engine.images[0])
+
+
+def test_new_snapshots_appear_without_a_restart(server):
+    base, logdir = server
+    status, _, body = get(f"{base}/data/plugin/tb_microscope/runs")
+    assert status == 200 and b'"run": "demo"' in body and b"20]" in body
+    with tb_microscope.Logger(logdir / "demo", SmallCNN(), torch.rand(2, 3, 32, 32)) as logger:
+        logger.log(25, force=True)
+    status, _, body = get(f"{base}/data/plugin/tb_microscope/runs")
+    assert b"20, 25]" in body
+
+
+@pytest.mark.parametrize(
+    "query, code",
+    [
+        ("run=nope&step=20&node=conv2&unit=0", 404),
+        ("run=../../etc&step=20&node=conv2&unit=0", 404),
+        ("run=demo&step=4&node=conv2&unit=0", 404),
+        ("run=demo&step=-1&node=conv2&unit=0", 400),
+        ("run=demo&step=99999999999999999999999&node=conv2&unit=0", 400),
+        ("run=demo&step=x&node=conv2&unit=0", 400),
+        ("run=demo&step=20&node=../conv2&unit=0", 404),
+        ("run=demo&step=20&node=conv2&unit=32", 400),
+        ("run=demo&step=20&node=conv2&unit=-1", 400),
+        ("run=demo&step=20&node=conv2", 400),
+        ("run=demo&step=20&node=conv2&unit=0&technique=wobble", 404),
+        ("run=demo&step=20&node=conv2&unit=0&size=100000", 400),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, query, code):
+    base, _ = server
+    status, _, body = get(f"{base}/data/plugin/tb_microscope/image?{query}")
+    assert status == code, body
+    assert len(body) > 10
+    assert get(f"{base}/data/plugin/tb_microscope/runs")[0] == 200
