@@ -121,7 +121,7 @@ def test_new_snapshots_appear_without_a_restart(server):
         ("run=demo&step=20&node=conv2&unit=32", 400),
         ("run=demo&step=20&node=conv2&unit=-1", 400),
         ("run=demo&step=20&node=conv2", 400),
-        ("run=demo&step=20&node=conv2&unit=0&technique=wobble", 404),
+        ("run=demo&step=20&node=conv2&unit=0&technique=wobble", 400),
         ("run=demo&step=20&node=conv2&unit=0&size=100000", 400),
     ],
 )

@@ -1,33 +1,54 @@
 """The TensorBoard plugin: routes under /data/plugin/tb_microscope/ and the Microscope tab.
 
 Runs come from the data provider (runs with our snapshot summaries); our files are read from
-`<logdir>/<run>/plugins/tb_microscope/`. Each route is a thin handler over a tested `*_impl`.
+`<logdir>/<run>/plugins/tb_microscope/`. Each route is a thin handler over a tested `*_impl`;
+errors are TensorBoard's own, so users get a 400 or 404 with the message.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import os
 from importlib import resources
 
+import numpy as np
+from PIL import Image
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from ..errors import (
-    CorruptSnapshotError,
-    MicroscopeError,
-    NodeNotFoundError,
-    PickleNotAllowedError,
-    StepNotFoundError,
-)
-from ..rendering import RenderKey, get_technique
-from ..rendering.engine import UnitIndexError, check_units
+from ..errors import MicroscopeError, NodeNotFoundError, RunNotFoundError, StepNotFoundError
+from ..rendering import dataset_examples, get_technique, unit_history, unit_weights
+from ..rendering.engine import check_units
 from ..runstore import PLUGIN_NAME
-from .service import DONE, Group, RenderService
+from .service import DONE, FAILED, Group, QueueFullError, RenderService
 
 _MAX_INT = 2**62
+
+
+class UnavailableError(errors.PublicError):
+    """The render queue is full: 503, try again shortly."""
+
+    error_code = "Unavailable"
+    http_code = 503
+
+    def __init__(self, details):
+        super().__init__(f"Unavailable: {details}")
+
+
+@contextlib.contextmanager
+def _public_errors():
+    """Our errors as TensorBoard's: what is missing is a 404, anything else wrong a 400."""
+    try:
+        yield
+    except (NodeNotFoundError, StepNotFoundError, RunNotFoundError) as e:
+        raise errors.NotFoundError(str(e)) from e
+    except (MicroscopeError, ValueError) as e:
+        raise errors.InvalidArgumentError(str(e)) from e
 
 
 def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
@@ -38,11 +59,17 @@ def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MA
         return default
     try:
         value = int(raw)
-    except ValueError:
+    except (TypeError, ValueError):
         raise errors.InvalidArgumentError(f"{name} must be a whole number, got {raw!r}") from None
     if not lo <= value <= hi:
         raise errors.InvalidArgumentError(f"{name} must be from {lo} to {hi}, got {value}")
     return value
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 class MicroscopePlugin(base_plugin.TBPlugin):
@@ -50,7 +77,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext):
         self._provider = context.data_provider
-        self._logdir = context.logdir or ""
+        self._logdir = os.path.normpath(context.logdir or ".")
         flags = context.flags
         self._size = getattr(flags, "microscope_size", 128)
         self._iterations = getattr(flags, "microscope_iterations", 512)
@@ -66,6 +93,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/runs": self._serve_runs,
             "/nodes": self._serve_nodes,
             "/image": self._serve_image,
+            "/render": self._serve_render,
+            "/examples": self._serve_examples,
+            "/weights": self._serve_weights,
+            "/history": self._serve_history,
+            "/status": self._serve_status,
         }
 
     def is_active(self) -> bool:
@@ -78,26 +110,44 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Microscope")
 
     # --- impls -------------------------------------------------------------------------------
-    def _run_dir(self, ctx, experiment: str, name: str) -> str:
-        """The directory of a run the data provider knows, refusing anything else."""
+    def _run_names(self, ctx, experiment: str) -> list[str]:
         runs = self._provider.list_tensors(ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME)
-        if name not in runs:
+        return sorted(runs)
+
+    def _run(self, ctx, experiment: str, name: str):
+        """A run the data provider lists; any other name, a path included, is a 404."""
+        names = self._run_names(ctx, experiment)
+        if name not in names:
             raise errors.NotFoundError(
-                f"run {name!r} has no tb_microscope data; runs: {', '.join(sorted(runs)) or 'none'}"
+                f"run {name!r} has no tb_microscope data; runs: {', '.join(names) or 'none'}"
             )
         path = os.path.normpath(os.path.join(self._logdir, name))
-        root = os.path.normpath(self._logdir)
-        if path != root and not path.startswith(root + os.sep):
-            raise errors.InvalidArgumentError(f"run {name!r} is outside the log directory")
-        return path
+        if path != self._logdir and not path.startswith(self._logdir + os.sep):
+            raise errors.NotFoundError(f"run {name!r} is outside the log directory")
+        with _public_errors():
+            return self.service.run(path)
+
+    def _unit_args(self, ctx, experiment: str, args):
+        run = self._run(ctx, experiment, args.get("run", ""))
+        step = _int(args, "step")
+        with _public_errors():
+            if step not in run.steps:
+                raise StepNotFoundError(run.store.missing_step_message(step))
+            node = run.node(args.get("node", ""))
+        if run.architecture == "pickle" and not self.service.allow_pickle:
+            raise errors.InvalidArgumentError(
+                f"run {run.name!r} stores a pickled architecture (torch.export could not capture "
+                "its model); loading it runs code from the log directory, so it needs "
+                "tensorboard --microscope_allow_pickle, for log directories you trust"
+            )
+        return run, step, node
 
     def runs_impl(self, ctx, experiment: str) -> list[dict]:
-        runs = self._provider.list_tensors(ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME)
         out = []
-        for name in sorted(runs):
+        for name in self._run_names(ctx, experiment):
             try:
-                run = self.service.run(self._run_dir(ctx, experiment, name))
-            except MicroscopeError as e:
+                run = self._run(ctx, experiment, name)
+            except errors.PublicError as e:
                 out.append({"run": name, "error": str(e)})
                 continue
             model = run.manifest["model"]
@@ -112,43 +162,27 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                     },
                     "nodes": len(run.nodes),
                     "input": run.input_spec,
+                    "probe": run.manifest.get("probe"),
                 }
             )
         return out
 
     def nodes_impl(self, ctx, experiment: str, run_name: str) -> dict:
-        run = self._open(ctx, experiment, run_name)
+        run = self._run(ctx, experiment, run_name)
         return {
             "run": run_name,
             "nodes": [n.to_json() for n in run.nodes],
             "edges": [list(e) for e in run.edges],
         }
 
-    def _open(self, ctx, experiment, run_name):
-        try:
-            return self.service.run(self._run_dir(ctx, experiment, run_name))
-        except MicroscopeError as e:
-            raise errors.NotFoundError(str(e)) from e
-
-    def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
-        """(200, PNG bytes) when rendered, else (202, status) while the service works on it."""
-        run = self._open(ctx, experiment, args.get("run", ""))
-        step = _int(args, "step")
-        if step not in run.steps:
-            raise errors.NotFoundError(run.store.missing_step_message(step))
-        try:
-            node = run.node(args.get("node", ""))
+    def _group(self, run, step, node, args) -> Group:
+        with _public_errors():
             technique = get_technique(args.get("technique", "channel"))
-        except (NodeNotFoundError, ValueError) as e:
-            raise errors.NotFoundError(str(e)) from e
         if technique.objective is None:
-            raise errors.InvalidArgumentError(f"technique {technique.name!r} has no image")
-        unit = _int(args, "unit", 0 if technique.whole_node else None)
-        try:
-            check_units(node, [unit])
-        except UnitIndexError as e:
-            raise errors.InvalidArgumentError(str(e)) from e
-        group = Group(
+            raise errors.InvalidArgumentError(
+                f"technique {technique.name!r} is not an image: use the {technique.name} route"
+            )
+        return Group(
             str(run.path),
             step,
             node.name,
@@ -157,17 +191,100 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             _int(args, "iterations", self._iterations, 1, 100_000),
             _int(args, "seed", 0),
         )
-        status = self.service.request(group, unit)
+
+    def _request(self, group: Group, units: list[int]) -> dict[int, dict]:
+        try:
+            return self.service.request(group, units)
+        except QueueFullError as e:
+            raise UnavailableError(str(e)) from e
+
+    def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
+        """(200, PNG bytes) when rendered, else (202, status) while the service works on it."""
+        run, step, node = self._unit_args(ctx, experiment, args)
+        group = self._group(run, step, node, args)
+        whole_node = get_technique(group.technique).whole_node
+        unit = _int(args, "unit", 0 if whole_node else None)
+        with _public_errors():
+            check_units(node, [unit])
+        status = self._request(group, [unit])[unit]
         if status["status"] == DONE:
-            key = RenderKey(
-                step, node.name, unit, technique.name, group.size, group.iterations, group.seed
-            )
-            return 200, self.service.cache(run).path(key).read_bytes()
-        if status["status"] == "failed":
-            raise errors.InvalidArgumentError(f"render failed: {status['error']}")
+            return 200, self.service.cache(run).path(group.key(unit)).read_bytes()
+        if status["status"] == FAILED:
+            raise errors.InvalidArgumentError(f"the render failed: {status['error']}")
         return 202, status
 
+    def render_impl(self, ctx, experiment: str, body: dict) -> dict:
+        """Queue many units of one node at one step (`units`: a list, or "all")."""
+        run, step, node = self._unit_args(ctx, experiment, body)
+        group = self._group(run, step, node, body)
+        units = body.get("units", "all")
+        if units == "all":
+            units = list(range(node.units))
+        if not isinstance(units, list):
+            raise errors.InvalidArgumentError('units must be a list of unit indexes, or "all"')
+        with _public_errors():
+            check_units(node, units)
+        statuses = self._request(group, units)
+        return {"units": {str(u): s for u, s in statuses.items()}}
+
+    def examples_impl(self, ctx, experiment: str, args) -> dict:
+        run, step, node = self._unit_args(ctx, experiment, args)
+        unit, count = _int(args, "unit"), _int(args, "count", 8, 1, 64)
+        with _public_errors():
+            found = dataset_examples(
+                run, step, node.name, [unit], count=count, device=self.service.devices[0]
+            )[unit]
+        return {
+            "unit": unit,
+            "examples": [
+                {
+                    "index": e.index,
+                    "activation": e.activation,
+                    "position": e.position,
+                    "box": e.box,
+                    "image": _png_data_url(e.image),
+                    "crop": _png_data_url(e.crop),
+                }
+                for e in found
+            ],
+        }
+
+    def weights_impl(self, ctx, experiment: str, args) -> dict:
+        run, step, node = self._unit_args(ctx, experiment, args)
+        unit, top = _int(args, "unit"), _int(args, "top", 8, 1, 256)
+        with _public_errors():
+            source, connections, _ = unit_weights(
+                run,
+                step,
+                node.name,
+                unit,
+                source=args.get("source") or None,
+                top=top,
+                device=self.service.devices[0],
+            )
+        return {
+            "unit": unit,
+            "source": source,
+            "connections": [
+                {"node": c.node, "unit": c.unit, "strength": c.strength} for c in connections
+            ],
+        }
+
+    def history_impl(self, ctx, experiment: str, args) -> dict:
+        run = self._run(ctx, experiment, args.get("run", ""))
+        unit = _int(args, "unit")
+        with _public_errors():
+            history = unit_history(run, args.get("node", ""), unit, device=self.service.devices[0])
+        return {"unit": unit, "history": history}
+
     # --- handlers ----------------------------------------------------------------------------
+    @staticmethod
+    def _context(request):
+        return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+
+    def _json(self, request, impl, *args):
+        return http_util.Respond(request, impl(*self._context(request), *args), "application/json")
+
     @wrappers.Request.application
     def _serve_static(self, request):
         data = resources.files("tb_microscope.static").joinpath("index.js").read_bytes()
@@ -175,25 +292,46 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_runs(self, request):
-        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-        return http_util.Respond(request, self.runs_impl(ctx, eid), "application/json")
+        return self._json(request, self.runs_impl)
 
     @wrappers.Request.application
     def _serve_nodes(self, request):
-        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-        body = self.nodes_impl(ctx, eid, request.args.get("run", ""))
-        return http_util.Respond(request, body, "application/json")
+        return self._json(request, self.nodes_impl, request.args.get("run", ""))
 
     @wrappers.Request.application
     def _serve_image(self, request):
-        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-        try:
-            code, body = self.image_impl(ctx, eid, request.args)
-        except (CorruptSnapshotError, PickleNotAllowedError, StepNotFoundError) as e:
-            raise errors.InvalidArgumentError(str(e)) from e
+        code, body = self.image_impl(*self._context(request), request.args)
         if code == 200:
             return http_util.Respond(request, body, "image/png")
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_render(self, request):
+        if request.method != "POST":
+            raise errors.InvalidArgumentError("render takes a POST with a JSON body")
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError as e:
+            raise errors.InvalidArgumentError(f"the body is not JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise errors.InvalidArgumentError("the body must be a JSON object")
+        return self._json(request, self.render_impl, body)
+
+    @wrappers.Request.application
+    def _serve_examples(self, request):
+        return self._json(request, self.examples_impl, request.args)
+
+    @wrappers.Request.application
+    def _serve_weights(self, request):
+        return self._json(request, self.weights_impl, request.args)
+
+    @wrappers.Request.application
+    def _serve_history(self, request):
+        return self._json(request, self.history_impl, request.args)
+
+    @wrappers.Request.application
+    def _serve_status(self, request):
+        return http_util.Respond(request, self.service.snapshot(), "application/json")
 
 
 class MicroscopeLoader(base_plugin.TBLoader):
@@ -204,7 +342,8 @@ class MicroscopeLoader(base_plugin.TBLoader):
         group.add_argument(
             "--microscope_device",
             default="",
-            help="device for renders: cuda, cuda:1, cpu (default: cuda if present)",
+            help="device for renders: cuda, cuda:1, cpu (default: a worker per "
+            "CUDA device if there are any, else the CPU)",
         )
         group.add_argument(
             "--microscope_cache_dir",

@@ -1,9 +1,11 @@
-"""The render service behind the plugin: a queue of render jobs and a worker that runs them.
+"""The render service behind the plugin: a queue of render jobs and one worker per device.
 
 Requests for units of the same (run, step, node, technique, size, iterations, seed) join one
 group and are rendered in one optimization; identical requests share one job. The group asked
-about most recently goes first. Finished images go to the run's render cache, which is where the
-plugin serves them from; a failed group keeps its error for the pollers and the worker carries on.
+about most recently goes first, and units nobody has asked about for `stale_after` seconds are
+dropped before their group starts (the tab polls while it shows a unit). Finished images go to
+the run's render cache, where the plugin serves them from. A failed render keeps its error for
+the pollers; the worker carries on.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import torch
 
 from ..errors import MicroscopeError
 from ..rendering import RenderCache, RenderKey, render_cached
-from ..rendering.engine import default_device
 from ..run import Run
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
+
+class QueueFullError(MicroscopeError):
+    """More render groups are waiting than the service takes."""
 
 
 @dataclass(frozen=True)
@@ -36,20 +41,54 @@ class Group:
     iterations: int
     seed: int
 
+    def key(self, unit: int) -> RenderKey:
+        return RenderKey(
+            self.step, self.node, unit, self.technique, self.size, self.iterations, self.seed
+        )
+
 
 @dataclass
 class _Job:
     group: Group
-    units: set[int] = field(default_factory=set)
-    state: str = QUEUED
-    asked: float = 0.0  # when a poller last asked about it (newest goes first)
+    asked: dict[int, float] = field(default_factory=dict)  # unit -> when last asked about
     order: int = 0
     started: float | None = None
 
+    @property
+    def last_asked(self) -> float:
+        return max(self.asked.values(), default=0.0)
+
+
+def service_devices(device: str | None) -> list[torch.device]:
+    """The devices to run workers on: the one named, else every CUDA device, else the CPU."""
+    if device:
+        return [torch.device(device)]
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+class _Models:
+    """Loaded models of one device, least recently used first out, bounded in bytes."""
+
+    def __init__(self, device: torch.device, max_bytes: int):
+        self.device, self.max_bytes = device, max_bytes
+        self._models: OrderedDict[tuple[str, int], tuple[torch.nn.Module, int]] = OrderedDict()
+
+    def get(self, run: Run, step: int) -> torch.nn.Module:
+        key = (str(run.path), step)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key][0]
+        model = run.load_model(step, self.device)
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self._models[key] = (model, size)
+        while len(self._models) > 1 and sum(s for _, s in self._models.values()) > self.max_bytes:
+            self._models.popitem(last=False)
+        return model
+
 
 class RenderService:
-    """One worker thread per device; here one device, the first CUDA device or the CPU."""
-
     def __init__(
         self,
         *,
@@ -57,23 +96,32 @@ class RenderService:
         cache_dir: str | None = None,
         allow_pickle: bool = False,
         max_queued: int = 256,
-        max_models: int = 4,
+        stale_after: float = 30.0,
+        model_bytes: int = 2 << 30,
     ):
-        self.device = torch.device(device) if device else default_device()
+        self.devices = service_devices(device)
         self.cache_dir = cache_dir
         self.allow_pickle = allow_pickle
         self.max_queued = max_queued
+        self.stale_after = stale_after
         self._queued: dict[Group, _Job] = {}
         self._running: dict[Group, _Job] = {}
-        self._failed: dict[tuple[Group, int], str] = {}
+        self._failed: dict[tuple[Group, int], tuple[str, float]] = {}  # error, when
         self._runs: dict[str, Run] = {}
-        self._models: OrderedDict[tuple[str, int], torch.nn.Module] = OrderedDict()
-        self._max_models = max_models
         self._counter = itertools.count()
         self._lock = threading.Condition()
-        self.renders = 0  # optimizations run, for tests and benchmarks
-        self._worker = threading.Thread(target=self._work, name="tb_microscope-render", daemon=True)
-        self._worker.start()
+        self.stats = {"renders": 0, "units_rendered": 0, "failed": 0, "dropped": 0}
+        self._workers = [
+            threading.Thread(
+                target=self._work,
+                args=(_Models(d, model_bytes),),
+                daemon=True,
+                name=f"tb_microscope-render-{d}",
+            )
+            for d in self.devices
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # --- for the plugin ----------------------------------------------------------------------
     def run(self, path: str) -> Run:
@@ -85,71 +133,93 @@ class RenderService:
     def cache(self, run: Run) -> RenderCache:
         return RenderCache(run, self.cache_dir)
 
-    def request(self, group: Group, unit: int) -> dict:
-        """Ask for one unit's image; returns its status (`done` once it is in the cache)."""
-        run = self.run(group.run)
-        key = RenderKey(
-            group.step, group.node, unit, group.technique, group.size, group.iterations, group.seed
-        )
-        if key in self.cache(run):
-            return {"status": DONE}
+    def request(self, group: Group, units: list[int]) -> dict[int, dict]:
+        """Ask for units' images; returns each one's status (`done` once it is in the cache)."""
+        cache = self.cache(self.run(group.run))
+        statuses, wanted = {}, []
+        for unit in units:
+            if group.key(unit) in cache:
+                statuses[unit] = {"status": DONE}
+            else:
+                wanted.append(unit)
+        if not wanted:
+            return statuses
+        now = time.monotonic()
         with self._lock:
-            if (group, unit) in self._failed:
-                return {"status": FAILED, "error": self._failed[(group, unit)]}
             running = self._running.get(group)
-            if running is not None and unit in running.units:
-                return self._status(running)
             job = self._queued.get(group)
-            if job is None:
-                if len(self._queued) >= self.max_queued:
-                    raise MicroscopeError("the render queue is full; try again shortly")
-                job = self._queued[group] = _Job(group, order=next(self._counter))
-            job.units.add(unit)
-            job.asked = time.monotonic()
-            self._lock.notify()
-            return self._status(job)
+            for unit in wanted:
+                failure = self._failed.get((group, unit))
+                if failure is not None and now - failure[1] < self.stale_after:
+                    statuses[unit] = {"status": FAILED, "error": failure[0]}
+                    continue  # asking again after stale_after seconds retries the render
+                if running is not None and unit in running.asked:
+                    statuses[unit] = self._status(running)
+                    continue
+                if job is None:
+                    if len(self._queued) >= self.max_queued:
+                        raise QueueFullError(
+                            f"the render queue is full ({self.max_queued} groups waiting); "
+                            "try again shortly"
+                        )
+                    job = self._queued[group] = _Job(group, order=next(self._counter))
+                job.asked[unit] = now
+            if job is not None:
+                self._lock.notify_all()
+                for unit in wanted:
+                    statuses.setdefault(unit, self._status(job))
+        return statuses
 
     def _status(self, job: _Job) -> dict:
-        if job.state == RUNNING:
+        if job in self._running.values():
             return {
                 "status": RUNNING,
                 "position": 0,
-                "units": len(job.units),
-                "elapsed": round(time.monotonic() - (job.started or time.monotonic()), 1),
+                "units": len(job.asked),
+                "elapsed_s": round(time.monotonic() - (job.started or 0), 1),
             }
-        ahead = sorted(self._queued.values(), key=lambda j: (-j.asked, j.order))
+        ahead = sorted(self._queued.values(), key=lambda j: (-j.last_asked, j.order))
         return {
             "status": QUEUED,
             "position": ahead.index(job) + len(self._running),
-            "units": len(job.units),
+            "units": len(job.asked),
         }
 
-    # --- worker ------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """What the service is doing, for the `status` route."""
+        with self._lock:
+            return {
+                **self.stats,
+                "queued": len(self._queued),
+                "running": len(self._running),
+                "devices": [str(d) for d in self.devices],
+            }
+
+    # --- workers -----------------------------------------------------------------------------
     def _next(self) -> _Job:
         with self._lock:
-            while not self._queued:
-                self._lock.wait()
-            job = max(self._queued.values(), key=lambda j: (j.asked, -j.order))
+            while True:
+                now = time.monotonic()
+                for group, job in list(self._queued.items()):
+                    stale = [u for u, t in job.asked.items() if now - t > self.stale_after]
+                    for unit in stale:
+                        del job.asked[unit]
+                    self.stats["dropped"] += len(stale)
+                    if not job.asked:
+                        del self._queued[group]
+                if self._queued:
+                    break
+                self._lock.wait(timeout=self.stale_after)
+            job = max(self._queued.values(), key=lambda j: (j.last_asked, -j.order))
             del self._queued[job.group]
             self._running[job.group] = job
-            job.state, job.started = RUNNING, time.monotonic()
+            job.started = time.monotonic()
             return job
 
-    def _model(self, run: Run, step: int) -> torch.nn.Module:
-        key = (str(run.path), step)
-        if key in self._models:
-            self._models.move_to_end(key)
-        else:
-            self._models[key] = run.load_model(step, self.device)
-            while len(self._models) > self._max_models:
-                self._models.popitem(last=False)
-        return self._models[key]
-
-    def _work(self) -> None:
+    def _work(self, models: _Models) -> None:
         while True:
             job = self._next()
-            group = job.group
-            units = sorted(job.units)
+            group, units = job.group, sorted(job.asked)
             try:
                 run = self.run(group.run)
                 render_cached(
@@ -162,14 +232,17 @@ class RenderService:
                     size=group.size,
                     iterations=group.iterations,
                     seed=group.seed,
-                    device=self.device,
-                    model=self._model(run, group.step),
+                    device=models.device,
+                    model=models.get(run, group.step),
                 )
-                self.renders += 1
+                with self._lock:
+                    self.stats["renders"] += 1
+                    self.stats["units_rendered"] += len(units)
             except Exception as e:  # reported to the pollers; the worker goes on
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:
+                    self.stats["failed"] += 1
                     for unit in units:
-                        self._failed[(group, unit)] = message
+                        self._failed[(group, unit)] = (message, time.monotonic())
             with self._lock:
                 del self._running[group]

@@ -1,0 +1,198 @@
+"""The plugin's routes through TensorBoard's own WSGI app, on a real data provider."""
+
+import argparse
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard import context
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_provider
+from tensorboard.backend.event_processing import plugin_event_multiplexer as event_multiplexer
+from tensorboard.plugins import base_plugin
+from werkzeug import test as werkzeug_test
+from werkzeug import wrappers
+
+import tb_microscope
+from tb_microscope.demo.train import train
+from tb_microscope.runstore import RunStore
+from tb_microscope.server.plugin import MicroscopePlugin
+
+SIZE, ITERATIONS = 16, 4
+BASE = "/data/plugin/tb_microscope"
+
+
+def make_plugin(logdir, **flags):
+    multiplexer = event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    options = dict(
+        microscope_device="cpu",
+        microscope_size=SIZE,
+        microscope_iterations=ITERATIONS,
+        microscope_cache_dir="",
+        microscope_allow_pickle=False,
+    )
+    context = base_plugin.TBContext(
+        logdir=str(logdir),
+        data_provider=data_provider.MultiplexerDataProvider(multiplexer, str(logdir)),
+        flags=argparse.Namespace(**{**options, **flags}),
+    )
+    plugin = MicroscopePlugin(context)
+    app = application.TensorBoardWSGI([plugin])
+    return plugin, werkzeug_test.Client(app, wrappers.Response)
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("logdir")
+    train(logdir / "demo", steps=10, log=lambda *_: None)
+    return logdir
+
+
+@pytest.fixture
+def client(logdir):
+    return make_plugin(logdir)
+
+
+def wait_for_png(client, query, seconds=120):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        response = client.get(f"{BASE}/image?{query}")
+        if response.status_code == 200:
+            return np.asarray(Image.open(io.BytesIO(response.data)).convert("RGB"))
+        assert response.status_code == 202, response.data
+        time.sleep(0.05)
+    pytest.fail(f"no image for {query}")
+
+
+def test_runs_and_nodes_describe_the_logged_run(client):
+    plugin, http = client
+    runs = json.loads(http.get(f"{BASE}/runs").data)
+    assert [r["run"] for r in runs] == ["demo"]
+    assert runs[0]["steps"] == [0, 1, 2, 3, 5, 7, 10]
+    assert runs[0]["model"]["architecture"] == "export"
+    nodes = json.loads(http.get(f"{BASE}/nodes?run=demo").data)
+    assert [n["name"] for n in nodes["nodes"]] == ["conv1", "pool", "conv2", "conv3", "fc"]
+    assert ["conv3", "fc"] in nodes["edges"]
+    assert plugin.nodes_impl(context.RequestContext(), "", "demo") == nodes
+
+
+def test_a_whole_node_queued_in_one_post_is_one_optimization(client):
+    plugin, http = client
+    body = {"run": "demo", "step": 10, "node": "conv1", "units": "all"}
+    response = http.post(f"{BASE}/render", data=json.dumps(body))
+    assert response.status_code == 200
+    statuses = json.loads(response.data)["units"]
+    assert len(statuses) == 16 and {s["status"] for s in statuses.values()} <= {"queued", "running"}
+    images = [wait_for_png(http, f"run=demo&step=10&node=conv1&unit={u}") for u in range(16)]
+    assert plugin.service.stats["renders"] == 1
+    assert plugin.service.stats["units_rendered"] == 16
+    run = tb_microscope.open_run(plugin._logdir + "/demo")
+    engine = tb_microscope.render(
+        run, 10, "conv1", [0, 15], size=SIZE, iterations=ITERATIONS, device="cpu"
+    )
+    np.testing.assert_array_equal(images[0], engine.images[0])
+    np.testing.assert_array_equal(images[15], engine.images[1])
+
+
+def test_identical_concurrent_requests_share_one_render(client):
+    plugin, http = client
+    query = "run=demo&step=7&node=conv2&unit=9"
+    codes = []
+
+    def ask():
+        codes.append(http.get(f"{BASE}/image?{query}").status_code)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {200, 202}
+    wait_for_png(http, query)
+    assert plugin.service.stats["renders"] == 1
+
+
+def test_examples_weights_and_history_routes(client):
+    _, http = client
+    examples = json.loads(
+        http.get(f"{BASE}/examples?run=demo&step=10&node=conv2&unit=3&count=3").data
+    )
+    assert len(examples["examples"]) == 3
+    assert examples["examples"][0]["crop"].startswith("data:image/png;base64,")
+    weights = json.loads(http.get(f"{BASE}/weights?run=demo&step=10&node=conv2&unit=3").data)
+    assert weights["source"] == "pool" and len(weights["connections"]) == 8
+    history = json.loads(http.get(f"{BASE}/history?run=demo&node=conv2&unit=3").data)
+    assert [h["step"] for h in history["history"]] == [0, 1, 2, 3, 5, 7, 10]
+
+
+def test_a_failed_render_reports_its_error_and_the_worker_goes_on(logdir, tmp_path):
+    broken = tmp_path / "logdir"
+    train(broken / "demo", steps=3, log=lambda *_: None)
+    snapshot = RunStore(broken / "demo").snapshot_path(2)
+    snapshot.write_bytes(snapshot.read_bytes()[:100])
+    plugin, http = make_plugin(broken)
+    query = "run=demo&step=2&node=conv1&unit=0"
+    deadline = time.monotonic() + 60
+    while (response := http.get(f"{BASE}/image?{query}")).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert response.status_code == 400
+    assert b"the render failed: CorruptSnapshotError" in response.data
+    assert b"delete this file" in response.data
+    assert wait_for_png(http, "run=demo&step=3&node=conv1&unit=0").shape == (SIZE, SIZE, 3)
+
+
+def test_a_pickled_architecture_needs_the_flag(tmp_path):
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return h if h.mean() > 0 else -h
+
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        with tb_microscope.Logger(tmp_path / "run", Branchy(), torch.rand(2, 3, 16, 16)) as lg:
+            lg.log(0)
+    _, http = make_plugin(tmp_path)
+    response = http.get(f"{BASE}/image?run=run&step=0&node=conv&unit=0")
+    assert response.status_code == 400 and b"--microscope_allow_pickle" in response.data
+    _, trusting = make_plugin(tmp_path, microscope_allow_pickle=True)
+    assert wait_for_png(trusting, "run=run&step=0&node=conv&unit=0").shape == (SIZE, SIZE, 3)
+
+
+def test_a_full_queue_answers_503(client):
+    plugin, http = client
+    plugin.service.max_queued = 0
+    response = http.get(f"{BASE}/image?run=demo&step=5&node=conv3&unit=1")
+    assert response.status_code == 503 and b"render queue is full" in response.data
+
+
+@pytest.mark.parametrize(
+    "method, path, body, code",
+    [
+        ("get", "/render", None, 400),
+        ("post", "/render", "not json", 400),
+        ("post", "/render", '{"run": "demo", "step": 10, "node": "conv1", "units": [99]}', 400),
+        ("post", "/render", '{"run": "demo", "step": 10, "node": "conv1", "units": 5}', 400),
+        ("get", "/nodes?run=%2e%2e%2f%2e%2e", None, 404),
+        ("get", "/examples?run=demo&step=10&node=conv2", None, 400),
+        ("get", "/weights?run=demo&step=10&node=conv1&unit=0", None, 400),
+        ("get", "/history?run=demo&node=nope&unit=0", None, 404),
+        ("get", "/image?run=demo&step=10&node=conv1&unit=0&technique=examples", None, 400),
+    ],
+)
+def test_bad_requests_get_a_message(client, method, path, body, code):
+    _, http = client
+    response = getattr(http, method)(BASE + path, data=body)
+    assert response.status_code == code, response.data
+    assert len(response.data) > 10
+    assert http.get(f"{BASE}/runs").status_code == 200
