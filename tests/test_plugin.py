@@ -131,3 +131,30 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, query, 
     assert status == code, body
     assert len(body) > 10
     assert get(f"{base}/data/plugin/tb_microscope/runs")[0] == 200
+
+
+def test_a_new_run_appears_without_a_restart(server):
+    base, logdir = server
+    with tb_microscope.Logger(logdir / "later", SmallCNN(), torch.rand(2, 3, 32, 32)) as logger:
+        logger.log(0)
+    deadline = time.monotonic() + 60
+    while b'"run": "later"' not in get(f"{base}/data/plugin/tb_microscope/runs")[2]:
+        assert time.monotonic() < deadline, "the new run never appeared"
+        time.sleep(0.5)
+
+
+def test_flags_are_listed_by_helpfull():
+    out = subprocess.run(
+        [sys.executable, "-m", "tensorboard.main", "--helpfull"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for flag in (
+        "--microscope_device",
+        "--microscope_cache_dir",
+        "--microscope_size",
+        "--microscope_iterations",
+        "--microscope_allow_pickle",
+    ):
+        assert flag in out

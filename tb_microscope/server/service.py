@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -108,9 +108,11 @@ class RenderService:
         self._running: dict[Group, _Job] = {}
         self._failed: dict[tuple[Group, int], tuple[str, float]] = {}  # error, when
         self._runs: dict[str, Run] = {}
+        self._caches: dict[str, RenderCache] = {}
         self._counter = itertools.count()
         self._lock = threading.Condition()
         self.stats = {"renders": 0, "units_rendered": 0, "failed": 0, "dropped": 0}
+        self.recent: deque[tuple[Group, list[int], float]] = deque(maxlen=64)  # finished jobs
         self._workers = [
             threading.Thread(
                 target=self._work,
@@ -131,7 +133,11 @@ class RenderService:
             return self._runs[path]
 
     def cache(self, run: Run) -> RenderCache:
-        return RenderCache(run, self.cache_dir)
+        """The run's render cache, found (and its folder checked writable) once per run."""
+        with self._lock:
+            if str(run.path) not in self._caches:
+                self._caches[str(run.path)] = RenderCache(run, self.cache_dir)
+            return self._caches[str(run.path)]
 
     def request(self, group: Group, units: list[int]) -> dict[int, dict]:
         """Ask for units' images; returns each one's status (`done` once it is in the cache)."""
@@ -238,6 +244,7 @@ class RenderService:
                 with self._lock:
                     self.stats["renders"] += 1
                     self.stats["units_rendered"] += len(units)
+                    self.recent.append((group, units, time.monotonic() - job.started))
             except Exception as e:  # reported to the pollers; the worker goes on
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:

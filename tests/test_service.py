@@ -1,0 +1,41 @@
+"""The render service's scheduling: newest request first, unpolled requests dropped."""
+
+import time
+
+import pytest
+
+from tb_microscope.demo.train import train
+from tb_microscope.server.service import Group, RenderService
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "demo"
+    train(path, steps=3, log=lambda *_: None)
+    return str(path)
+
+
+def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), stale_after=2.0)
+
+    def group(step, iterations=4):
+        return Group(run_dir, step, "conv2", "channel", 16, iterations, 0)
+
+    busy = group(0, iterations=600)
+    service.request(busy, [0])
+    deadline = time.monotonic() + 30
+    while not service.snapshot()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    forgotten, older, newer = group(1), group(2), group(3)
+    service.request(forgotten, [1])  # asked once, never again
+    time.sleep(2.2)
+    while service.snapshot()["running"] or service.snapshot()["queued"]:
+        assert time.monotonic() < deadline + 120
+        service.request(older, [1])  # both still on screen; `newer` was looked at last
+        service.request(newer, [1])
+        time.sleep(0.2)
+    done = [g.step for g, _, _ in service.recent]
+    assert done[0] == 0
+    assert forgotten.step not in done and service.stats["dropped"] == 1
+    assert done.index(newer.step) < done.index(older.step)
