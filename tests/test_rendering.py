@@ -220,7 +220,12 @@ def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, 
         "1",
     ]
     proc = subprocess.Popen(
-        [sys.executable, *slow], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *slow],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job inherits SIGINT ignored; a person's terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "slow").rglob("*.png")):

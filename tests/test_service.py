@@ -16,7 +16,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_path):
-    service = RenderService(device="cpu", cache_dir=str(tmp_path), stale_after=2.0)
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), stale_after=0.5)
 
     def group(step, iterations=4):
         return Group(run_dir, step, "conv2", "channel", 16, iterations, 0)
@@ -29,7 +29,7 @@ def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_pa
         time.sleep(0.01)
     forgotten, older, newer = group(1), group(2), group(3)
     service.request(forgotten, [1])  # asked once, never again
-    time.sleep(2.2)
+    time.sleep(0.8)
     while service.snapshot()["running"] or service.snapshot()["queued"]:
         assert time.monotonic() < deadline + 120
         service.request(older, [1])  # both still on screen; `newer` was looked at last
