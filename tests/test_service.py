@@ -39,3 +39,19 @@ def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_pa
     assert done[0] == 0
     assert forgotten.step not in done and service.stats["dropped"] == 1
     assert done.index(newer.step) < done.index(older.step)
+
+
+def test_loaded_models_are_kept_within_their_memory_bound(run_dir):
+    import torch
+
+    from tb_microscope import open_run
+    from tb_microscope.server.service import _Models
+
+    run = open_run(run_dir)
+    one = sum(t.numel() * t.element_size() for t in run.load_state_dict(0).values())
+    models = _Models(torch.device("cpu"), max_bytes=int(1.5 * one))
+    first = models.get(run, 0)
+    assert models.get(run, 0) is first  # kept
+    models.get(run, 1)  # two do not fit: the least recently used goes
+    assert models.get(run, 1) is not None and len(models._models) == 1
+    assert models.get(run, 0) is not first
