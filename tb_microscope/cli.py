@@ -135,6 +135,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not runs:
         raise MicroscopeError(f"no tb_microscope runs to render under '{logdir}'")
     technique = get_technique(args.technique)
+    if technique.objective is None:
+        raise MicroscopeError(
+            f"--technique {technique.name} draws no image; the techniques to "
+            "render are channel, neuron, negative_channel, negative_neuron, "
+            "diversity and deepdream"
+        )
+    if not 8 <= args.size <= 1024 or not 1 <= args.iterations <= 100_000:
+        raise MicroscopeError("--size must be from 8 to 1024 and --iterations from 1 to 100000")
     device = torch.device(args.device) if args.device else None
     jobs = []  # (run, step, node, units)
     for path in runs:
@@ -151,6 +159,12 @@ def cmd_render(args: argparse.Namespace) -> int:
                     [0] if technique.whole_node else parse_indexes(args.units, node.units, "units")
                 )
                 jobs.append((run, step, node.name, units))
+    if not jobs:
+        logged = "; ".join(f"{Run(p).name}: {_steps_line(Run(p).steps)}" for p in runs)
+        raise MicroscopeError(
+            f"nothing to render: --steps {args.steps} matches no logged step "
+            f"(logged steps: {logged})"
+        )
     total = sum(len(j[3]) for j in jobs)
     progress = Progress(total)
     rendered = 0

@@ -243,3 +243,28 @@ def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, 
     for path in done:
         with Image.open(path) as png:
             assert png.size == (24, 24) and "tb_microscope" in png.text
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--nodes", "nope"], "node 'nope' is not in run 'demo'; nodes: conv1"),
+        (["--units", "abc"], "--units takes numbers and ranges"),
+        (["--technique", "examples"], "draws no image"),
+        (["--size", "3"], "--size must be from 8 to 1024"),
+        (["--steps", "9999"], "matches no logged step (logged steps: demo: 0 1 2"),
+    ],
+)
+def test_render_command_refuses_bad_arguments_before_rendering(trained, tmp_path, extra, words):
+    proc = run_python(
+        "-m",
+        "tb_microscope.cli",
+        "render",
+        trained.path.parent,
+        *extra,
+        "--cache-dir",
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("*.png"))
