@@ -1,6 +1,7 @@
 """The plugin in a real `tensorboard` process on 127.0.0.1, on a logdir written by the Logger."""
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def poll_image(base: str, query: str) -> bytes:
             assert kind == "image/png"
             return body
         assert status == 202, (status, body)
-        assert b'"status"' in body and b'"position"' in body
+        status_body = json.loads(body)
+        assert status_body["status"] in ("queued", "running")
+        assert 0 <= status_body["position"] and 0.0 <= status_body["progress"] <= 1.0
         time.sleep(0.2)
     pytest.fail("the image did not arrive")
 

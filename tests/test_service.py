@@ -27,6 +27,9 @@ def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_pa
     while not service.snapshot()["running"]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    time.sleep(0.5)
+    status = service.request(busy, [0])[0]
+    assert status["status"] == "running" and 0 < status["progress"] < 1
     forgotten, older, newer = group(1), group(2), group(3)
     service.request(forgotten, [1])  # asked once, never again
     time.sleep(0.8)

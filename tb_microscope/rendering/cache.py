@@ -127,6 +127,7 @@ def render_cached(
     device=None,
     batch_size: int | None = None,
     model=None,
+    progress=None,
 ) -> dict[int, list[CachedImage]]:
     """Each unit's images, from the cache where present; the rest rendered in one go and stored.
 
@@ -162,6 +163,7 @@ def render_cached(
             device=device,
             batch_size=batch_size,
             model=model,
+            progress=progress,
         )
         for i, unit in enumerate(result.units):
             k = i % per_unit

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -246,8 +246,12 @@ def optimize(
     iterations: int,
     seed: int,
     device: torch.device,
+    progress: Callable[[float], None] | None = None,
 ) -> RenderResult:
-    """One optimization of all `units` (times the technique's images per unit) as one batch."""
+    """One optimization of all `units` (times the technique's images per unit) as one batch.
+
+    `progress`, if given, is called with the fraction of iterations done, every 16 iterations.
+    """
     per_unit = technique.images_per_unit
     targets = [u for u in units for _ in range(per_unit)]
     images_of = [k for _ in units for k in range(per_unit)]
@@ -262,6 +266,8 @@ def optimize(
     optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)
     channels_last = device.type == "cuda" and node.kind == "spatial"
     for iteration in range(iterations):
+        if progress is not None and iteration % 16 == 0:
+            progress(iteration / iterations)
         optimizer.zero_grad(set_to_none=True)
         x = space(transforms(param(), iteration))
         if channels_last:
@@ -294,6 +300,13 @@ def _unit_mean(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
 
 
+def _scaled(progress, done: int, chunk: int, total: int):
+    """A chunk's progress callback, reporting the fraction of the whole render."""
+    if progress is None:
+        return None
+    return lambda fraction: progress((done + fraction * chunk) / total)
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return (
@@ -318,6 +331,7 @@ def render(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     model: nn.Module | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> RenderResult:
     """Feature visualizations of `units` of `node` at `step`.
 
@@ -325,7 +339,8 @@ def render(
     unit's mean activation on it. `diversity` gives several images per unit (consecutive);
     `deepdream` one image for the whole node (units are ignored). Units are optimized together
     in batches of `batch_size` (32 on CUDA, 16 on the CPU); a CUDA out-of-memory error halves
-    the batch and retries. `model` may pass a model already loaded for this step.
+    the batch and retries. `model` may pass a model already loaded for this step; `progress` is
+    called now and then with the fraction of the work done.
     """
     spec = get_technique(technique)
     if spec.objective is None:
@@ -359,6 +374,7 @@ def render(
                     iterations=iterations,
                     seed=seed,
                     device=device,
+                    progress=_scaled(progress, start, len(chunk), len(units)),
                 )
             )
         except (torch.OutOfMemoryError, RuntimeError) as e:

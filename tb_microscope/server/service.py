@@ -53,6 +53,7 @@ class _Job:
     asked: dict[int, float] = field(default_factory=dict)  # unit -> when last asked about
     order: int = 0
     started: float | None = None
+    progress: float = 0.0  # fraction of the optimization done, while running
 
     @property
     def last_asked(self) -> float:
@@ -177,10 +178,11 @@ class RenderService:
         return statuses
 
     def _status(self, job: _Job) -> dict:
-        if job in self._running.values():
+        if self._running.get(job.group) is job:
             return {
                 "status": RUNNING,
                 "position": 0,
+                "progress": round(job.progress, 3),
                 "units": len(job.asked),
                 "elapsed_s": round(time.monotonic() - (job.started or 0), 1),
             }
@@ -188,6 +190,7 @@ class RenderService:
         return {
             "status": QUEUED,
             "position": ahead.index(job) + len(self._running),
+            "progress": 0.0,
             "units": len(job.asked),
         }
 
@@ -240,6 +243,7 @@ class RenderService:
                     seed=group.seed,
                     device=models.device,
                     model=models.get(run, group.step),
+                    progress=lambda fraction, job=job: setattr(job, "progress", fraction),
                 )
                 with self._lock:
                     self.stats["renders"] += 1
