@@ -114,9 +114,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         runs = self._provider.list_tensors(ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME)
         return sorted(runs)
 
-    def _run(self, ctx, experiment: str, name: str):
+    def _run(self, ctx, experiment: str, name: str, names: list[str] | None = None):
         """A run the data provider lists; any other name, a path included, is a 404."""
-        names = self._run_names(ctx, experiment)
+        names = self._run_names(ctx, experiment) if names is None else names
         if name not in names:
             raise errors.NotFoundError(
                 f"run {name!r} has no tb_microscope data; runs: {', '.join(names) or 'none'}"
@@ -144,9 +144,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def runs_impl(self, ctx, experiment: str) -> list[dict]:
         out = []
-        for name in self._run_names(ctx, experiment):
+        names = self._run_names(ctx, experiment)
+        for name in names:
             try:
-                run = self._run(ctx, experiment, name)
+                run = self._run(ctx, experiment, name, names)
             except errors.PublicError as e:
                 out.append({"run": name, "error": str(e)})
                 continue
