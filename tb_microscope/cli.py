@@ -125,7 +125,7 @@ class Progress:
 def cmd_render(args: argparse.Namespace) -> int:
     import torch
 
-    from .rendering import RenderCache, RenderKey, get_technique, render_cached
+    from .rendering import get_technique
 
     logdir = Path(args.logdir)
     runs = find_runs(logdir)
@@ -165,31 +165,62 @@ def cmd_render(args: argparse.Namespace) -> int:
             f"nothing to render: --steps {args.steps} matches no logged step "
             f"(logged steps: {logged})"
         )
+    rendered, interrupted = render_jobs(
+        jobs,
+        technique.name,
+        size=args.size,
+        iterations=args.iterations,
+        seed=args.seed,
+        device=device,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+    )
     total = sum(len(j[3]) for j in jobs)
-    progress = Progress(total)
+    if interrupted:
+        return 130
+    print(f"{total} units: {rendered} rendered, {total - rendered} were already cached")
+    return 0
+
+
+def render_jobs(
+    jobs,
+    technique: str,
+    *,
+    size: int,
+    iterations: int,
+    seed: int,
+    device,
+    batch_size: int,
+    cache_dir: str | None,
+) -> tuple[int, bool]:
+    """Render (run, step, node, units) jobs into the cache with a progress bar.
+
+    Returns how many units were rendered and whether Ctrl-C stopped it (files stay whole).
+    """
+    from .rendering import RenderCache, RenderKey, render_cached
+
+    progress = Progress(sum(len(j[3]) for j in jobs))
     rendered = 0
+    options = dict(size=size, iterations=iterations, seed=seed)
     try:
         for run, step, node, units in jobs:
-            cache = RenderCache(run, args.cache_dir)
-            options = dict(size=args.size, iterations=args.iterations, seed=args.seed)
-            todo = [
-                u for u in units if RenderKey(step, node, u, technique.name, **options) not in cache
-            ]
+            cache = RenderCache(run, cache_dir)
+            todo = [u for u in units if RenderKey(step, node, u, technique, **options) not in cache]
             progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
             if not todo:
                 continue
             model = run.load_model(step, device or _default_device())
-            for start in range(0, len(todo), args.batch_size):
-                chunk = todo[start : start + args.batch_size]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
                 render_cached(
                     cache,
                     run,
                     step,
                     node,
                     chunk,
-                    technique.name,
+                    technique,
                     device=device,
-                    batch_size=args.batch_size,
+                    batch_size=batch_size,
                     model=model,
                     **options,
                 )
@@ -202,10 +233,80 @@ def cmd_render(args: argparse.Namespace) -> int:
             "to resume",
             file=sys.stderr,
         )
-        return 130
+        return rendered, True
     progress.close()
-    print(f"{total} units: {rendered} rendered, {total - rendered} were already cached")
-    return 0
+    return rendered, False
+
+
+DEMO_SIZE = 48  # what the demo renders ahead and serves: quick on a CPU
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .demo.train import train
+
+    start = time.monotonic()
+    logdir = Path(args.logdir)
+    run_dir = logdir / "demo"
+    if (run_dir / "plugins").exists():
+        print(f"using the demo run already in {run_dir} (delete it to train again)")
+    else:
+        print(f"training a small CNN on generated images for {args.steps} steps into {run_dir}")
+        train(run_dir, steps=args.steps)
+    run = Run(run_dir)
+    steps = run.steps
+    chosen = sorted({steps[0], steps[len(steps) // 3], steps[2 * len(steps) // 3], steps[-1]})
+    nodes = [run.node("conv1"), run.node("conv2")]
+    print(f"rendering {', '.join(n.name for n in nodes)} at steps {chosen} ahead of time")
+    jobs = [(run, step, node.name, list(range(node.units))) for step in chosen for node in nodes]
+    _, interrupted = render_jobs(
+        jobs,
+        "channel",
+        size=DEMO_SIZE,
+        iterations=args.iterations,
+        seed=0,
+        device=None,
+        batch_size=64,
+        cache_dir=None,
+    )
+    if interrupted:
+        return 130
+    print(f"demo ready in {time.monotonic() - start:.0f}s")
+    serve = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--microscope_size",
+        str(DEMO_SIZE),
+        "--microscope_iterations",
+        str(args.iterations),
+    ]
+    if args.no_serve:
+        print(
+            "to look at it: tensorboard --logdir",
+            logdir,
+            "--microscope_size",
+            DEMO_SIZE,
+            "--microscope_iterations",
+            args.iterations,
+        )
+        return 0
+    print(
+        f"serving TensorBoard: open http://{args.host}:{args.port}/#tb_microscope "
+        "(Ctrl-C stops it)",
+        flush=True,
+    )
+    try:
+        return subprocess.call(serve)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _default_device():
@@ -251,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="load pickled architectures (runs code from the log directory)",
     )
     render.set_defaults(func=cmd_render)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small CNN on generated images, render it, serve the tab",
+        description="Generates an image data set (stripes, checkerboards, colour blobs, discs), "
+        "trains a small CNN with the Logger for about two minutes on the CPU, renders its first "
+        "nodes ahead of time and starts TensorBoard with the Microscope tab.",
+    )
+    demo.add_argument("--logdir", default="runs", help="where the demo run goes (default runs)")
+    demo.add_argument("--port", type=int, default=6006)
+    demo.add_argument("--host", default="localhost")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    demo.add_argument(
+        "--iterations",
+        type=int,
+        default=128,
+        help="render iterations, ahead of time and in the tab (default 128)",
+    )
+    demo.add_argument("--no-serve", action="store_true", help="stop before starting TensorBoard")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -66,3 +66,37 @@ def test_info_lists_runs_steps_and_nodes(tmp_path, tiny, example):
 def test_info_on_a_logdir_without_runs_says_so(tmp_path):
     proc = run_python("-m", "tb_microscope.cli", "info", tmp_path, check=False)
     assert proc.returncode == 1 and "no tb_microscope runs under" in proc.stderr
+
+
+def test_demo_trains_renders_ahead_and_says_how_to_serve(tmp_path):
+    proc = run_python(
+        "-m",
+        "tb_microscope.cli",
+        "demo",
+        "--logdir",
+        tmp_path,
+        "--steps",
+        "20",
+        "--iterations",
+        "4",
+        "--no-serve",
+    )
+    assert "trained 20 steps" in proc.stdout and "demo ready in" in proc.stdout
+    assert "tensorboard --logdir" in proc.stdout
+    run = tb_microscope.open_run(tmp_path / "demo")
+    assert run.steps == [0, 1, 2, 3, 5, 7, 10, 15, 20]
+    cached = list((run.store.root / "cache").rglob("*.png"))
+    assert len(cached) == 4 * (16 + 32)  # conv1 and conv2 at four steps
+    again = run_python(
+        "-m",
+        "tb_microscope.cli",
+        "demo",
+        "--logdir",
+        tmp_path,
+        "--steps",
+        "20",
+        "--iterations",
+        "4",
+        "--no-serve",
+    )
+    assert "using the demo run already in" in again.stdout

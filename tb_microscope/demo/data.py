@@ -1,7 +1,8 @@
-"""A generated image data set (nothing is downloaded): stripes, blobs, checkerboards, in classes.
+"""A generated image data set (nothing is downloaded), rich enough for varied features.
 
-Four classes: horizontal stripes, vertical stripes, a red blob, a blue blob; each image has a
-random stripe period or blob position, and noise.
+Eight classes: stripes at three orientations and checkerboards (random period, phase and colour
+pair), red, green and blue blobs, and filled discs of a random colour with a sharp edge. Every
+image has noise; positions, sizes and colours vary.
 """
 
 from __future__ import annotations
@@ -10,26 +11,54 @@ import math
 
 import torch
 
-CLASSES = ["horizontal stripes", "vertical stripes", "red blob", "blue blob"]
+CLASSES = [
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "checkerboard",
+    "red blob",
+    "green blob",
+    "blue blob",
+    "disc",
+]
 MEAN = [0.5, 0.5, 0.5]
 STD = [0.25, 0.25, 0.25]
 
 
 def make_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` images (N x 3 x size x size, values in [0, 1]) and their class labels."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, len(CLASSES), (n,), generator=generator)
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images = torch.rand(n, 3, size, size, generator=generator) * 0.2
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    images = torch.empty(n, 3, size, size)
     for i, label in enumerate(labels.tolist()):
-        period = 4 + 4 * torch.rand(1, generator=generator).item()
-        if label < 2:
-            coord = ys if label == 0 else xs
-            images[i] += 0.5 + 0.5 * torch.sin(2 * math.pi * coord / period)
+        u = torch.rand(8, generator=g)
+        a, b = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+        if label < 4:  # two random colours in a periodic pattern
+            period, phase = 4 + 5 * u[0].item(), 2 * math.pi * u[1].item()
+            if label == 3:
+                cell = torch.sin(math.pi * ys / period * 1.5 + phase) * torch.sin(
+                    math.pi * xs / period * 1.5
+                )
+            else:
+                coord = (ys, xs, (ys + xs) / math.sqrt(2))[label]
+                cell = torch.sin(2 * math.pi * coord / period + phase)
+            mix = (cell > 0).float()
+            images[i] = a * mix + b * (1 - mix)
         else:
-            cy, cx = (torch.rand(2, generator=generator) * size).tolist()
-            blob = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * (size / 6) ** 2))
-            images[i, 0 if label == 2 else 2] += blob
+            cy, cx = (u[2:4] * 0.6 + 0.2).mul(size).tolist()
+            radius = size * (0.15 + 0.15 * u[4].item())
+            distance = ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt()
+            background = torch.rand(3, 1, 1, generator=g) * 0.4 + 0.1
+            if label < 7:
+                blob = torch.exp(-((distance / radius) ** 2))
+                colour = torch.zeros(3, 1, 1)
+                colour[label - 4] = 1.0
+                images[i] = background * (1 - blob) + colour * blob
+            else:
+                disc = (distance < radius).float()
+                images[i] = background * (1 - disc) + a * disc
+    images += 0.08 * torch.randn(images.shape, generator=g)
     return images.clamp(0, 1), labels
 
 

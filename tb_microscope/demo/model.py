@@ -5,7 +5,7 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 4):
+    def __init__(self, classes: int = 8):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 5, padding=2)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
