@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv, train a small CNN with the Logger into runs/, and list what was logged.
+# Set up .venv, then train a small CNN on generated images, render it and serve TensorBoard with
+# the Microscope tab (tb-microscope demo; its options pass through, e.g. --port 6007 --no-serve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python examples/quickstart.py --logdir runs "$@"
-.venv/bin/tb-microscope info runs
+exec .venv/bin/tb-microscope demo "$@"
