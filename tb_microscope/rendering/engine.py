@@ -29,7 +29,7 @@ from torch import nn
 from ..capture import Node
 from ..errors import MicroscopeError
 from ..run import Run
-from .techniques import Technique, get_technique
+from .techniques import Technique, channel, get_technique
 
 ENGINE_VERSION = 1
 PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
@@ -287,7 +287,7 @@ def optimize(
         shown = images if accepts_size else centred(images, canvas)
         act = tap(space(shown)).float()
         objective = technique.value(act, unit_index)
-        activation = _unit_mean(act, unit_index)
+        activation = channel(act, unit_index)  # the unit's mean activation
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
@@ -300,11 +300,6 @@ def optimize(
     )
 
 
-def _unit_mean(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    picked = act[torch.arange(act.shape[0], device=act.device), units]
-    return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
-
-
 def _scaled(progress, done: int, chunk: int, total: int):
     """A chunk's progress callback, reporting the fraction of the whole render."""
     if progress is None:
@@ -314,13 +309,8 @@ def _scaled(progress, done: int, chunk: int, total: int):
 
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
-    return (
-        isinstance(error, torch.OutOfMemoryError)
-        or "out of memory" in text
-        or (
-            "can't allocate memory" in text  # the CPU allocator's words
-        )
-    )
+    cpu_words = "can't allocate memory"
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or cpu_words in text
 
 
 def render(
