@@ -7,6 +7,7 @@ tb-microscope render LOGDIR     render feature visualizations ahead of time into
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -92,8 +93,8 @@ def parse_indexes(text: str, limit: int, what: str) -> list[int]:
             raise MicroscopeError(
                 f"--{what} takes numbers and ranges like 0-15,32; got {text!r}"
             ) from None
-        out.extend(range(first, last + 1))
-    return [i for i in dict.fromkeys(out) if i < limit]
+        out.extend(range(max(first, 0), min(last, limit - 1) + 1))  # never past the limit
+    return list(dict.fromkeys(out))
 
 
 class Progress:
@@ -147,11 +148,11 @@ def cmd_render(args: argparse.Namespace) -> int:
     jobs = []  # (run, step, node, units)
     for path in runs:
         run = Run(path, allow_pickle=args.allow_pickle)
-        steps = (
-            run.steps
-            if args.steps == "all"
-            else [s for s in parse_indexes(args.steps, 10**12, "steps") if s in set(run.steps)]
-        )
+        logged = run.steps  # one listing of the snapshot folder
+        steps = logged
+        if args.steps != "all" and logged:
+            wanted = set(parse_indexes(args.steps, logged[-1] + 1, "steps"))
+            steps = [step for step in logged if step in wanted]
         nodes = [run.node(n) for n in args.nodes] if args.nodes else run.nodes
         for step in steps:
             for node in nodes:
@@ -289,14 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         str(args.iterations),
     ]
     if args.no_serve:
-        print(
-            "to look at it: tensorboard --logdir",
-            logdir,
-            "--microscope_size",
-            DEMO_SIZE,
-            "--microscope_iterations",
-            args.iterations,
-        )
+        print("to look at it:", shlex.join(["tensorboard", *serve[3:]]))
         return 0
     print(
         f"serving TensorBoard: open http://{args.host}:{args.port}/#tb_microscope "

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ PROBE = "probe/images.safetensors"
 SUMMARY_TAG = "tb_microscope/snapshot"
 
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{9,})\.safetensors$")
-_STAGING_NAME = re.compile(r"^\.tmp-(\d+)$")
+_STAGING_NAME = re.compile(r"^\.tmp-(\d+)-\d+$")  # .tmp-<pid>-<thread>
 _ALIASES_KEY = "tb_microscope.aliases"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -57,11 +58,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` through a temporary file in the same folder: fsync, rename, fsync the folder.
 
     Readers see either the old file or the whole new one. The temporary file lives in a hidden
-    folder named after this process (`.tmp-<pid>/`, where writers' own temporaries land too); it
-    is removed on any error, KeyboardInterrupt included, and one left by a killed process is swept
-    by `RunStore.remove_stale_temporaries`.
+    folder named after this process and thread (`.tmp-<pid>-<thread>/`, where writers' own
+    temporaries land too); it is removed on any error, KeyboardInterrupt included, and one left
+    by a killed process is swept by `RunStore.remove_stale_temporaries`.
     """
-    staging = path.parent / f".tmp-{os.getpid()}"
+    # One staging folder per thread: a folder shared by two threads could be removed by one
+    # while the other is about to write into it.
+    staging = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
     staging.mkdir(parents=True, exist_ok=True)
     temp = staging / path.name  # keeps the suffix: torch.export.save wants ".pt2"
     try:
@@ -78,7 +81,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
     finally:
         with contextlib.suppress(OSError):
-            staging.rmdir()  # fails harmlessly while another write of this process is in flight
+            staging.rmdir()
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

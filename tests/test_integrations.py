@@ -69,7 +69,7 @@ def test_info_on_a_logdir_without_runs_says_so(tmp_path):
 
 
 def test_demo_trains_renders_ahead_and_says_how_to_serve(tmp_path):
-    proc = run_python(
+    demo = (
         "-m",
         "tb_microscope.cli",
         "demo",
@@ -81,22 +81,12 @@ def test_demo_trains_renders_ahead_and_says_how_to_serve(tmp_path):
         "4",
         "--no-serve",
     )
+    proc = run_python(*demo)
     assert "trained 20 steps" in proc.stdout and "demo ready in" in proc.stdout
     assert "tensorboard --logdir" in proc.stdout
     run = tb_microscope.open_run(tmp_path / "demo")
     assert run.steps == [0, 1, 2, 3, 5, 7, 10, 15, 20]
     cached = list((run.store.root / "cache").rglob("*.png"))
     assert len(cached) == 4 * (16 + 32)  # conv1 and conv2 at four steps
-    again = run_python(
-        "-m",
-        "tb_microscope.cli",
-        "demo",
-        "--logdir",
-        tmp_path,
-        "--steps",
-        "20",
-        "--iterations",
-        "4",
-        "--no-serve",
-    )
+    again = run_python(*demo)
     assert "using the demo run already in" in again.stdout
