@@ -36,7 +36,7 @@ def _live_units(run, node, count):
 
 def test_renders_excite_their_unit_more_than_any_probe_image(trained):
     units, per_image = _live_units(trained, "conv3", 4)
-    result = tb_microscope.render(trained, STEPS, "conv3", units, size=32, iterations=96)
+    result = tb_microscope.render(trained, STEPS, "conv3", units, size=32, iterations=320)
     assert result.images.shape == (4, 32, 32, 3) and result.images.dtype == np.uint8
     best_probe = per_image[:, units].max(0).values.numpy()
     assert (best_probe > 0).all()
@@ -151,7 +151,7 @@ def test_dataset_examples_are_the_strongest_probe_images_with_their_receptive_fi
         for e in found:
             top, left, bottom, right = e.box
             assert e.image.shape == (32, 32, 3) and e.crop.shape == (bottom - top, right - left, 3)
-            # conv1 (5x5) -> pool (2) -> conv2 (3x3): a 10-pixel receptive field inside the image
+            # conv1 (5x5) -> pool1 (2) -> conv2 (3x3): a 10-pixel receptive field inside the image
             assert bottom - top <= 10 and right - left <= 10
 
 
@@ -164,17 +164,37 @@ def test_dataset_examples_of_a_run_without_probe_images_say_how_to_get_them(tmp_
 
 def test_weights_next_to_a_convolution_are_its_kernel(trained):
     source, connections, strength = tb_microscope.unit_weights(trained, STEPS, "conv2", 6)
-    assert source == "pool"  # conv2 reads pooled conv1 units
+    assert source == "pool1"  # conv2 reads pooled conv1 units
     kernel = trained.load_state_dict(STEPS)["conv2.weight"][6].flatten(1)
     expected = (kernel.norm(dim=1) * torch.sign(kernel.sum(1))).numpy()
     np.testing.assert_allclose(strength, expected, rtol=1e-4, atol=1e-6)
     assert [c.unit for c in connections] == np.argsort(-np.abs(expected))[:8].tolist()
     source3, _, strength3 = tb_microscope.unit_weights(trained, STEPS, "conv3", 0)
-    assert source3 == "pool" and strength3.shape == (32,)  # the pool's second call feeds conv3
+    assert source3 == "pool2" and strength3.shape == (32,)
     _, _, through_relu = tb_microscope.unit_weights(trained, STEPS, "fc", 1, source="conv3")
     fc = trained.load_state_dict(STEPS)["fc.weight"][1]
     # fc reads the spatial mean of relu(conv3): linearized, a kernel of fc[1, c] / (8 * 8) each
     np.testing.assert_allclose(through_relu, (fc / 8).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_weights_from_a_module_called_twice_come_from_its_call_before_the_unit(tmp_path):
+    class SharedPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(4, 6, 3, padding=1)
+            self.conv3 = torch.nn.Conv2d(6, 5, 3, padding=1)
+            self.pool = torch.nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.conv3(self.pool(self.conv2(self.pool(self.conv1(x)))))
+
+    with tb_microscope.Logger(tmp_path, SharedPool(), torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    assert run.node("pool").calls == 2
+    source, _, strength = tb_microscope.unit_weights(run, 0, "conv3", 1, source="pool")
+    assert source == "pool" and strength.shape == (6,)  # the second call, after conv2, feeds it
 
 
 def test_unit_history_shows_the_unit_settling(trained):

@@ -1,8 +1,8 @@
 """A generated image data set (nothing is downloaded), rich enough for varied features.
 
-Eight classes: stripes at three orientations and checkerboards (random period, phase and colour
-pair), red, green and blue blobs, and filled discs of a random colour with a sharp edge. Every
-image has noise; positions, sizes and colours vary.
+Nine classes: stripes at three orientations and checkerboards (random period, phase and colour
+pair), red, green and blue blobs, and two simple shapes, filled discs and squares of a random
+colour with sharp edges. Every image has noise; positions, sizes and colours vary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ CLASSES = [
     "green blob",
     "blue blob",
     "disc",
+    "square",
 ]
 MEAN = [0.5, 0.5, 0.5]
 STD = [0.25, 0.25, 0.25]
@@ -56,8 +57,13 @@ def make_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
                 colour[label - 4] = 1.0
                 images[i] = background * (1 - blob) + colour * blob
             else:
-                disc = (distance < radius).float()
-                images[i] = background * (1 - disc) + a * disc
+                if label == 7:
+                    shape = distance < radius
+                else:  # a square of the disc's area
+                    half = radius * math.sqrt(math.pi) / 2
+                    shape = ((ys - cy).abs() < half) & ((xs - cx).abs() < half)
+                shape = shape.float()
+                images[i] = background * (1 - shape) + a * shape
     images += 0.08 * torch.randn(images.shape, generator=g)
     return images.clamp(0, 1), labels
 
