@@ -223,8 +223,13 @@ def _numerics(device: torch.device) -> Iterator[None]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yield
     else:
-        with torch.backends.mkldnn.flags(enabled=False):
+        # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
+        # switch, which makes this CPU build print a warning about Intel GPUs.
+        previous = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)
+        try:
             yield
+        finally:
+            torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
 
 
 def check_units(node: Node, units: Sequence[int]) -> list[int]:
