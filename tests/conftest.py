@@ -1,6 +1,9 @@
+import contextlib
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,45 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
     if check and proc.returncode != 0:
         pytest.fail(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def tensorboard(logdir, *flags: str):
+    """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--reload_interval",
+            "1",
+            "--microscope_device",
+            "cpu",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url, seen = None, []
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+(/[^/\s]+)?)/", line)
+            url = match.group(1) if match else None
+        assert url, "tensorboard did not start:\n" + "".join(seen)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 class TinyCNN(nn.Module):

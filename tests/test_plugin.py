@@ -2,7 +2,6 @@
 
 import io
 import json
-import re
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 from PIL import Image
 
 import tb_microscope
+from conftest import tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
 
@@ -33,41 +33,9 @@ def get(url: str) -> tuple[int, str, bytes]:
 def server(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("logdir")
     train(logdir / "demo", steps=20, log=lambda *_: None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(logdir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--reload_interval",
-            "1",
-            "--microscope_device",
-            "cpu",
-            "--microscope_size",
-            str(SIZE),
-            "--microscope_iterations",
-            str(ITERATIONS),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url, seen = None, []
-    deadline = time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        seen.append(line)
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-        url = match.group(1) if match else None
-    assert url, "".join(seen)
-    yield url, logdir
-    proc.terminate()
-    proc.wait(timeout=30)
+    flags = ["--microscope_size", str(SIZE), "--microscope_iterations", str(ITERATIONS)]
+    with tensorboard(logdir, *flags) as url:
+        yield url, logdir
 
 
 def poll_image(base: str, query: str) -> bytes:
@@ -89,8 +57,9 @@ def test_plugin_is_listed_and_serves_the_engines_render(server):
     base, logdir = server
     status, _, body = get(f"{base}/data/plugins_listing")
     assert status == 200 and b'"tb_microscope"' in body and b'"Microscope"' in body
-    status, _, body = get(f"{base}/data/plugin/tb_microscope/index.js")
-    assert status == 200 and b"export async function render" in body
+    status, kind, body = get(f"{base}/data/plugin/tb_microscope/static/index.js")
+    assert status == 200 and kind.startswith("text/javascript")
+    assert b"export async function render" in body
 
     png = poll_image(base, "run=demo&step=20&node=conv2&unit=3")
     served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

@@ -78,9 +78,50 @@ def test_runs_and_nodes_describe_the_logged_run(client):
     assert runs[0]["steps"] == [0, 1, 2, 3, 5, 7, 10]
     assert runs[0]["model"]["architecture"] == "export"
     nodes = json.loads(http.get(f"{BASE}/nodes?run=demo").data)
-    assert [n["name"] for n in nodes["nodes"]] == ["conv1", "pool", "conv2", "conv3", "fc"]
+    names = [n["name"] for n in nodes["nodes"]]
+    assert names == ["conv1", "pool1", "conv2", "pool2", "conv3", "fc"]
     assert ["conv3", "fc"] in nodes["edges"]
     assert plugin.nodes_impl(context.RequestContext(), "", "demo") == nodes
+
+
+def test_the_tabs_files_are_served_and_nothing_else(client):
+    _, http = client
+    for path, kind in [
+        ("index.js", "text/javascript"),
+        ("views/unit.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ]:
+        response = http.get(f"{BASE}/static/{path}")
+        assert response.status_code == 200 and response.mimetype == kind, path
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    for path in [
+        "__init__.py",
+        "../server/plugin.py",
+        "%2e%2e/server/plugin.py",
+        "views/../../runstore.py",
+        "/etc/passwd",
+        "views",
+        "missing.js",
+    ]:
+        response = http.get(f"{BASE}/static/{path}")
+        assert response.status_code == 404, (path, response.data)
+        assert b"no such file of the tab" in response.data
+
+
+def test_techniques_say_which_draw_images_and_how_many(client):
+    _, http = client
+    techniques = {t["name"]: t for t in json.loads(http.get(f"{BASE}/techniques").data)}
+    assert techniques["diversity"]["images_per_unit"] == 4 and techniques["diversity"]["image"]
+    assert techniques["deepdream"]["whole_node"] and not techniques["weights"]["image"]
+
+
+def test_each_diversity_image_is_served(client):
+    _, http = client
+    query = "run=demo&step=10&node=conv2&unit=1&technique=diversity"
+    images = [wait_for_png(http, f"{query}&image={i}") for i in range(4)]
+    assert len({image.tobytes() for image in images}) == 4  # four distinct images
+    response = http.get(f"{BASE}/image?{query}&image=4")
+    assert response.status_code == 400 and b"image must be from 0 to 3" in response.data
 
 
 def test_a_whole_node_queued_in_one_post_is_one_optimization(client):
@@ -127,7 +168,7 @@ def test_examples_weights_and_history_routes(client):
     assert len(examples["examples"]) == 3
     assert examples["examples"][0]["crop"].startswith("data:image/png;base64,")
     weights = json.loads(http.get(f"{BASE}/weights?run=demo&step=10&node=conv2&unit=3").data)
-    assert weights["source"] == "pool" and len(weights["connections"]) == 8
+    assert weights["source"] == "pool1" and len(weights["connections"]) == 8
     history = json.loads(http.get(f"{BASE}/history?run=demo&node=conv2&unit=3").data)
     assert [h["step"] for h in history["history"]] == [0, 1, 2, 3, 5, 7, 10]
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import posixpath
 from importlib import resources
 
 import numpy as np
@@ -22,12 +23,14 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from ..errors import MicroscopeError, NodeNotFoundError, RunNotFoundError, StepNotFoundError
-from ..rendering import dataset_examples, get_technique, unit_history, unit_weights
+from ..rendering import TECHNIQUES, dataset_examples, get_technique, unit_history, unit_weights
 from ..rendering.engine import check_units
 from ..runstore import PLUGIN_NAME
 from .service import DONE, FAILED, Group, QueueFullError, RenderService
 
 _MAX_INT = 2**62
+# What the tab's static files may be, and how they are served.
+_STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 
 
 class UnavailableError(errors.PublicError):
@@ -89,8 +92,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self):
         return {
-            "/index.js": self._serve_static,
+            "/static/*": self._serve_static,
             "/runs": self._serve_runs,
+            "/techniques": self._serve_techniques,
             "/nodes": self._serve_nodes,
             "/image": self._serve_image,
             "/render": self._serve_render,
@@ -107,7 +111,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return (PLUGIN_NAME,)
 
     def frontend_metadata(self):
-        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Microscope")
+        return base_plugin.FrontendMetadata(
+            es_module_path="/static/index.js", tab_name="Microscope"
+        )
 
     # --- impls -------------------------------------------------------------------------------
     def _run_names(self, ctx, experiment: str) -> list[str]:
@@ -168,6 +174,31 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             )
         return out
 
+    @staticmethod
+    def techniques_impl() -> list[dict]:
+        """The techniques, so that the tab knows which draw images and how many per unit."""
+        return [
+            {
+                "name": t.name,
+                "image": t.objective is not None,
+                "images_per_unit": t.images_per_unit,
+                "whole_node": t.whole_node,
+            }
+            for t in TECHNIQUES.values()
+        ]
+
+    @staticmethod
+    def static_impl(path: str) -> tuple[bytes, str]:
+        """A file of the tab (`index.js`, `views/node.js`, `style.css`) and its content type."""
+        name = posixpath.normpath(path)
+        kind = _STATIC_TYPES.get(posixpath.splitext(name)[1])
+        if kind is None or name.startswith(("/", "..")) or "\\" in name:
+            raise errors.NotFoundError(f"no such file of the tab: {path!r}")
+        try:
+            return resources.files("tb_microscope.static").joinpath(name).read_bytes(), kind
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise errors.NotFoundError(f"no such file of the tab: {path!r}") from None
+
     def nodes_impl(self, ctx, experiment: str, run_name: str) -> dict:
         run = self._run(ctx, experiment, run_name)
         return {
@@ -200,16 +231,19 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise UnavailableError(str(e)) from e
 
     def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
-        """(200, PNG bytes) when rendered, else (202, status) while the service works on it."""
+        """(200, PNG bytes) when rendered, else (202, status) while the service works on it.
+
+        `image` picks one of a unit's images where a technique draws several (diversity)."""
         run, step, node = self._unit_args(ctx, experiment, args)
         group = self._group(run, step, node, args)
-        whole_node = get_technique(group.technique).whole_node
-        unit = _int(args, "unit", 0 if whole_node else None)
+        technique = get_technique(group.technique)
+        unit = _int(args, "unit", 0 if technique.whole_node else None)
+        image = _int(args, "image", 0, 0, technique.images_per_unit - 1)
         with _public_errors():
             check_units(node, [unit])
         status = self._request(group, [unit])[unit]
         if status["status"] == DONE:
-            return 200, self.service.cache(run).path(group.key(unit)).read_bytes()
+            return 200, self.service.cache(run).path(group.key(unit, image)).read_bytes()
         if status["status"] == FAILED:
             raise errors.InvalidArgumentError(f"the render failed: {status['error']}")
         return 202, status
@@ -288,8 +322,14 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_static(self, request):
-        data = resources.files("tb_microscope.static").joinpath("index.js").read_bytes()
-        return http_util.Respond(request, data, "text/javascript")
+        prefix = f"/data/plugin/{PLUGIN_NAME}/static/"
+        path = request.path.split(prefix, 1)[1] if prefix in request.path else ""
+        data, kind = self.static_impl(path)
+        return http_util.Respond(request, data, kind)
+
+    @wrappers.Request.application
+    def _serve_techniques(self, request):
+        return http_util.Respond(request, self.techniques_impl(), "application/json")
 
     @wrappers.Request.application
     def _serve_runs(self, request):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MicroscopeError
-from ..rendering import RenderCache, RenderKey, render_cached
+from ..rendering import RenderCache, RenderKey, get_technique, render_cached
 from ..run import Run
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -41,10 +41,14 @@ class Group:
     iterations: int
     seed: int
 
-    def key(self, unit: int) -> RenderKey:
+    def key(self, unit: int, image: int = 0) -> RenderKey:
         return RenderKey(
-            self.step, self.node, unit, self.technique, self.size, self.iterations, self.seed
+            self.step, self.node, unit, self.technique, self.size, self.iterations, self.seed, image
         )
+
+    def keys(self, unit: int) -> list[RenderKey]:
+        """The keys of all the unit's images (diversity draws several)."""
+        return [self.key(unit, i) for i in range(get_technique(self.technique).images_per_unit)]
 
 
 @dataclass
@@ -145,7 +149,7 @@ class RenderService:
         cache = self.cache(self.run(group.run))
         statuses, wanted = {}, []
         for unit in units:
-            if group.key(unit) in cache:
+            if all(key in cache for key in group.keys(unit)):
                 statuses[unit] = {"status": DONE}
             else:
                 wanted.append(unit)

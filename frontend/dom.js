@@ -1,0 +1,128 @@
+// Small DOM helpers and the widgets the views share: a unit's image cell, the step slider, a
+// select, and a line chart.
+
+// h('div', {class: 'x', onclick: f}, child, 'text', ...): an element with attributes and children.
+export function h(tag, attrs = {}, ...children) {
+  const svg = ['svg', 'path', 'line', 'text', 'circle', 'g', 'rect', 'title'].includes(tag);
+  const el = svg ? document.createElementNS('http://www.w3.org/2000/svg', tag)
+    : document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith('on')) el.addEventListener(key.slice(2), value);
+    else if (key === 'text') el.textContent = value;
+    else if (key === 'dataset') Object.assign(el.dataset, value);
+    else el.setAttribute(key, value === true ? '' : value);
+  }
+  el.append(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
+export function select(options, value, onChange, attrs = {}) {
+  const el = h('select', {...attrs, onchange: () => onChange(el.value)},
+    options.map(([optionValue, label]) => h('option', {value: optionValue, text: label})));
+  el.value = value;
+  return el;
+}
+
+// A slider over the logged steps (by index: steps are dense early, sparse later). onInput while
+// dragging, onChange once it is let go.
+export class StepSlider {
+  constructor(onInput, onChange, id) {
+    this.steps = [];
+    this.input = h('input', {type: 'range', min: 0, max: 0, step: 1, id, 'aria-label': 'step'});
+    this.label = h('output', {class: 'step-label'});
+    this.input.addEventListener('input', () => onInput(this.value));
+    this.input.addEventListener('change', () => onChange(this.value));
+    this.el = h('span', {class: 'step-slider'}, h('span', {class: 'muted', text: 'step'}),
+      this.input, this.label);
+  }
+
+  get value() {
+    return this.steps[Number(this.input.value)];
+  }
+
+  set(steps, step) {
+    this.steps = steps;
+    this.input.max = Math.max(steps.length - 1, 0);
+    this.input.value = Math.max(steps.indexOf(step), 0);
+    this.label.textContent = `${step} (${steps.indexOf(step) + 1}/${steps.length})`;
+  }
+}
+
+function stateText(state) {
+  if (state.status === 'queued') {
+    return state.position === null || state.position === undefined ? 'queued'
+      : `queued #${state.position + 1}`;
+  }
+  if (state.status === 'running') return `rendering ${Math.round(100 * (state.progress || 0))}%`;
+  if (state.status === 'failed') return `failed: ${state.error}`;
+  return '';
+}
+
+// One image of a unit (or several, for diversity) with its render state shown until it arrives.
+// While a new step renders, the previous image stays, dimmed, so scrubbing does not flash.
+export class UnitCell {
+  constructor(caption, {onclick, href, className = ''} = {}) {
+    this.images = h('div', {class: 'images'});
+    this.state = h('div', {class: 'state', text: 'waiting'});
+    this.el = h(href ? 'a' : 'figure', {class: `cell ${className}`, href, onclick},
+      h('div', {class: 'frame'}, this.images, this.state),
+      caption === null ? null : h('figcaption', {}, caption));
+    this.el.dataset.status = 'waiting';
+  }
+
+  update(state) {
+    this.el.dataset.status = state.status;
+    this.el.title = state.status === 'failed' ? state.error : '';
+    this.state.textContent = stateText(state);
+    if (state.status === 'done') {
+      this.images.replaceChildren(...state.urls.map((src) => h('img', {src, alt: ''})));
+    }
+  }
+
+  reset() {
+    this.el.dataset.status = this.images.children.length ? 'stale' : 'waiting';
+    this.state.textContent = '';
+  }
+}
+
+// A line chart of series [{name, values, className}] over evenly spaced x labels, with the
+// value range [lo, hi]; `marker` is the x index to highlight. Missing values leave gaps.
+export function lineChart(labels, series, {lo, hi, marker, onPick} = {}) {
+  const width = 560, height = 160, left = 36, right = 8, top = 8, bottom = 24;
+  const x = (i) => left + (labels.length > 1 ? i / (labels.length - 1) : 0.5) * (width - left - right);
+  const y = (v) => top + (1 - (v - lo) / (hi - lo || 1)) * (height - top - bottom);
+  const svg = h('svg', {viewBox: `0 0 ${width} ${height}`, class: 'chart', role: 'img'});
+  for (const tick of [lo, (lo + hi) / 2, hi]) {
+    svg.append(h('line', {x1: left, x2: width - right, y1: y(tick), y2: y(tick), class: 'gridline'}),
+      h('text', {x: left - 4, y: y(tick) + 4, class: 'tick', 'text-anchor': 'end',
+        text: Number(tick.toFixed(2)).toString()}));
+  }
+  const every = Math.max(1, Math.ceil(labels.length / 12));
+  labels.forEach((label, i) => {
+    if (i % every === 0 || i === labels.length - 1) {
+      svg.append(h('text', {x: x(i), y: height - 6, class: 'tick', 'text-anchor': 'middle',
+        text: label}));
+    }
+  });
+  if (marker !== undefined && marker >= 0) {
+    svg.append(h('line', {x1: x(marker), x2: x(marker), y1: top, y2: height - bottom,
+      class: 'marker'}));
+  }
+  for (const {name, values, className} of series) {
+    let d = '';
+    values.forEach((v, i) => {
+      if (v === null || v === undefined) return;
+      const previous = i > 0 && values[i - 1] !== null && values[i - 1] !== undefined;
+      d += `${previous ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+    });
+    svg.append(h('path', {d, class: `series ${className}`}));
+    values.forEach((v, i) => {
+      if (v === null || v === undefined) return;
+      svg.append(h('circle', {cx: x(i), cy: y(v), r: 3, class: `series ${className}`,
+        onclick: onPick ? () => onPick(i) : null},
+        h('title', {text: `${name} at step ${labels[i]}: ${v.toFixed(3)}`})));
+    });
+  }
+  return svg;
+}

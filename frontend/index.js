@@ -1,0 +1,310 @@
+// The Microscope tab. TensorBoard loads this ES module in the plugin's iframe and calls render().
+//
+// Views, picked by what the URL names: the model (a run's nodes and edges), a node (the grid of
+// its units at a step), a unit (its techniques, filmstrip and evolution), and compare (two panes).
+// Everything the tab shows comes from the plugin's routes; nothing is loaded from other hosts.
+
+import {getJson} from './api.js';
+import {h, select, StepSlider} from './dom.js';
+import {host, readState, stateHash, writeState} from './state.js';
+import {CompareView} from './views/compare.js';
+import {modelView} from './views/model.js';
+import {NodeView} from './views/node.js';
+import {errorBox, UnitView} from './views/unit.js';
+
+const REFRESH_MS = 15000;  // new runs and snapshots appear without a reload
+
+function listNames(names, limit = 12) {
+  if (names.length <= limit) return names.join(', ');
+  const half = limit / 2;
+  return `${names.slice(0, half).join(', ')} … ${names.slice(-half).join(', ')} `
+    + `(${names.length} in all)`;
+}
+
+class App {
+  constructor(root) {
+    this.seq = 0;
+    this.nodeLists = new Map();
+    this.runSelect = select([], '', (run) => this.navigate({run, step: null, node: null,
+      unit: null, compare: false}), {id: 'run', 'aria-label': 'run'});
+    this.slider = new StepSlider((step) => this.navigate({step}, true),
+      (step) => this.navigate({step}), 'step');
+    this.crumbs = h('nav', {class: 'crumbs', 'aria-label': 'view'});
+    this.compareButton = h('button', {id: 'compare', text: 'compare',
+      title: 'show this node or unit side by side at another step or in another run',
+      onclick: () => this.navigate({compare: !this.state.compare})});
+    this.header = h('header', {},
+      h('strong', {class: 'brand', text: 'Microscope'}),
+      h('label', {class: 'control'}, 'run ', this.runSelect),
+      this.crumbs, this.slider.el, this.compareButton,
+      h('span', {class: 'keys muted', text: '←→ step  ↑↓ unit  Esc up  Space play'}));
+    this.main = h('main', {});
+    root.append(this.header, this.main);
+  }
+
+  async start() {
+    const [runs, techniques] = await Promise.all([getJson('runs'), getJson('techniques')]);
+    this.runs = runs;
+    this.techniques = Object.fromEntries(techniques.map((t) => [t.name, t]));
+    host.addEventListener('hashchange', () => this.update());
+    document.addEventListener('keydown', (event) => this.onKey(event));
+    setInterval(() => this.refreshRuns(), REFRESH_MS);
+    await this.update();
+  }
+
+  // --- what views use ----------------------------------------------------------------------
+  runInfo(name) {
+    return this.runs.find((r) => r.run === name);
+  }
+
+  nodesOf(run) {
+    if (!this.nodeLists.has(run)) {
+      const request = getJson('nodes', {run});
+      request.catch(() => this.nodeLists.delete(run));
+      this.nodeLists.set(run, request);
+    }
+    return this.nodeLists.get(run);
+  }
+
+  unitImageTechniques() {
+    return Object.values(this.techniques).filter((t) => t.image && !t.whole_node);
+  }
+
+  // Why `node` and `unit` cannot be shown in `run`, or null when they can.
+  checkUnit(run, nodes, node, unit) {
+    if (node === undefined) return null;
+    const found = nodes.find((n) => n.name === node);
+    if (!found) {
+      return `node '${node}' is not in run '${run}'; nodes: ${listNames(nodes.map((n) => n.name))}`;
+    }
+    if (unit !== undefined && !(Number.isInteger(unit) && unit >= 0 && unit < found.units)) {
+      return `unit ${unit} is out of range for node '${node}', which has ${found.units} units `
+        + `(0 … ${found.units - 1})`;
+    }
+    return null;
+  }
+
+  // The state after `patch`: picking a node forgets the unit unless the patch names one.
+  next(patch) {
+    const state = {...(this.state || readState()), ...patch};
+    if ('node' in patch && !('unit' in patch)) state.unit = null;
+    for (const key of Object.keys(state)) if (state[key] === null) delete state[key];
+    return state;
+  }
+
+  link(patch) {
+    return host.location.href.split('#')[0] + stateHash(this.next(patch));
+  }
+
+  navigate(patch, replace = false) {
+    writeState(this.next(patch), replace);
+    this.update();
+  }
+
+  // --- state -------------------------------------------------------------------------------
+  // The URL's state with defaults filled in, or an Error saying what in it cannot be shown.
+  async resolve(wanted) {
+    const state = {technique: 'channel', ...wanted};
+    const usable = this.runs.filter((r) => !r.error);
+    if (!this.runs.length) {
+      throw new Error('No run in this log directory holds tb_microscope data yet. Log one with '
+        + 'tb_microscope.Logger (see the README), or run `tb-microscope demo`.');
+    }
+    state.run ??= (usable[0] || this.runs[0]).run;
+    const run = this.runInfo(state.run);
+    if (!run) {
+      throw new Error(`run '${state.run}' has no tb_microscope data; runs: `
+        + `${listNames(this.runs.map((r) => r.run))}`);
+    }
+    if (run.error) throw new Error(run.error);
+    if (!run.steps.length) throw new Error(`run '${state.run}' has no snapshots yet`);
+    state.step ??= run.steps[run.steps.length - 1];
+    if (!run.steps.includes(state.step)) {
+      throw new Error(`step ${state.step} is not logged in run '${state.run}'; steps: `
+        + `${listNames(run.steps.map(String), 20)}`);
+    }
+    const technique = this.techniques[state.technique];
+    const shown = [...this.unitImageTechniques().map((t) => t.name), 'examples', 'weights'];
+    if (!technique || !shown.includes(state.technique)) {
+      throw new Error(`technique '${state.technique}' is not one the tab shows; techniques: `
+        + `${shown.join(', ')}`);
+    }
+    const {nodes, edges} = await this.nodesOf(state.run);
+    const message = this.checkUnit(state.run, nodes, state.node, state.unit);
+    if (message) throw new Error(message);
+    if (state.compare) {
+      if (state.node === undefined) throw new Error('pick a node or a unit to compare');
+      if (!technique.image) state.technique = 'channel';
+      state.run2 ??= state.run;
+      const other = this.runInfo(state.run2);
+      if (!other || other.error || !other.steps.length) {
+        throw new Error(`run '${state.run2}' cannot be compared: ${other?.error
+          || (other ? 'it has no snapshots yet' : 'it has no tb_microscope data')}`);
+      }
+      state.step2 ??= other.steps[0] === state.step && other.steps.length > 1
+        ? other.steps[1] : other.steps[0];
+      if (!other.steps.includes(state.step2)) {
+        throw new Error(`step ${state.step2} is not logged in run '${state.run2}'`);
+      }
+    }
+    return {state, run, nodes, edges};
+  }
+
+  async update() {
+    const seq = ++this.seq;
+    const wanted = readState();
+    if (!Object.keys(wanted).some((key) => key !== 'compare') && this.state) {
+      writeState(this.state, true);  // back on our tab with a bare #tb_microscope: stay put
+      return;
+    }
+    let resolved;
+    try {
+      resolved = await this.resolve(wanted);
+    } catch (error) {
+      if (seq === this.seq) this.showError(wanted, error.message);
+      return;
+    }
+    if (seq !== this.seq) return;
+    const {state, run, nodes, edges} = resolved;
+    const rendered = JSON.stringify(state);
+    if (rendered === this.rendered) return;
+    Object.assign(this, {state, run, nodes, edges, rendered});
+    writeState(state, true);  // the URL names the defaults it was given, so a link is exact
+    this.showHeader();
+    const key = state.compare ? `compare|${state.node}|${state.unit}|${state.technique}`
+      : state.unit !== undefined ? `unit|${state.run}|${state.node}|${state.unit}`
+        : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`;
+    if (this.view?.key === key && this.view.update(state)) return;
+    this.view?.destroy();
+    const node = nodes.find((n) => n.name === state.node);
+    if (state.compare) this.view = new CompareView(this, state);
+    else if (state.unit !== undefined) this.view = new UnitView(this, state, node);
+    else if (node) this.view = new NodeView(this, state, node);
+    else this.view = modelView(this, state);
+    this.view.key = key;
+    this.main.replaceChildren(this.view.el);
+  }
+
+  showError(wanted, message) {
+    this.view?.destroy();
+    this.view = null;
+    this.rendered = null;
+    const back = wanted.run && this.runInfo(wanted.run) && !this.runInfo(wanted.run).error
+      ? {run: wanted.run} : {};
+    this.showRuns(back.run);
+    this.slider.el.hidden = true;
+    this.compareButton.hidden = true;
+    this.crumbs.replaceChildren();
+    this.main.replaceChildren(h('section', {class: 'error-view'}, errorBox(message),
+      h('p', {}, h('a', {href: host.location.href.split('#')[0] + stateHash(back),
+        text: 'back to the model view', onclick: (event) => {
+          event.preventDefault();
+          writeState(back);
+          this.update();
+        }}))));
+  }
+
+  showRuns(current) {
+    this.runSelect.replaceChildren(...this.runs.map((r) => h('option', {value: r.run,
+      text: r.error ? `${r.run} (unreadable)` : r.run})));
+    this.runSelect.value = current ?? '';
+  }
+
+  showHeader() {
+    const {state} = this;
+    this.showRuns(state.run);
+    this.slider.el.hidden = false;
+    this.slider.set(this.run.steps, state.step);
+    const crumb = (text, patch, current) => (current ? h('span', {class: 'address', text})
+      : h('a', {href: this.link(patch), text, onclick: (event) => {
+        event.preventDefault();
+        this.navigate(patch);
+      }}));
+    const parts = [crumb('model', {node: null, compare: false}, state.node === undefined)];
+    if (state.node !== undefined) {
+      parts.push(' › ', crumb(state.node, {node: state.node, compare: false},
+        state.unit === undefined && !state.compare));
+    }
+    if (state.unit !== undefined) {
+      parts.push(' › ', crumb(`unit ${state.unit}`, {unit: state.unit, compare: false},
+        !state.compare));
+    }
+    if (state.compare) parts.push(' › ', h('span', {class: 'address', text: 'compare'}));
+    this.crumbs.replaceChildren(...parts);
+    this.compareButton.hidden = state.node === undefined;
+    this.compareButton.setAttribute('aria-pressed', String(Boolean(state.compare)));
+  }
+
+  async refreshRuns() {
+    let runs;
+    try {
+      runs = await getJson('runs');
+    } catch {
+      return;  // TensorBoard is restarting or gone; try again next time
+    }
+    if (JSON.stringify(runs) === JSON.stringify(this.runs)) return;
+    this.runs = runs;
+    this.run = this.runInfo(this.state?.run) || this.run;
+    if (this.state) this.showHeader();
+  }
+
+  // --- keys --------------------------------------------------------------------------------
+  onKey(event) {
+    const target = event.target;
+    if (!this.state || event.altKey || event.ctrlKey || event.metaKey
+      || ['INPUT', 'SELECT', 'TEXTAREA'].includes(target.tagName)) return;
+    const {state} = this;
+    const steps = this.run.steps;
+    const index = steps.indexOf(state.step);
+    const moves = {
+      ArrowLeft: () => index > 0 && {step: steps[index - 1]},
+      ArrowRight: () => index < steps.length - 1 && {step: steps[index + 1]},
+      ArrowUp: () => state.unit > 0 && {unit: state.unit - 1},
+      ArrowDown: () => state.unit !== undefined && state.unit < this.unitCount() - 1
+        && {unit: state.unit + 1},
+      Escape: () => (state.compare ? {compare: false}
+        : state.unit !== undefined ? {unit: null} : state.node !== undefined && {node: null}),
+    };
+    if (event.key === ' ' && this.view instanceof UnitView) {
+      event.preventDefault();
+      this.view.filmstrip.toggle();
+      return;
+    }
+    const patch = moves[event.key]?.();
+    if (moves[event.key]) event.preventDefault();
+    if (patch) this.navigate(patch);
+  }
+
+  unitCount() {
+    return this.nodes.find((n) => n.name === this.state.node)?.units ?? 0;
+  }
+}
+
+// TensorBoard marks dark mode with a class on its own <body>; the tab follows it (opened on its
+// own, it follows the browser's preference).
+function followDarkMode() {
+  const media = window.matchMedia('(prefers-color-scheme: dark)');
+  const apply = () => {
+    const dark = host === window ? media.matches
+      : host.document.body.classList.contains('dark-mode');
+    document.documentElement.classList.toggle('dark', dark);
+  };
+  apply();
+  if (host === window) media.addEventListener('change', apply);
+  else new MutationObserver(apply).observe(host.document.body, {attributeFilter: ['class']});
+}
+
+export async function render() {
+  const style = h('link', {rel: 'stylesheet', href: new URL('./style.css', import.meta.url)});
+  const loaded = new Promise((resolve) => style.addEventListener('load', resolve, {once: true}));
+  document.head.append(style, h('meta', {name: 'color-scheme', content: 'light dark'}));
+  followDarkMode();
+  await loaded;
+  window.focus();  // so that the keys work as soon as the tab opens
+  const app = new App(document.body);
+  try {
+    await app.start();
+  } catch (error) {
+    app.main.replaceChildren(errorBox(`The Microscope tab could not start: ${error.message}`));
+  }
+}

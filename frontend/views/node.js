@@ -1,0 +1,104 @@
+// The node view: a grid of the node's units at one step, rendered as they come into sight, and
+// the node's DeepDream. Moving the step keeps the grid and swaps the images in place.
+
+import {watchUnits} from '../api.js';
+import {h, select, UnitCell} from '../dom.js';
+
+// The units of one node at one step, each cell asking for its image once it is on screen.
+export class NodeGrid {
+  constructor(app, run, node, technique, step) {
+    Object.assign(this, {app, run, node, technique});
+    this.cells = [];
+    this.visible = new Set();
+    this.el = h('div', {class: 'grid'});
+    for (let unit = 0; unit < node.units; unit++) {
+      const cell = new UnitCell(String(unit), {
+        href: app.link({run, node: node.name, unit}),
+        onclick: (event) => {
+          event.preventDefault();
+          app.navigate({run, node: node.name, unit, compare: false});
+        },
+      });
+      cell.el.dataset.unit = unit;
+      this.cells.push(cell);
+      this.el.append(cell.el);
+    }
+    this.observer = new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        const unit = Number(entry.target.dataset.unit);
+        if (entry.isIntersecting) this.visible.add(unit);
+        else this.visible.delete(unit);
+      }
+      this.request();
+    }, {rootMargin: '256px'});
+    this.cells.forEach((cell) => this.observer.observe(cell.el));
+    this.show(step);
+  }
+
+  show(step, technique = this.technique) {
+    this.controller?.abort();
+    this.controller = new AbortController();
+    Object.assign(this, {step, technique});
+    this.requested = new Set();
+    this.cells.forEach((cell) => cell.reset());
+    this.request();
+  }
+
+  // Ask for the visible units not yet asked for at this step: one render group, one POST a poll.
+  request() {
+    const units = [...this.visible].filter((unit) => !this.requested.has(unit)).sort((a, b) => a - b);
+    if (!units.length) return;
+    units.forEach((unit) => this.requested.add(unit));
+    const group = {run: this.run, step: this.step, node: this.node.name, technique: this.technique};
+    watchUnits(group, units, 1, (unit, state) => this.cells[unit].update(state),
+      this.controller.signal);
+  }
+
+  destroy() {
+    this.controller.abort();
+    this.observer.disconnect();
+  }
+}
+
+export class NodeView {
+  constructor(app, state, node) {
+    this.app = app;
+    this.key = `node|${state.run}|${state.node}`;
+    const techniques = app.unitImageTechniques().map((t) => [t.name, t.name.replace('_', ' ')]);
+    this.techniqueSelect = select(techniques, state.technique,
+      (technique) => app.navigate({technique}), {id: 'technique', 'aria-label': 'technique'});
+    this.grid = new NodeGrid(app, state.run, node, state.technique, state.step);
+    this.dream = new UnitCell('DeepDream of the node', {className: 'dream'});
+    this.el = h('section', {class: 'node-view'},
+      h('div', {class: 'view-head'},
+        h('h2', {}, h('span', {class: 'address', text: node.name})),
+        h('span', {class: 'muted',
+          text: `${node.module} · ${node.units} units · ${node.shape.join('×')}`}),
+        h('label', {class: 'control'}, 'technique ', this.techniqueSelect)),
+      h('div', {class: 'node-body'}, h('aside', {}, this.dream.el), this.grid.el));
+    this.showDream(state.step);
+  }
+
+  showDream(step) {
+    this.dreamController?.abort();
+    this.dreamController = new AbortController();
+    this.dream.reset();
+    const group = {run: this.app.state.run, step, node: this.grid.node.name, technique: 'deepdream'};
+    watchUnits(group, [0], 1, (unit, state) => this.dream.update(state),
+      this.dreamController.signal);
+  }
+
+  update(state) {
+    this.techniqueSelect.value = state.technique;
+    if (state.step !== this.grid.step) this.showDream(state.step);
+    if (state.step !== this.grid.step || state.technique !== this.grid.technique) {
+      this.grid.show(state.step, state.technique);
+    }
+    return true;
+  }
+
+  destroy() {
+    this.grid.destroy();
+    this.dreamController.abort();
+  }
+}

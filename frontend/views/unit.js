@@ -1,0 +1,243 @@
+// The unit view: the unit drawn by each technique, its dataset examples and its weights (each
+// input unit a link, to walk a circuit), a filmstrip of the unit over every logged step that plays
+// as an animation, and its evolution curve.
+
+import {getJson, watchUnits} from '../api.js';
+import {h, lineChart, select, UnitCell} from '../dom.js';
+
+const FRAME_MS = 350;
+
+class Filmstrip {
+  constructor(app, state, technique) {
+    this.app = app;
+    this.steps = app.run.steps;
+    this.controller = new AbortController();
+    this.frames = this.steps.map((step) => new UnitCell(String(step), {
+      href: app.link({step}),
+      onclick: (event) => {
+        event.preventDefault();
+        this.stop();
+        app.navigate({step});
+      },
+    }));
+    this.player = h('img', {class: 'player', alt: ''});
+    this.playerLabel = h('span', {class: 'muted'});
+    this.button = h('button', {class: 'play', text: '▶ play', onclick: () => this.toggle()});
+    this.el = h('section', {class: 'filmstrip-section'},
+      h('h3', {}, `Over training: ${technique.replace('_', ' ')}, every logged step`),
+      h('div', {class: 'film-head'}, h('div', {class: 'player-frame'}, this.player),
+        h('div', {}, this.button, ' ', this.playerLabel)),
+      h('div', {class: 'filmstrip'}, this.frames.map((frame) => frame.el)));
+    this.urls = new Array(this.steps.length).fill(null);
+    this.steps.forEach((step, i) => {
+      const group = {run: state.run, step, node: state.node, technique};
+      watchUnits(group, [state.unit], 1, (unit, frameState) => {
+        this.frames[i].update(frameState);
+        if (frameState.status === 'done') {
+          this.urls[i] = frameState.urls[0];
+          if (i === this.index) this.showFrame(i);
+        }
+      }, this.controller.signal);
+    });
+    this.mark(state.step);
+  }
+
+  mark(step) {
+    this.index = this.steps.indexOf(step);
+    this.frames.forEach((frame, i) => frame.el.classList.toggle('current', i === this.index));
+    if (!this.timer) this.showFrame(this.index);
+  }
+
+  showFrame(i) {
+    this.playerLabel.textContent = `step ${this.steps[i]}`;
+    if (this.urls[i]) this.player.src = this.urls[i];
+    this.frames.forEach((frame, j) => frame.el.classList.toggle('playing', Boolean(this.timer) && j === i));
+  }
+
+  toggle() {
+    if (this.timer) return this.stop();
+    let i = this.index;
+    this.button.textContent = '❚❚ pause';
+    this.timer = setInterval(() => {
+      i = (i + 1) % this.steps.length;
+      this.showFrame(i);
+    }, FRAME_MS);
+    return undefined;
+  }
+
+  stop() {
+    clearInterval(this.timer);
+    this.timer = null;
+    this.button.textContent = '▶ play';
+    this.showFrame(this.index);
+  }
+
+  destroy() {
+    this.stop();
+    this.controller.abort();
+  }
+}
+
+class Evolution {
+  constructor(app, state) {
+    this.app = app;
+    this.el = h('section', {class: 'evolution'},
+      h('h3', {text: 'Evolution: how much the unit changed since the previous logged step'}),
+      h('p', {class: 'muted', text: 'loading…'}));
+    this.controller = new AbortController();
+    getJson('history', {run: state.run, node: state.node, unit: state.unit},
+      this.controller.signal).then((data) => {
+      this.history = data.history;
+      this.draw(state.step);
+    }).catch((error) => {
+      if (!this.controller.signal.aborted) this.el.lastChild.replaceWith(errorBox(error.message));
+    });
+  }
+
+  draw(step) {
+    if (!this.history) return;
+    const steps = this.history.map((entry) => entry.step);
+    const series = [
+      {name: 'weight cosine', className: 'cosine',
+        values: this.history.map((e) => e.weight_cosine)},
+      {name: 'activation correlation', className: 'correlation',
+        values: this.history.map((e) => e.activation_correlation)},
+    ];
+    const values = series.flatMap((s) => s.values).filter((v) => v !== null);
+    const lo = Math.min(0.9, Math.floor(10 * Math.min(...values, 1)) / 10);
+    const chart = lineChart(steps, series, {lo, hi: 1, marker: steps.indexOf(step),
+      onPick: (i) => this.app.navigate({step: steps[i]})});
+    const legend = h('div', {class: 'legend'},
+      h('span', {class: 'key cosine', text: 'incoming weights: cosine to the previous step'}),
+      h('span', {class: 'key correlation',
+        text: 'activations on the probe images: correlation with the previous step'}));
+    this.el.replaceChildren(this.el.firstChild, chart, legend);
+  }
+
+  destroy() {
+    this.controller.abort();
+  }
+}
+
+export function errorBox(message) {
+  return h('div', {class: 'error', role: 'alert', text: message});
+}
+
+function examplesPanel(app, state, signal) {
+  const panel = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
+  const [, height, width] = app.run.probe?.shape || [0, 1, 1];
+  getJson('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
+    count: 12}, signal).then((data) => {
+    panel.replaceChildren(...data.examples.map((example) => {
+      const [top, left, bottom, right] = example.box;
+      const box = h('div', {class: 'box', style: `top:${100 * top / height}%;`
+        + `left:${100 * left / width}%;height:${100 * (bottom - top) / height}%;`
+        + `width:${100 * (right - left) / width}%`});
+      return h('figure', {class: 'example'},
+        h('div', {class: 'example-image'}, h('img', {src: example.image, alt: ''}), box),
+        h('figcaption', {}, `probe #${example.index} · ${example.activation.toFixed(2)}`));
+    }));
+    if (!data.examples.length) panel.replaceChildren(h('p', {text: 'no probe images'}));
+  }).catch((error) => {
+    if (!signal.aborted) panel.replaceChildren(errorBox(error.message));
+  });
+  return panel;
+}
+
+function weightsPanel(app, state, signal) {
+  const panel = h('div', {class: 'weights-panel'}, h('p', {class: 'muted', text: 'loading…'}));
+  const params = {run: state.run, step: state.step, node: state.node, unit: state.unit, top: 12};
+  const earlier = app.nodes.slice(0, app.nodes.findIndex((n) => n.name === state.node));
+  const show = (source) => getJson('weights', {...params, source}, signal).then((data) => {
+    const biggest = Math.max(...data.connections.map((c) => Math.abs(c.strength)), 1e-12);
+    const sourceNode = app.nodes.find((n) => n.name === data.source);
+    const picker = select(earlier.map((n) => [n.name, n.name]), data.source, show,
+      {'aria-label': 'source node'});
+    const thumbs = new Map();
+    const rows = data.connections.map((c) => {
+      const thumb = new UnitCell(null, {className: 'thumb'});
+      thumbs.set(c.unit, thumb);
+      const link = h('a', {class: 'address', href: app.link({node: c.node, unit: c.unit}),
+        text: `${c.node}:${c.unit}`, onclick: (event) => {
+          event.preventDefault();
+          app.navigate({node: c.node, unit: c.unit});
+        }});
+      const bar = h('span', {class: `bar ${c.strength < 0 ? 'negative' : 'positive'}`,
+        style: `width:${(100 * Math.abs(c.strength) / biggest).toFixed(1)}%`});
+      return h('div', {class: 'connection'}, thumb.el, link,
+        h('span', {class: 'bar-track'}, bar), h('span', {class: 'value',
+          text: c.strength.toFixed(3)}));
+    });
+    watchUnits({run: state.run, step: state.step, node: data.source, technique: 'channel'},
+      [...thumbs.keys()], 1, (unit, thumbState) => thumbs.get(unit).update(thumbState), signal);
+    panel.replaceChildren(
+      h('p', {}, 'strongest inputs from ', picker,
+        ` (${sourceNode ? sourceNode.units : '?'} units): expanded weights, signed`),
+      ...rows);
+  }).catch((error) => {
+    if (!signal.aborted) panel.replaceChildren(errorBox(error.message));
+  });
+  show(undefined);
+  return panel;
+}
+
+export class UnitView {
+  constructor(app, state, node) {
+    this.app = app;
+    this.node = node;
+    this.key = `unit|${state.run}|${state.node}|${state.unit}`;
+    const tabs = [...app.unitImageTechniques().map((t) => t.name), 'examples', 'weights'];
+    this.tabs = h('nav', {class: 'tabs', role: 'tablist'}, tabs.map((name) => h('button', {
+      role: 'tab', dataset: {technique: name}, text: name.replace('_', ' '),
+      onclick: () => app.navigate({technique: name}),
+    })));
+    const unitLink = (unit, text) => h('button', {
+      text, disabled: unit < 0 || unit >= node.units, onclick: () => app.navigate({unit}),
+    });
+    this.address = h('span', {class: 'address'});
+    this.main = h('div', {class: 'technique-panel'});
+    const filmTechnique = app.techniques[state.technique]?.image ? state.technique : 'channel';
+    this.filmstrip = new Filmstrip(app, state, filmTechnique);
+    this.evolution = new Evolution(app, state);
+    this.el = h('section', {class: 'unit-view'},
+      h('div', {class: 'view-head'}, h('h2', {}, this.address),
+        h('span', {class: 'muted', text: `of ${node.units} units`}),
+        unitLink(state.unit - 1, '← previous unit'), unitLink(state.unit + 1, 'next unit →')),
+      this.tabs, h('div', {class: 'unit-body'}, this.main,
+        h('div', {class: 'over-training'}, this.filmstrip.el, this.evolution.el)));
+    this.filmTechnique = filmTechnique;
+    this.update(state);
+  }
+
+  update(state) {
+    const filmTechnique = this.app.techniques[state.technique]?.image ? state.technique : 'channel';
+    if (filmTechnique !== this.filmTechnique) return false;  // a new filmstrip: build anew
+    this.address.textContent = `${state.run}@${state.step}/${state.node}:${state.unit}`;
+    for (const tab of this.tabs.children) {
+      tab.setAttribute('aria-selected', String(tab.dataset.technique === state.technique));
+    }
+    this.filmstrip.mark(state.step);
+    this.evolution.draw(state.step);
+    this.controller?.abort();
+    this.controller = new AbortController();
+    const signal = this.controller.signal;
+    let panel;
+    if (state.technique === 'examples') panel = examplesPanel(this.app, state, signal);
+    else if (state.technique === 'weights') panel = weightsPanel(this.app, state, signal);
+    else {
+      const count = this.app.techniques[state.technique].images_per_unit;
+      const cell = new UnitCell(null, {className: 'big'});
+      watchUnits({run: state.run, step: state.step, node: state.node, technique: state.technique},
+        [state.unit], count, (unit, cellState) => cell.update(cellState), signal);
+      panel = cell.el;
+    }
+    this.main.replaceChildren(panel);
+    return true;
+  }
+
+  destroy() {
+    this.controller?.abort();
+    this.filmstrip.destroy();
+    this.evolution.destroy();
+  }
+}

@@ -1,1 +1,0 @@
-"""Serves nothing: holds the built Microscope tab (index.js) as package data."""
