@@ -1,0 +1,26 @@
+"""What `pip install .` gets: every package, and the tab's files, with no build step."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = tmp_path.glob("tb_microscope-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = [p.parent for p in (ROOT / "tb_microscope").rglob("__init__.py")]
+    for package in packages:
+        assert f"{package.relative_to(ROOT).as_posix()}/__init__.py" in names, package
+    tab = [p for p in (ROOT / "frontend").rglob("*") if p.suffix in (".js", ".css")]
+    assert len(tab) >= 8
+    for path in tab:
+        assert f"tb_microscope/static/{path.relative_to(ROOT / 'frontend').as_posix()}" in names

@@ -1,0 +1,336 @@
+"""The Microscope tab in Debian's headless Chromium, driven by Playwright, against a real
+TensorBoard serving runs the demo's training wrote.
+
+TensorBoard runs under --path_prefix, so any URL the tab does not build relative to its own
+fails here. Screenshots go to build/screenshots/ (or $TB_MICROSCOPE_SCREENSHOTS).
+"""
+
+import json
+import os
+import re
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+import tb_microscope
+from conftest import tensorboard
+from tb_microscope.demo.model import SmallCNN
+from tb_microscope.demo.train import train
+
+SIZE, ITERATIONS = 24, 8
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(
+    os.environ.get("TB_MICROSCOPE_SCREENSHOTS")
+    or Path(__file__).resolve().parent.parent / "build" / "screenshots"
+)
+WAIT_MS = 120_000
+
+# Every <img> under a selector: whether it decoded, its size, and its pixels' spread and sum.
+IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].map((img) => {
+  if (!img.complete || !img.naturalWidth) return {decoded: false};
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  let sum = 0, squares = 0, n = 0, hash = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    for (let c = 0; c < 3; c++) {
+      sum += data[i + c]; squares += data[i + c] ** 2; n++;
+      hash = (hash * 31 + data[i + c]) % 1000000007;
+    }
+  }
+  const mean = sum / n;
+  return {decoded: true, width: img.naturalWidth, std: Math.sqrt(squares / n - mean ** 2), hash};
+})"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """TensorBoard under /tb on two demo runs: 'demo' (30 steps) and 'other' (10 steps)."""
+    logdir = tmp_path_factory.mktemp("logdir")
+    train(logdir / "demo", steps=30, log=lambda *_: None)
+    train(logdir / "other", steps=10, log=lambda *_: None)
+    flags = ["--path_prefix", "/tb"]
+    flags += ["--microscope_size", str(SIZE), "--microscope_iterations", str(ITERATIONS)]
+    with tensorboard(logdir, *flags) as url:
+        assert url.endswith("/tb")
+        yield url, logdir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/test.sh installs Debian's chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def steps_of(logdir, run="demo"):
+    return tb_microscope.open_run(logdir / run).steps
+
+
+def tab_url(base, **state) -> str:
+    keys = "".join(
+        f"&p.tb_microscope.{key}={urllib.parse.quote(str(value))}" for key, value in state.items()
+    )
+    return f"{base}/#tb_microscope{keys}"
+
+
+def open_tab(page, base, **state):
+    """Open TensorBoard at the tab (with `state` in its URL); the tab's frame."""
+    page.goto(tab_url(base, **state))
+    page.wait_for_selector("iframe[src*='plugin_entry.html?name=tb_microscope']")
+    frame = page.frame(url=re.compile(r"plugin_entry\.html\?name=tb_microscope"))
+    frame.wait_for_selector("main > section", timeout=WAIT_MS)
+    return frame
+
+
+def url_state(page) -> dict:
+    fragment = urllib.parse.urlparse(page.url).fragment
+    pairs = [part.split("=", 1) for part in fragment.split("&") if "=" in part]
+    prefix = "p.tb_microscope."
+    return {k[len(prefix) :]: urllib.parse.unquote(v) for k, v in pairs if k.startswith(prefix)}
+
+
+def wait_rendered(frame, selector, count):
+    """Wait until `count` cells under `selector` are done; their images, decoded."""
+    cells = frame.locator(f"{selector} .cell")
+    expect(cells).to_have_count(count, timeout=WAIT_MS)
+    expect(frame.locator(f"{selector} .cell[data-status='done']")).to_have_count(
+        count, timeout=WAIT_MS
+    )
+    failed = frame.locator(f"{selector} .cell[data-status='failed']")
+    assert failed.count() == 0, failed.first.get_attribute("title")
+    return frame.evaluate(IMAGES_JS, f"{selector} .cell[data-status='done'] img")
+
+
+def assert_real_images(images, textured=0.75):
+    """Decoded renders at the served size, most with texture (a unit that barely responds, such
+    as a ReLU's output that is zero on the starting noise, stays nearly flat)."""
+    assert images and all(i["decoded"] and i["width"] == SIZE for i in images), images
+    count = sum(i["std"] > 2 for i in images)
+    assert count >= textured * len(images), f"only {count} of {len(images)} images have texture"
+
+
+def shoot(page, name):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+
+
+def post_render(base, **body):
+    request = urllib.request.Request(
+        f"{base}/data/plugin/tb_microscope/render", data=json.dumps(body).encode(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def test_the_tab_appears_and_draws_the_model(served, page):
+    base, logdir = served
+    frame = open_tab(page, base)
+    expect(page.get_by_text("Microscope", exact=False).first).to_be_visible()
+    run = tb_microscope.open_run(logdir / "demo")
+    rows = frame.locator(".nodes .node")
+    expect(rows).to_have_count(len(run.nodes) + 1)  # the input, then every node
+    expect(rows.nth(3)).to_contain_text("conv2")
+    expect(rows.nth(3)).to_contain_text("32 units")
+    assert frame.locator(".edges .edge").count() == len(run.edges)
+    parameters = sum(p.numel() for p in SmallCNN().parameters())
+    expect(frame.locator(".view-head")).to_contain_text(f"{parameters:,} parameters")
+    shoot(page, "model")
+    frame.locator(".nodes a[data-node='conv1']").click()
+    wait_rendered(frame, ".grid", 16)
+    assert url_state(page)["node"] == "conv1"
+
+
+def test_units_show_their_state_then_fill_in_and_the_slider_changes_them(served, page):
+    base, logdir = served
+    steps = steps_of(logdir)
+    frame = open_tab(page, base, run="demo")
+    # Keep the render worker busy, so that the grid's units wait in the queue, visibly.
+    post_render(
+        base, run="demo", step=steps[1], node="conv3", units=list(range(16)), iterations=150
+    )
+    frame.locator(".nodes a[data-node='conv2']").click()
+    expect(frame.locator(".grid .cell[data-status='queued']").first).to_contain_text(
+        re.compile(r"queued #\d+"), timeout=WAIT_MS
+    )
+    shoot(page, "node-queued")
+    last = wait_rendered(frame, ".grid", 32)
+    assert_real_images(last)
+    dream = wait_rendered(frame, "aside", 1)
+    assert_real_images(dream)
+    shoot(page, "node")
+
+    frame.locator("#step").focus()
+    frame.locator("#step").press("Home")
+    expect(frame.locator(".step-label")).to_contain_text(f"{steps[0]} (1/{len(steps)})")
+    assert url_state(page)["step"] == str(steps[0])
+    first = wait_rendered(frame, ".grid", 32)
+    assert_real_images(first)
+    changed = sum(a["hash"] != b["hash"] for a, b in zip(first, last))
+    assert changed >= 24, f"only {changed} of 32 units changed between steps 0 and {steps[-1]}"
+    shoot(page, "node-step-0")
+
+
+def test_the_unit_view_has_a_frame_per_logged_step_that_plays(served, page):
+    base, logdir = served
+    steps = steps_of(logdir)
+    frame = open_tab(page, base, run="demo", node="conv2", unit=3)
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[-1]}/conv2:3")
+    frames = wait_rendered(frame, ".filmstrip", len(steps))
+    assert_real_images(frames)
+    labels = frame.locator(".filmstrip figcaption").all_inner_texts()
+    assert labels == [str(s) for s in steps]
+    assert_real_images(wait_rendered(frame, ".technique-panel", 1))
+    expect(frame.locator(".evolution circle")).not_to_have_count(0, timeout=WAIT_MS)
+    shoot(page, "unit")
+
+    seen = set()
+    frame.locator("button.play").click()
+    for _ in range(12):
+        seen.add(frame.locator(".player").get_attribute("src"))
+        page.wait_for_timeout(200)
+    frame.locator("button.play").click()
+    assert len(seen) >= 4, "the animation did not move through the steps"
+
+
+def test_techniques_examples_and_weights_walk_a_circuit(served, page):
+    base, logdir = served
+    frame = open_tab(page, base, run="demo", node="conv2", unit=3)
+    frame.get_by_role("tab", name="diversity").click()
+    assert url_state(page)["technique"] == "diversity"
+    diverse = wait_rendered(frame, ".technique-panel", 1)
+    assert len(diverse) == 4 and len({i["hash"] for i in diverse}) == 4
+    assert_real_images(diverse)
+
+    frame.get_by_role("tab", name="examples").click()
+    expect(frame.locator(".example")).to_have_count(12, timeout=WAIT_MS)
+    expect(frame.locator(".example .box").first).to_be_visible()
+
+    frame.get_by_role("tab", name="weights").click()
+    rows = frame.locator(".connection")
+    expect(rows).to_have_count(12, timeout=WAIT_MS)
+    assert_real_images(wait_rendered(frame, ".weights-panel", 12), textured=0)  # pool1: ReLU'd
+    shoot(page, "unit-weights")
+    target = rows.first.locator("a.address").inner_text()  # e.g. pool1:14
+    rows.first.locator("a.address").click()
+    node, unit = target.split(":")
+    expect(frame.locator(".unit-view .address").first).to_contain_text(f"/{node}:{unit}")
+    assert url_state(page)["node"] == node and url_state(page)["unit"] == unit
+    page.go_back()
+    expect(frame.locator(".unit-view .address").first).to_contain_text("/conv2:3")
+
+
+def test_compare_shows_two_steps_side_by_side(served, page):
+    base, logdir = served
+    steps = steps_of(logdir)
+    frame = open_tab(page, base, run="demo", node="conv1", compare=1, step2=steps[0])
+    panes = frame.locator(".pane")
+    expect(panes).to_have_count(2)
+    left = wait_rendered(frame, ".pane.left", 16)
+    right = wait_rendered(frame, ".pane.right", 16)
+    assert_real_images(left + right)
+    assert sum(a["hash"] != b["hash"] for a, b in zip(left, right)) >= 12
+    expect(panes.nth(1).locator("h3")).to_have_text(f"demo@{steps[0]}/conv1")
+    shoot(page, "compare")
+
+    panes.nth(1).locator("select").select_option("other")
+    expect(panes.nth(1).locator("h3")).to_contain_text("other@")
+    assert_real_images(wait_rendered(frame, ".pane.right", 16))
+    assert url_state(page)["run2"] == "other"
+
+
+def test_compare_a_unit_in_two_runs(served, page):
+    base, _ = served
+    frame = open_tab(page, base, run="demo", node="conv2", unit=5, compare=1, run2="other")
+    assert_real_images(wait_rendered(frame, ".pane.left", 1))
+    assert_real_images(wait_rendered(frame, ".pane.right", 1))
+
+
+def test_a_deep_link_reopens_the_unit_and_back_and_keys_move_around(served, page):
+    base, logdir = served
+    steps = steps_of(logdir)
+    frame = open_tab(page, base, run="demo", node="conv1", unit=4, step=steps[2])
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[2]}/conv1:4")
+    frame.locator("h2").click()  # keys go to the tab once it has the focus
+    page.keyboard.press("ArrowDown")
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[2]}/conv1:5")
+    page.keyboard.press("ArrowRight")
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[3]}/conv1:5")
+    page.go_back()
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[2]}/conv1:5")
+    page.go_back()
+    expect(frame.locator(".unit-view .address").first).to_have_text(f"demo@{steps[2]}/conv1:4")
+    page.keyboard.press("Escape")
+    expect(frame.locator(".node-view")).to_be_visible()
+    assert "unit" not in url_state(page)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"run": "demo", "node": "nope"}, "node 'nope' is not in run 'demo'; nodes: conv1"),
+        ({"run": "demo", "node": "conv1", "unit": 99}, "unit 99 is out of range"),
+        ({"run": "gone", "node": "conv1"}, "run 'gone' has no tb_microscope data"),
+        ({"run": "demo", "step": 4}, "step 4 is not logged in run 'demo'"),
+    ],
+)
+def test_a_deep_link_to_something_missing_says_what(served, page, state, message):
+    base, _ = served
+    page.goto(tab_url(base, **state))
+    frame = page.frame_locator("iframe[src*='tb_microscope']")
+    expect(frame.get_by_role("alert")).to_contain_text(message, timeout=WAIT_MS)
+    if state.get("node") == "nope":
+        shoot(page, "missing-node")
+    frame.get_by_text("back to the model view").click()
+    expect(frame.locator(".model-view")).to_be_visible()
+
+
+def test_the_tab_follows_tensorboards_dark_mode(served, browser):
+    base, _ = served
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    page = context.new_page()
+    try:
+        frame = open_tab(page, base, run="demo", node="conv1")
+        assert frame.evaluate("document.documentElement.classList.contains('dark')")
+        assert (
+            frame.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(48, 48, 48)"
+        )
+        wait_rendered(frame, ".grid", 16)
+        shoot(page, "dark")
+        page.get_by_label("Menu for changing light or dark theme").click()
+        page.get_by_role("menuitem", name="Light").click()
+        frame.wait_for_function("!document.documentElement.classList.contains('dark')")
+        assert (
+            frame.evaluate("getComputedStyle(document.body).backgroundColor")
+            == "rgb(255, 255, 255)"
+        )
+    finally:
+        context.close()
