@@ -7,6 +7,7 @@ tb-microscope render LOGDIR     render feature visualizations ahead of time into
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -243,8 +244,6 @@ DEMO_SIZE = 48  # what the demo renders ahead and serves: quick on a CPU
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import subprocess
-
     from .demo.train import train
 
     start = time.monotonic()
@@ -297,10 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(Ctrl-C stops it)",
         flush=True,
     )
-    try:
-        return subprocess.call(serve)
-    except KeyboardInterrupt:
-        return 0
+    os.execv(sys.executable, serve)  # TensorBoard takes this process over, signals included
 
 
 def _default_device():

@@ -1,10 +1,23 @@
 """The Lightning callback and the command line, run for real."""
 
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import torch
 from torch import nn
 
 import tb_microscope
 from conftest import run_python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_lightning_callback_logs_on_the_loggers_schedule(tmp_path):
@@ -90,3 +103,33 @@ def test_demo_trains_renders_ahead_and_says_how_to_serve(tmp_path):
     assert len(cached) == 4 * (16 + 32)  # conv1 and conv2 at four steps
     again = run_python(*demo)
     assert "using the demo run already in" in again.stdout
+
+
+def test_demo_serves_the_tab_with_its_renders_ready(tmp_path):
+    port = free_port()
+    demo = [sys.executable, "-m", "tb_microscope.cli", "demo", "--logdir", str(tmp_path)]
+    demo += ["--steps", "10", "--iterations", "4", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(demo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        while "serving TensorBoard" not in out and proc.poll() is None:
+            out += proc.stdout.readline()
+        assert f"open http://127.0.0.1:{port}/#tb_microscope" in out, out
+        base = f"http://127.0.0.1:{port}/data/plugin/tb_microscope"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                runs = json.load(urllib.request.urlopen(f"{base}/runs", timeout=10))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    "TensorBoard never answered"
+                )
+                time.sleep(0.5)
+        assert [r["run"] for r in runs] == ["demo"] and runs[0]["steps"][-1] == 10
+        # conv2 was rendered ahead at the size and iterations the tab asks for: served at once
+        image = urllib.request.urlopen(f"{base}/image?run=demo&step=10&node=conv2&unit=5")
+        assert image.status == 200 and image.headers["Content-Type"] == "image/png"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) is not None
