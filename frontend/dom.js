@@ -89,7 +89,7 @@ export class UnitCell {
 // A line chart of series [{name, values, className}] over evenly spaced x labels, with the
 // value range [lo, hi]; `marker` is the x index to highlight. Missing values leave gaps.
 export function lineChart(labels, series, {lo, hi, marker, onPick} = {}) {
-  const width = 560, height = 160, left = 36, right = 8, top = 8, bottom = 24;
+  const width = 560, height = 160, left = 36, right = 20, top = 8, bottom = 24;
   const x = (i) => left + (labels.length > 1 ? i / (labels.length - 1) : 0.5) * (width - left - right);
   const y = (v) => top + (1 - (v - lo) / (hi - lo || 1)) * (height - top - bottom);
   const svg = h('svg', {viewBox: `0 0 ${width} ${height}`, class: 'chart', role: 'img'});
@@ -98,9 +98,10 @@ export function lineChart(labels, series, {lo, hi, marker, onPick} = {}) {
       h('text', {x: left - 4, y: y(tick) + 4, class: 'tick', 'text-anchor': 'end',
         text: Number(tick.toFixed(2)).toString()}));
   }
-  const every = Math.max(1, Math.ceil(labels.length / 12));
+  const every = Math.max(1, Math.ceil(labels.length / 10));
   labels.forEach((label, i) => {
-    if (i % every === 0 || i === labels.length - 1) {
+    const last = labels.length - 1;
+    if ((i % every === 0 && last - i >= every / 2) || i === last) {
       svg.append(h('text', {x: x(i), y: height - 6, class: 'tick', 'text-anchor': 'middle',
         text: label}));
     }

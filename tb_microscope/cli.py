@@ -258,20 +258,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = run.steps
     chosen = sorted({steps[0], steps[len(steps) // 3], steps[2 * len(steps) // 3], steps[-1]})
     nodes = [run.node("conv1"), run.node("conv2")]
-    print(f"rendering {', '.join(n.name for n in nodes)} at steps {chosen} ahead of time")
-    jobs = [(run, step, node.name, list(range(node.units))) for step in chosen for node in nodes]
-    _, interrupted = render_jobs(
-        jobs,
-        "channel",
-        size=DEMO_SIZE,
-        iterations=args.iterations,
-        seed=0,
-        device=None,
-        batch_size=64,
-        cache_dir=None,
+    print(
+        f"rendering {', '.join(n.name for n in nodes)} at steps {chosen} ahead of time "
+        "(their units, then each node's DeepDream)"
     )
-    if interrupted:
-        return 130
+    for technique, units in (
+        ("channel", lambda node: list(range(node.units))),
+        ("deepdream", lambda node: [0]),
+    ):
+        jobs = [(run, step, node.name, units(node)) for step in chosen for node in nodes]
+        _, interrupted = render_jobs(
+            jobs,
+            technique,
+            size=DEMO_SIZE,
+            iterations=args.iterations,
+            seed=0,
+            device=None,
+            batch_size=64,
+            cache_dir=None,
+        )
+        if interrupted:
+            return 130
     print(f"demo ready in {time.monotonic() - start:.0f}s")
     serve = [
         sys.executable,

@@ -100,7 +100,7 @@ def test_demo_trains_renders_ahead_and_says_how_to_serve(tmp_path):
     run = tb_microscope.open_run(tmp_path / "demo")
     assert run.steps == [0, 1, 2, 3, 5, 7, 10, 15, 20]
     cached = list((run.store.root / "cache").rglob("*.png"))
-    assert len(cached) == 4 * (16 + 32)  # conv1 and conv2 at four steps
+    assert len(cached) == 4 * (16 + 32 + 2)  # conv1's and conv2's units and DeepDream, 4 steps
     again = run_python(*demo)
     assert "using the demo run already in" in again.stdout
 

@@ -45,7 +45,19 @@ class Filmstrip {
   mark(step) {
     this.index = this.steps.indexOf(step);
     this.frames.forEach((frame, i) => frame.el.classList.toggle('current', i === this.index));
+    requestAnimationFrame(() => this.reveal());
     if (!this.timer) this.showFrame(this.index);
+  }
+
+  // Scroll the strip (only it, never the page) so that the current step's frame shows.
+  reveal() {
+    const frame = this.frames[this.index]?.el;
+    const strip = frame?.parentElement;
+    if (!strip) return;
+    const left = frame.offsetLeft, right = left + frame.offsetWidth;
+    if (left < strip.scrollLeft || right > strip.scrollLeft + strip.clientWidth) {
+      strip.scrollLeft = left - (strip.clientWidth - frame.offsetWidth) / 2;
+    }
   }
 
   showFrame(i) {
