@@ -17,6 +17,10 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+export function errorBox(message) {
+  return h('div', {class: 'error', role: 'alert', text: message});
+}
+
 export function select(options, value, onChange, attrs = {}) {
   const el = h('select', {...attrs, onchange: () => onChange(el.value)},
     options.map(([optionValue, label]) => h('option', {value: optionValue, text: label})));
@@ -49,20 +53,29 @@ export class StepSlider {
   }
 }
 
-function stateText(state) {
+// The kind of a failure ("CorruptSnapshotError: the snapshot ..." -> "CorruptSnapshotError"), short
+// enough for a small cell; the whole message is the cell's tooltip.
+function failureKind(error) {
+  const kind = /^([A-Za-z]+Error):/.exec(error);
+  return kind ? kind[1] : error.length > 40 ? `${error.slice(0, 40)}…` : error;
+}
+
+function stateText(state, full) {
   if (state.status === 'queued') {
     return state.position === null || state.position === undefined ? 'queued'
       : `queued #${state.position + 1}`;
   }
   if (state.status === 'running') return `rendering ${Math.round(100 * (state.progress || 0))}%`;
-  if (state.status === 'failed') return `failed: ${state.error}`;
+  if (state.status === 'failed') return `failed: ${full ? state.error : failureKind(state.error)}`;
   return '';
 }
 
 // One image of a unit (or several, for diversity) with its render state shown until it arrives.
 // While a new step renders, the previous image stays, dimmed, so scrubbing does not flash.
 export class UnitCell {
-  constructor(caption, {onclick, href, className = ''} = {}) {
+  // `full`: the cell is big enough to show a failure's whole message.
+  constructor(caption, {onclick, href, className = '', full = false} = {}) {
+    this.full = full;
     this.images = h('div', {class: 'images'});
     this.state = h('div', {class: 'state', text: 'waiting'});
     this.el = h(href ? 'a' : 'figure', {class: `cell ${className}`, href, onclick},
@@ -74,7 +87,7 @@ export class UnitCell {
   update(state) {
     this.el.dataset.status = state.status;
     this.el.title = state.status === 'failed' ? state.error : '';
-    this.state.textContent = stateText(state);
+    this.state.textContent = stateText(state, this.full);
     if (state.status === 'done') {
       this.images.replaceChildren(...state.urls.map((src) => h('img', {src, alt: ''})));
     }

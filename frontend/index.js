@@ -5,14 +5,14 @@
 // Everything the tab shows comes from the plugin's routes; nothing is loaded from other hosts.
 
 import {getJson} from './api.js';
-import {h, select, StepSlider} from './dom.js';
-import {host, readState, stateHash, writeState} from './state.js';
+import {errorBox, h, select, StepSlider} from './dom.js';
+import {host, isOurTab, readState, stateHash, writeState} from './state.js';
 import {CompareView} from './views/compare.js';
 import {modelView} from './views/model.js';
 import {NodeView} from './views/node.js';
-import {errorBox, UnitView} from './views/unit.js';
+import {UnitView} from './views/unit.js';
 
-const REFRESH_MS = 15000;  // new runs and snapshots appear without a reload
+const REFRESH_MS = 5000;  // new runs and snapshots appear without a reload
 
 function listNames(names, limit = 12) {
   if (names.length <= limit) return names.join(', ');
@@ -151,6 +151,7 @@ class App {
   }
 
   async update() {
+    if (!isOurTab()) return;  // another TensorBoard tab is showing; its URL is not ours
     const seq = ++this.seq;
     const wanted = readState();
     if (!Object.keys(wanted).some((key) => key !== 'compare') && this.state) {

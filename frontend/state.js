@@ -22,6 +22,12 @@ function parts() {
   return host.location.hash.slice(1).split('&').filter(Boolean);
 }
 
+// Whether the URL is about this tab: TensorBoard names the active tab by a part without '='.
+export function isOurTab() {
+  const tab = parts().find((part) => !part.includes('='));
+  return tab === undefined || tab === 'tb_microscope';
+}
+
 // The state in the URL: strings, but numbers for step, unit and step2, and a boolean compare.
 export function readState() {
   const state = {};

@@ -8,17 +8,20 @@ fails here. Screenshots go to build/screenshots/ (or $TB_MICROSCOPE_SCREENSHOTS)
 import json
 import os
 import re
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import expect, sync_playwright
 
 import tb_microscope
 from conftest import tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
+from tb_microscope.runstore import RunStore
 
 SIZE, ITERATIONS = 24, 8
 CHROMIUM = "/usr/bin/chromium"
@@ -311,6 +314,54 @@ def test_a_deep_link_to_something_missing_says_what(served, page, state, message
         shoot(page, "missing-node")
     frame.get_by_text("back to the model view").click()
     expect(frame.locator(".model-view")).to_be_visible()
+
+
+def wait_for_run(base, name):
+    """Until TensorBoard's reload lists a run written after it started."""
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"{base}/data/plugin/tb_microscope/runs") as response:
+            if name in [r["run"] for r in json.load(response)]:
+                return
+        assert time.monotonic() < deadline, f"run {name!r} never appeared"
+        time.sleep(0.5)
+
+
+def test_a_failed_render_shows_its_reason_in_each_cell(served, page):
+    base, logdir = served
+    train(logdir / "worn", steps=3, log=lambda *_: None)
+    snapshot = RunStore(logdir / "worn").snapshot_path(2)
+    snapshot.write_bytes(snapshot.read_bytes()[:100])
+    wait_for_run(base, "worn")
+    frame = open_tab(page, base, run="worn", node="conv1", step=2)
+    failed = frame.locator(".grid .cell[data-status='failed']")
+    expect(failed).to_have_count(16, timeout=WAIT_MS)
+    expect(failed.first.locator(".state")).to_have_text("failed: CorruptSnapshotError")
+    assert "delete this file" in failed.first.get_attribute("title")
+    banner = frame.get_by_role("alert")  # the whole message, once for all 16
+    expect(banner).to_have_count(1)
+    expect(banner).to_contain_text("16 units failed to render: CorruptSnapshotError")
+    expect(banner).to_contain_text("delete this file")
+    shoot(page, "node-failed")
+    frame.locator("#step").focus()
+    frame.locator("#step").press("ArrowRight")  # step 3 is whole: it renders
+    wait_rendered(frame, ".grid", 16)
+
+
+def test_a_new_snapshot_reaches_an_open_tab(served, page):
+    base, logdir = served
+    with tb_microscope.Logger(logdir / "later", SmallCNN(), torch.rand(2, 3, 32, 32)) as logger:
+        logger.log(0)
+    wait_for_run(base, "later")
+    frame = open_tab(page, base, run="later", node="conv1")
+    expect(frame.locator(".step-label")).to_have_text("0 (1/1)")
+    with tb_microscope.Logger(logdir / "later", SmallCNN(), torch.rand(2, 3, 32, 32)) as logger:
+        logger.log(5, force=True)
+    expect(frame.locator(".step-label")).to_have_text("0 (1/2)", timeout=30_000)
+    frame.locator("#step").focus()
+    frame.locator("#step").press("End")
+    assert_real_images(wait_rendered(frame, ".grid", 16))
+    assert url_state(page)["step"] == "5"
 
 
 def test_the_tab_follows_tensorboards_dark_mode(served, browser):

@@ -2,9 +2,8 @@
 // in two runs. The left pane follows the header's run and step; the right pane has its own.
 
 import {watchUnits} from '../api.js';
-import {h, select, StepSlider, UnitCell} from '../dom.js';
+import {errorBox, h, select, StepSlider, UnitCell} from '../dom.js';
 import {NodeGrid} from './node.js';
-import {errorBox} from './unit.js';
 
 class Pane {
   constructor(app, side, state) {
@@ -60,7 +59,7 @@ class UnitImage {
   constructor(run, node, unit, technique, app, step) {
     Object.assign(this, {run, node, unit, technique});
     this.count = app.techniques[technique].images_per_unit;
-    this.cell = new UnitCell(null, {className: 'big'});
+    this.cell = new UnitCell(null, {className: 'big', full: true});
     this.el = this.cell.el;
     this.show(step);
   }

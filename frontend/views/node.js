@@ -2,7 +2,7 @@
 // the node's DeepDream. Moving the step keeps the grid and swaps the images in place.
 
 import {watchUnits} from '../api.js';
-import {h, select, UnitCell} from '../dom.js';
+import {errorBox, h, select, UnitCell} from '../dom.js';
 
 // The units of one node at one step, each cell asking for its image once it is on screen.
 export class NodeGrid {
@@ -10,7 +10,9 @@ export class NodeGrid {
     Object.assign(this, {app, run, node, technique});
     this.cells = [];
     this.visible = new Set();
-    this.el = h('div', {class: 'grid'});
+    this.grid = h('div', {class: 'grid'});
+    this.failures = h('div', {class: 'failures'});
+    this.el = h('div', {class: 'node-grid'}, this.failures, this.grid);
     for (let unit = 0; unit < node.units; unit++) {
       const cell = new UnitCell(String(unit), {
         href: app.link({run, node: node.name, unit}),
@@ -21,7 +23,7 @@ export class NodeGrid {
       });
       cell.el.dataset.unit = unit;
       this.cells.push(cell);
-      this.el.append(cell.el);
+      this.grid.append(cell.el);
     }
     this.observer = new IntersectionObserver((entries) => {
       for (const entry of entries) {
@@ -40,8 +42,21 @@ export class NodeGrid {
     this.controller = new AbortController();
     Object.assign(this, {step, technique});
     this.requested = new Set();
+    this.failed = new Map();  // message -> units
+    this.failures.replaceChildren();
     this.cells.forEach((cell) => cell.reset());
     this.request();
+  }
+
+  // Failures are said once above the grid (the cells say only their kind): often every unit of
+  // a step fails for one reason, a corrupt snapshot say.
+  update(unit, state) {
+    this.cells[unit].update(state);
+    if (state.status !== 'failed') return;
+    this.failed.set(state.error, [...(this.failed.get(state.error) || []), unit]);
+    this.failures.replaceChildren(...[...this.failed].map(([message, units]) => errorBox(
+      `${units.length === 1 ? `unit ${units[0]} failed` : `${units.length} units failed`} `
+      + `to render: ${message}`)));
   }
 
   // Ask for the visible units not yet asked for at this step: one render group, one POST a poll.
@@ -50,8 +65,7 @@ export class NodeGrid {
     if (!units.length) return;
     units.forEach((unit) => this.requested.add(unit));
     const group = {run: this.run, step: this.step, node: this.node.name, technique: this.technique};
-    watchUnits(group, units, 1, (unit, state) => this.cells[unit].update(state),
-      this.controller.signal);
+    watchUnits(group, units, 1, (unit, state) => this.update(unit, state), this.controller.signal);
   }
 
   destroy() {

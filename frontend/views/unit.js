@@ -3,7 +3,7 @@
 // as an animation, and its evolution curve.
 
 import {getJson, watchUnits} from '../api.js';
-import {h, lineChart, select, UnitCell} from '../dom.js';
+import {errorBox, h, lineChart, select, UnitCell} from '../dom.js';
 
 const FRAME_MS = 350;
 
@@ -131,10 +131,6 @@ class Evolution {
   }
 }
 
-export function errorBox(message) {
-  return h('div', {class: 'error', role: 'alert', text: message});
-}
-
 function examplesPanel(app, state, signal) {
   const panel = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
   const [, height, width] = app.run.probe?.shape || [0, 1, 1];
@@ -238,7 +234,7 @@ export class UnitView {
     else if (state.technique === 'weights') panel = weightsPanel(this.app, state, signal);
     else {
       const count = this.app.techniques[state.technique].images_per_unit;
-      const cell = new UnitCell(null, {className: 'big'});
+      const cell = new UnitCell(null, {className: 'big', full: true});
       watchUnits({run: state.run, step: state.step, node: state.node, technique: state.technique},
         [state.unit], count, (unit, cellState) => cell.update(cellState), signal);
       panel = cell.el;
