@@ -51,6 +51,20 @@ def test_renders_excite_their_unit_more_than_any_probe_image(trained):
     np.testing.assert_allclose(result.objective, result.activation, rtol=1e-6)
 
 
+def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
+    # pool1 = max-pool of relu(conv1): on the starting noise most of its units are zero
+    # everywhere, so without redirected ReLU gradients their images would never move
+    model = trained.load_model(STEPS)
+    space = InputSpace(trained.input_spec, torch.device("cpu"))
+    with torch.no_grad():
+        start = NodeTap(model, trained.node("pool1"))(space(torch.full((1, 3, 32, 32), 0.5)))
+    silent = [u for u in range(16) if start[0, u].max() <= 0]
+    assert len(silent) >= 4, "the test needs units that the starting image leaves silent"
+    result = tb_microscope.render(trained, STEPS, "pool1", silent, size=32, iterations=32)
+    assert (result.activation > 0).all(), result.activation
+    assert all(image.std() > 20 for image in result.images)
+
+
 def test_trained_units_differ_from_their_step_zero_noise(trained):
     early = tb_microscope.render(trained, 0, "conv2", [0, 1], size=32, iterations=48)
     late = tb_microscope.render(trained, STEPS, "conv2", [0, 1], size=32, iterations=48)

@@ -8,6 +8,9 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
   seeded by (seed, node, unit) alone, and transforms are applied per sample with one affine grid,
   so a unit's image never depends on which units share its batch, and the same unit at two steps
   starts from the same noise;
+- for the first iterations, a ReLU that would block a sample's whole gradient lets through the
+  part that pushes its negative inputs up (lucid's redirected ReLU gradient), so that a unit
+  silent on the starting noise, common in small models, still gets a picture;
 - CUDA when present (bf16 autocast, channels_last), the CPU otherwise.
 """
 
@@ -25,17 +28,19 @@ import torch.nn.functional as F
 from lucent.optvis.param.color import color_correlation_normalized
 from lucent.optvis.param.spatial import rfft2d_freqs
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..capture import Node
 from ..errors import MicroscopeError
 from ..run import Run
 from .techniques import Technique, channel, get_technique
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: redirected ReLU gradients
 PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
 SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)])
 ANGLES = torch.tensor(list(range(-10, 11)) + [0] * 5, dtype=torch.float32)
 LEARNING_RATE = 0.05
+REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 
 
 class UnitIndexError(MicroscopeError, IndexError):
@@ -213,6 +218,44 @@ def canvas_size(run: Run, size: int) -> tuple[int, bool]:
     return canvas, True
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose backward, for a sample whose gradient it would block entirely, lets through
+    the gradient that pushes negative inputs up. Decided per sample, so batch-mates never
+    interact."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        relu_grad = torch.where(x > 0, grad, zero)
+        # The loss is minimized, so a negative gradient is the one that raises the input.
+        redirected = torch.where((x <= 0) & (grad > 0), zero, grad)
+        blocked = relu_grad.flatten(1).abs().amax(1) == 0
+        return torch.where(blocked.view(-1, *[1] * (x.dim() - 1)), redirected, relu_grad)
+
+
+_RELU = {torch.relu, F.relu, torch.ops.aten.relu.default}
+_RELU_INPLACE = {torch.relu_, F.relu_, torch.ops.aten.relu_.default}
+
+
+class RedirectedReLUs(TorchFunctionMode):
+    """Every ReLU of the forward pass as `_RedirectedReLU`. An in-place ReLU becomes an
+    out-of-place one: exported graphs use its result, not its mutated input."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inplace = func in _RELU_INPLACE or (func is F.relu and kwargs.get("inplace", False))
+        if (func in _RELU or inplace) and torch.is_grad_enabled():
+            x = args[0] if args else kwargs["input"]
+            return _RedirectedReLU.apply(x)
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def _numerics(device: torch.device) -> Iterator[None]:
     """bf16 autocast on CUDA. On the CPU, PyTorch's own convolutions instead of oneDNN's, whose
@@ -230,6 +273,15 @@ def _numerics(device: torch.device) -> Iterator[None]:
             yield
         finally:
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
+
+
+@contextmanager
+def _redirected(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    with RedirectedReLUs():
+        yield
 
 
 def check_units(node: Node, units: Sequence[int]) -> list[int]:
@@ -282,7 +334,7 @@ def optimize(
         x = space(transforms(param(), iteration))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _numerics(device):
+        with _numerics(device), _redirected(iteration < REDIRECT_ITERATIONS):
             act = tap(x)
             loss = -technique.value(act.float(), unit_index).sum()
             loss.backward()
