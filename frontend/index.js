@@ -190,19 +190,21 @@ class App {
     this.view?.destroy();
     this.view = null;
     this.rendered = null;
-    const back = wanted.run && this.runInfo(wanted.run) && !this.runInfo(wanted.run).error
-      ? {run: wanted.run} : {};
-    this.showRuns(back.run);
+    const usable = this.runs.filter((r) => !r.error).map((r) => r.run);
+    const run = usable.includes(wanted.run) ? wanted.run : usable[0];
+    this.showRuns(run);
     this.slider.el.hidden = true;
     this.compareButton.hidden = true;
     this.crumbs.replaceChildren();
-    this.main.replaceChildren(h('section', {class: 'error-view'}, errorBox(message),
-      h('p', {}, h('a', {href: host.location.href.split('#')[0] + stateHash(back),
-        text: 'back to the model view', onclick: (event) => {
-          event.preventDefault();
-          writeState(back);
-          this.update();
-        }}))));
+    const back = run === undefined ? null : h('p', {}, h('a', {
+      href: host.location.href.split('#')[0] + stateHash({run}),
+      text: `back to the model of run '${run}'`,
+      onclick: (event) => {
+        event.preventDefault();
+        writeState({run});
+        this.update();
+      }}));
+    this.main.replaceChildren(h('section', {class: 'error-view'}, errorBox(message), back));
   }
 
   showRuns(current) {

@@ -109,7 +109,10 @@ def open_tab(page, base, **state):
     """Open TensorBoard at the tab (with `state` in its URL); the tab's frame."""
     page.goto(tab_url(base, **state))
     page.wait_for_selector("iframe[src*='plugin_entry.html?name=tb_microscope']")
-    frame = page.frame(url=re.compile(r"plugin_entry\.html\?name=tb_microscope"))
+    deadline = time.monotonic() + 60
+    while (frame := page.frame(url=re.compile(r"plugin_entry\.html\?name=tb_microscope"))) is None:
+        assert time.monotonic() < deadline, "the tab's frame never loaded"
+        page.wait_for_timeout(100)  # the <iframe> is in the page before its document
     frame.wait_for_selector("main > section", timeout=WAIT_MS)
     return frame
 
@@ -240,7 +243,7 @@ def test_techniques_examples_and_weights_walk_a_circuit(served, page):
     frame.get_by_role("tab", name="weights").click()
     rows = frame.locator(".connection")
     expect(rows).to_have_count(12, timeout=WAIT_MS)
-    assert_real_images(wait_rendered(frame, ".weights-panel", 12), textured=0)  # pool1: ReLU'd
+    assert_real_images(wait_rendered(frame, ".weights-panel", 12))
     shoot(page, "unit-weights")
     target = rows.first.locator("a.address").inner_text()  # e.g. pool1:14
     rows.first.locator("a.address").click()
@@ -312,7 +315,7 @@ def test_a_deep_link_to_something_missing_says_what(served, page, state, message
     expect(frame.get_by_role("alert")).to_contain_text(message, timeout=WAIT_MS)
     if state.get("node") == "nope":
         shoot(page, "missing-node")
-    frame.get_by_text("back to the model view").click()
+    frame.get_by_text("back to the model of run 'demo'").click()
     expect(frame.locator(".model-view")).to_be_visible()
 
 

@@ -45,7 +45,7 @@ class Pane {
     if (message) return this.body.replaceChildren(errorBox(message));
     this.content = this.unit === undefined
       ? new NodeGrid(this.app, run, node, this.technique, step)
-      : new UnitImage(run, this.node, this.unit, this.technique, this.app, step);
+      : new UnitImage(this.app, run, this.node, this.unit, this.technique, step);
     this.body.replaceChildren(this.content.el);
     return undefined;
   }
@@ -55,8 +55,9 @@ class Pane {
   }
 }
 
+// One unit's image (or diversity's four) at a step of a run.
 class UnitImage {
-  constructor(run, node, unit, technique, app, step) {
+  constructor(app, run, node, unit, technique, step) {
     Object.assign(this, {run, node, unit, technique});
     this.count = app.techniques[technique].images_per_unit;
     this.cell = new UnitCell(null, {className: 'big', full: true});
@@ -79,7 +80,6 @@ class UnitImage {
 
 export class CompareView {
   constructor(app, state) {
-    this.key = `compare|${state.node}|${state.unit}|${state.technique}`;
     this.app = app;
     this.left = new Pane(app, 'left', state);
     this.right = new Pane(app, 'right', state);

@@ -50,7 +50,6 @@ export function modelView(app, state) {
   const model = info.model;
   const probe = info.probe ? `${info.probe.count} probe images` : 'no probe images';
   return {
-    key: `model|${state.run}`,
     el: h('section', {class: 'model-view'},
       h('div', {class: 'view-head'}, h('h2', {text: state.run}),
         h('span', {class: 'muted', text: `${model.class} · ${model.parameters.toLocaleString()} `

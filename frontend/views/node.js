@@ -77,7 +77,6 @@ export class NodeGrid {
 export class NodeView {
   constructor(app, state, node) {
     this.app = app;
-    this.key = `node|${state.run}|${state.node}`;
     const techniques = app.unitImageTechniques().map((t) => [t.name, t.name.replace('_', ' ')]);
     this.techniqueSelect = select(techniques, state.technique,
       (technique) => app.navigate({technique}), {id: 'technique', 'aria-label': 'technique'});

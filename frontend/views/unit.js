@@ -193,7 +193,6 @@ export class UnitView {
   constructor(app, state, node) {
     this.app = app;
     this.node = node;
-    this.key = `unit|${state.run}|${state.node}|${state.unit}`;
     const tabs = [...app.unitImageTechniques().map((t) => t.name), 'examples', 'weights'];
     this.tabs = h('nav', {class: 'tabs', role: 'tablist'}, tabs.map((name) => h('button', {
       role: 'tab', dataset: {technique: name}, text: name.replace('_', ' '),
