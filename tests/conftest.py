@@ -31,27 +31,10 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
 @contextlib.contextmanager
 def tensorboard(logdir, *flags: str):
     """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(logdir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--reload_interval",
-            "1",
-            "--microscope_device",
-            "cpu",
-            *flags,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+    command += ["--host", "127.0.0.1", "--port", "0", "--reload_interval", "1"]
+    command += ["--microscope_device", "cpu", *flags]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, seen = None, []
         deadline = time.monotonic() + 120
