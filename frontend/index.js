@@ -129,12 +129,13 @@ class App {
       throw new Error(`technique '${state.technique}' is not one the tab shows; techniques: `
         + `${shown.join(', ')}`);
     }
+    if (!technique.image && state.unit === undefined) state.technique = 'channel';  // grids draw
     const {nodes, edges} = await this.nodesOf(state.run);
     const message = this.checkUnit(state.run, nodes, state.node, state.unit);
     if (message) throw new Error(message);
     if (state.compare) {
       if (state.node === undefined) throw new Error('pick a node or a unit to compare');
-      if (!technique.image) state.technique = 'channel';
+      if (!technique.image) state.technique = 'channel';  // the panes draw
       state.run2 ??= state.run;
       const other = this.runInfo(state.run2);
       if (!other || other.error || !other.steps.length) {

@@ -252,6 +252,10 @@ def test_techniques_examples_and_weights_walk_a_circuit(served, page):
     assert url_state(page)["node"] == node and url_state(page)["unit"] == unit
     page.go_back()
     expect(frame.locator(".unit-view .address").first).to_contain_text("/conv2:3")
+    frame.locator("h2").click()
+    page.keyboard.press("Escape")  # up to the node: its grid draws channels, not weights
+    assert_real_images(wait_rendered(frame, ".grid", 32))
+    assert url_state(page)["technique"] == "channel"
 
 
 def test_compare_shows_two_steps_side_by_side(served, page):
