@@ -7,10 +7,10 @@
 import {getJson} from './api.js';
 import {errorBox, h, select, StepSlider} from './dom.js';
 import {host, isOurTab, readState, stateHash, writeState} from './state.js';
-import {CompareView} from './views/compare.js';
-import {modelView} from './views/model.js';
-import {NodeView} from './views/node.js';
-import {UnitView} from './views/unit.js';
+import {CompareView} from './compare.js';
+import {modelView} from './model.js';
+import {NodeView} from './node.js';
+import {UnitView} from './unit.js';
 
 const REFRESH_MS = 5000;  // new runs and snapshots appear without a reload
 

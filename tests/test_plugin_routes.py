@@ -88,7 +88,7 @@ def test_the_tabs_files_are_served_and_nothing_else(client):
     _, http = client
     for path, kind in [
         ("index.js", "text/javascript"),
-        ("views/unit.js", "text/javascript"),
+        ("unit.js", "text/javascript"),
         ("style.css", "text/css"),
     ]:
         response = http.get(f"{BASE}/static/{path}")
@@ -98,9 +98,9 @@ def test_the_tabs_files_are_served_and_nothing_else(client):
         "__init__.py",
         "../server/plugin.py",
         "%2e%2e/server/plugin.py",
-        "views/../../runstore.py",
+        "x/../../runstore.py",
         "/etc/passwd",
-        "views",
+        ".",
         "missing.js",
     ]:
         response = http.get(f"{BASE}/static/{path}")

@@ -189,7 +189,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @staticmethod
     def static_impl(path: str) -> tuple[bytes, str]:
-        """A file of the tab (`index.js`, `views/node.js`, `style.css`) and its content type."""
+        """A file of the tab (`index.js`, `node.js`, `style.css`) and its content type."""
         name = posixpath.normpath(path)
         kind = _STATIC_TYPES.get(posixpath.splitext(name)[1])
         if kind is None or name.startswith(("/", "..")) or "\\" in name:

@@ -1,8 +1,8 @@
 // Compare: the same node (its grid) or unit (its image) side by side, at two steps of one run or
 // in two runs. The left pane follows the header's run and step; the right pane has its own.
 
-import {watchUnits} from '../api.js';
-import {errorBox, h, select, StepSlider, UnitCell} from '../dom.js';
+import {watchUnits} from './api.js';
+import {errorBox, h, select, StepSlider, UnitCell} from './dom.js';
 import {NodeGrid} from './node.js';
 
 class Pane {

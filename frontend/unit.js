@@ -2,8 +2,8 @@
 // input unit a link, to walk a circuit), a filmstrip of the unit over every logged step that plays
 // as an animation, and its evolution curve.
 
-import {getJson, watchUnits} from '../api.js';
-import {errorBox, h, lineChart, select, UnitCell} from '../dom.js';
+import {getJson, watchUnits} from './api.js';
+import {errorBox, h, lineChart, select, UnitCell} from './dom.js';
 
 const FRAME_MS = 350;
 

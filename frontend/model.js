@@ -1,7 +1,7 @@
 // The model view: what the run is, and its nodes in forward order with the graph's edges drawn
 // beside them (a skip connection is an arc), as Microscope draws a model. A node opens its grid.
 
-import {h} from '../dom.js';
+import {h} from './dom.js';
 
 const ROW = 44;  // px per node row
 

@@ -1,8 +1,8 @@
 // The node view: a grid of the node's units at one step, rendered as they come into sight, and
 // the node's DeepDream. Moving the step keeps the grid and swaps the images in place.
 
-import {watchUnits} from '../api.js';
-import {errorBox, h, select, UnitCell} from '../dom.js';
+import {watchUnits} from './api.js';
+import {errorBox, h, select, UnitCell} from './dom.js';
 
 // The units of one node at one step, each cell asking for its image once it is on screen.
 export class NodeGrid {
