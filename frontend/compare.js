@@ -1,9 +1,9 @@
 // Compare: the same node (its grid) or unit (its image) side by side, at two steps of one run or
 // in two runs. The left pane follows the header's run and step; the right pane has its own.
 
-import {watchUnits} from './api.js';
-import {errorBox, h, select, StepSlider, UnitCell} from './dom.js';
+import {errorBox, h, select, StepSlider} from './dom.js';
 import {NodeGrid} from './node.js';
+import {UnitImage} from './unit.js';
 
 class Pane {
   constructor(app, side, state) {
@@ -52,29 +52,6 @@ class Pane {
 
   destroy() {
     this.content?.destroy();
-  }
-}
-
-// One unit's image (or diversity's four) at a step of a run.
-class UnitImage {
-  constructor(app, run, node, unit, technique, step) {
-    Object.assign(this, {run, node, unit, technique});
-    this.count = app.techniques[technique].images_per_unit;
-    this.cell = new UnitCell(null, {className: 'big', full: true});
-    this.el = this.cell.el;
-    this.show(step);
-  }
-
-  show(step) {
-    this.controller?.abort();
-    this.controller = new AbortController();
-    this.cell.reset();
-    watchUnits({run: this.run, step, node: this.node, technique: this.technique}, [this.unit],
-      this.count, (unit, state) => this.cell.update(state), this.controller.signal);
-  }
-
-  destroy() {
-    this.controller.abort();
   }
 }
 

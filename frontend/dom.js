@@ -3,7 +3,7 @@
 
 // h('div', {class: 'x', onclick: f}, child, 'text', ...): an element with attributes and children.
 export function h(tag, attrs = {}, ...children) {
-  const svg = ['svg', 'path', 'line', 'text', 'circle', 'g', 'rect', 'title'].includes(tag);
+  const svg = ['svg', 'path', 'line', 'text', 'circle', 'title'].includes(tag);
   const el = svg ? document.createElementNS('http://www.w3.org/2000/svg', tag)
     : document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {

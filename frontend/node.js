@@ -96,7 +96,7 @@ export class NodeView {
     this.dreamController?.abort();
     this.dreamController = new AbortController();
     this.dream.reset();
-    const group = {run: this.app.state.run, step, node: this.grid.node.name, technique: 'deepdream'};
+    const group = {run: this.grid.run, step, node: this.grid.node.name, technique: 'deepdream'};
     watchUnits(group, [0], 1, (unit, state) => this.dream.update(state),
       this.dreamController.signal);
   }

@@ -189,6 +189,29 @@ function weightsPanel(app, state, signal) {
   return panel;
 }
 
+// One unit's image (or diversity's four) at a step of a run.
+export class UnitImage {
+  constructor(app, run, node, unit, technique, step) {
+    Object.assign(this, {run, node, unit, technique});
+    this.count = app.techniques[technique].images_per_unit;
+    this.cell = new UnitCell(null, {className: 'big', full: true});
+    this.el = this.cell.el;
+    this.show(step);
+  }
+
+  show(step) {
+    this.controller?.abort();
+    this.controller = new AbortController();
+    this.cell.reset();
+    watchUnits({run: this.run, step, node: this.node, technique: this.technique}, [this.unit],
+      this.count, (unit, state) => this.cell.update(state), this.controller.signal);
+  }
+
+  destroy() {
+    this.controller.abort();
+  }
+}
+
 export class UnitView {
   constructor(app, state, node) {
     this.app = app;
@@ -227,16 +250,16 @@ export class UnitView {
     this.evolution.draw(state.step);
     this.controller?.abort();
     this.controller = new AbortController();
+    this.image?.destroy();
+    this.image = null;
     const signal = this.controller.signal;
     let panel;
     if (state.technique === 'examples') panel = examplesPanel(this.app, state, signal);
     else if (state.technique === 'weights') panel = weightsPanel(this.app, state, signal);
     else {
-      const count = this.app.techniques[state.technique].images_per_unit;
-      const cell = new UnitCell(null, {className: 'big', full: true});
-      watchUnits({run: state.run, step: state.step, node: state.node, technique: state.technique},
-        [state.unit], count, (unit, cellState) => cell.update(cellState), signal);
-      panel = cell.el;
+      this.image = new UnitImage(this.app, state.run, state.node, state.unit, state.technique,
+        state.step);
+      panel = this.image.el;
     }
     this.main.replaceChildren(panel);
     return true;
@@ -244,6 +267,7 @@ export class UnitView {
 
   destroy() {
     this.controller?.abort();
+    this.image?.destroy();
     this.filmstrip.destroy();
     this.evolution.destroy();
   }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,8 +239,14 @@ class _RedirectedReLU(torch.autograd.Function):
         return torch.where(blocked.view(-1, *[1] * (x.dim() - 1)), redirected, relu_grad)
 
 
-_RELU = {torch.relu, F.relu, torch.ops.aten.relu.default}
-_RELU_INPLACE = {torch.relu_, F.relu_, torch.ops.aten.relu_.default}
+_RELUS = {
+    torch.relu,
+    F.relu,
+    torch.ops.aten.relu.default,
+    torch.relu_,
+    F.relu_,
+    torch.ops.aten.relu_.default,
+}
 
 
 class RedirectedReLUs(TorchFunctionMode):
@@ -249,8 +255,7 @@ class RedirectedReLUs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inplace = func in _RELU_INPLACE or (func is F.relu and kwargs.get("inplace", False))
-        if (func in _RELU or inplace) and torch.is_grad_enabled():
+        if func in _RELUS and torch.is_grad_enabled():
             x = args[0] if args else kwargs["input"]
             return _RedirectedReLU.apply(x)
         return func(*args, **kwargs)
@@ -273,15 +278,6 @@ def _numerics(device: torch.device) -> Iterator[None]:
             yield
         finally:
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
-
-
-@contextmanager
-def _redirected(active: bool) -> Iterator[None]:
-    if not active:
-        yield
-        return
-    with RedirectedReLUs():
-        yield
 
 
 def check_units(node: Node, units: Sequence[int]) -> list[int]:
@@ -334,7 +330,8 @@ def optimize(
         x = space(transforms(param(), iteration))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _numerics(device), _redirected(iteration < REDIRECT_ITERATIONS):
+        redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
+        with _numerics(device), redirect:
             act = tap(x)
             loss = -technique.value(act.float(), unit_index).sum()
             loss.backward()
