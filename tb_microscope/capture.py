@@ -3,9 +3,10 @@
 A run must be rebuilt by a process that cannot import the training script. The primary capture is
 `torch.export` with a dynamic batch dimension and, for images, dynamic height and width; it is
 restored with `torch.export.unflatten`, which gives back the module hierarchy so forward hooks on
-named submodules fire. Models that do not export (data-dependent Python control flow, say) fall
-back to a cloudpickled copy of the module with its weights on the `meta` device; reading that back
-runs code from the log directory, so readers must opt in.
+named submodules fire (the program is stored without weights: `architecture.py`). Models that do
+not export (data-dependent Python control flow, say) fall back to a cloudpickled copy of the
+module with its weights on the `meta` device; reading that back runs code from the log
+directory, so readers must opt in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import site
 import sys
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
@@ -28,29 +29,7 @@ from torch.utils import _pytree
 from torch.utils._sympy.numbers import int_oo
 
 from .errors import NodeNotFoundError, PickleNotAllowedError, summarize
-
-EXPORT = "export"
-PICKLE = "pickle"
-NONE = "none"  # neither worked: weights only
-
-
-@dataclass(frozen=True)
-class Node:
-    """A place in the model: the output of one named submodule (its last call in a forward)."""
-
-    name: str
-    kind: str  # "spatial": N x C x H x W, units are channels; "vector": N x F, units are features
-    units: int
-    shape: tuple[int, ...]  # one example's output shape at the example input size
-    module: str  # the submodule's class name
-    calls: int  # how many times one forward pass calls it
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Node:
-        return cls(**{**data, "shape": tuple(data["shape"])})
+from .runstore import EXPORT, PICKLE, Node
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -290,6 +269,9 @@ def _try_export(model, example, nodes, spatial: bool):
         ep = torch.export.export(model, (x,), dynamic_shapes=(_dynamic_dims(x, spatial),))
     if not _outputs_match(model, ep, x):
         raise RuntimeError("the exported program's output differs from the model's")
+    objects = [k for k, v in ep.constants.items() if not isinstance(v, torch.Tensor)]
+    if objects:  # a script object or opaque constant could be stored only as a pickle
+        raise RuntimeError(f"the program holds non-tensor constants ({summarize(objects)})")
     module = torch.export.unflatten(ep)
     lost = [n.name for n in nodes if not _has_submodule(module, n.name)]
     if lost:
@@ -408,13 +390,6 @@ def pickle_architecture(model: nn.Module) -> bytes:
 
 
 # --- restore -------------------------------------------------------------------------------------
-
-
-def load_exported(path: Path, device: torch.device) -> torch.export.ExportedProgram:
-    ep = torch.export.load(str(path))
-    if device.type != "cpu":
-        ep = torch.export.passes.move_to_device_pass(ep, device)
-    return ep
 
 
 def load_pickled(data: bytes, run_dir: Path, allow_pickle: bool) -> nn.Module:

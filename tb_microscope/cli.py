@@ -29,25 +29,24 @@ def _shape(shape) -> str:
 
 def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
     m = run.manifest
-    arch = m["model"]["architecture"]
+    arch = m.model.architecture
     rel = run.path.relative_to(logdir) if run.path != logdir else Path(".")
     spec = run.input_spec
     lines = [
-        f"{rel}  {m['model']['class']}  {m['model']['parameters']:,} parameters  "
-        f"architecture: {arch['kind']}",
-        f"  input: {_shape(spec['shape'])} {spec['dtype']}, values in {spec['value_range']}"
+        f"{rel}  {m.model.cls}  {m.model.parameters:,} parameters  architecture: {arch.kind}",
+        f"  input: {_shape(spec.shape)} {spec.dtype}, values in {spec.value_range}"
         + (
-            f", normalized mean={spec['normalize']['mean']} std={spec['normalize']['std']}"
-            if spec["normalize"]
+            f", normalized mean={spec.normalize['mean']} std={spec.normalize['std']}"
+            if spec.normalize
             else ""
         ),
     ]
-    if arch.get("note"):
-        lines.append(f"  note: {arch['note']}")
+    if arch.note:
+        lines.append(f"  note: {arch.note}")
     steps = run.steps
     lines.append(f"  steps ({len(steps)}): {_steps_line(steps)}")
-    if m.get("probe"):
-        lines.append(f"  probe: {m['probe']['count']} images of {_shape(m['probe']['shape'])}")
+    if m.probe:
+        lines.append(f"  probe: {m.probe.count} images of {_shape(m.probe.shape)}")
     lines.append(f"  nodes ({len(run.nodes)}), edges ({len(run.edges)}):")
     shown = run.nodes if all_nodes or len(run.nodes) <= 40 else run.nodes[:40]
     width = max(len(n.name) for n in shown)

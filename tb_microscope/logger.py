@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import datetime
 import errno
 import os
@@ -28,13 +29,23 @@ import torch
 from torch import nn
 
 from . import __version__
-from .capture import EXPORT, NONE, PICKLE, Capture, capture, discover_nodes, select_nodes, unwrap
+from .architecture import save_program
+from .capture import Capture, capture, discover_nodes, select_nodes, unwrap
 from .errors import IncompatibleRunError, MicroscopeError, summarize
 from .runstore import (
+    EXPORT,
     EXPORTED_ARCHITECTURE,
+    NONE,
+    PICKLE,
     PICKLED_ARCHITECTURE,
+    Architecture,
+    InputSpec,
+    Manifest,
+    ModelInfo,
+    ProbeSpec,
     RunStore,
     atomic_write,
+    new_run_id,
     write_bytes_atomic,
 )
 from .schedule import make_schedule
@@ -110,9 +121,9 @@ def _hint(error: BaseException) -> str:
     return "see the error for the cause"
 
 
-def weights_fingerprint(model: nn.Module) -> dict[str, list]:
+def weights_fingerprint(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {
-        k: [str(v.dtype).removeprefix("torch."), list(v.shape)]
+        k: (str(v.dtype).removeprefix("torch."), tuple(v.shape))
         for k, v in model.state_dict().items()
     }
 
@@ -205,17 +216,10 @@ class Logger:
         return example.detach().to(device)
 
     @staticmethod
-    def _input_spec(example, normalize, value_range) -> dict:
+    def _input_spec(example, normalize, value_range) -> InputSpec:
         lo, hi = (float(v) for v in value_range)
         if not hi > lo:
             raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
-        spec = {
-            "shape": list(example.shape[1:]),
-            "dtype": str(example.dtype).removeprefix("torch."),
-            "value_range": [lo, hi],
-            "example_range": [float(example.min()), float(example.max())],
-            "normalize": None,
-        }
         if normalize is not None:
             if isinstance(normalize, dict):
                 normalize = (normalize["mean"], normalize["std"])
@@ -224,8 +228,14 @@ class Logger:
             std = _per_channel(normalize[1], channels, "std")
             if any(s <= 0 for s in std):
                 raise ValueError(f"normalize std must be positive, got {std}")
-            spec["normalize"] = {"mean": mean, "std": std}
-        return spec
+            normalize = {"mean": mean, "std": std}
+        return InputSpec(
+            shape=list(example.shape[1:]),
+            dtype=str(example.dtype).removeprefix("torch."),
+            value_range=[lo, hi],
+            example_range=[float(example.min()), float(example.max())],
+            normalize=normalize,
+        )
 
     def _probe_images(self, probe, example) -> torch.Tensor | None:
         """Probe images as uint8 N x C x H x W, in the image space renders are drawn in."""
@@ -244,16 +254,15 @@ class Logger:
         if probe.dtype == torch.uint8:
             return probe.contiguous()
         x = probe.float()
-        spec = self._input["normalize"]
+        spec = self._input.normalize
         if spec is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             x = x * torch.tensor(spec["std"]).view(shape) + torch.tensor(spec["mean"]).view(shape)
-        lo, hi = self._input["value_range"]
+        lo, hi = self._input.value_range
         return ((x - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
 
     def _resume(self) -> None:
-        manifest = self.store.read_manifest()
-        stored = manifest["model"]["weights"]
+        stored = self.store.read_manifest().model.weights
         if stored != self._fingerprint:
             differ = sorted(set(stored) ^ set(self._fingerprint)) or sorted(
                 k for k in stored if stored[k] != self._fingerprint[k]
@@ -287,7 +296,7 @@ class Logger:
         tensors, aliases, events = self._host_copy()
         architecture = None
         if not self._capture_done:
-            architecture = self._capture(tensors, aliases)
+            architecture = self._capture()
         record = SnapshotRecord(step, 0.0)
         job = _Job(step, tensors, aliases, events, time.time(), record, architecture)
         self._queue.put(job)
@@ -329,8 +338,8 @@ class Logger:
             events.append(event)
         return tensors, aliases, events
 
-    def _capture(self, tensors, aliases) -> Capture:
-        """Capture the architecture, detached from the live model so it can be saved later."""
+    def _capture(self) -> Capture:
+        """Capture the architecture; the writer thread saves it (its program without weights)."""
         self._capture_done = True
         try:
             result = capture(self._model, self._example, self.nodes, self._eager_edges)
@@ -343,18 +352,7 @@ class Logger:
                 e,
             )
             return Capture(NONE, None, None, [], self._eager_edges, why)
-        if result.kind == EXPORT:
-            state = result.program.state_dict
-            params: dict[int, nn.Parameter] = {}
-            for key, live in list(state.items()):
-                host = tensors[aliases.get(key, key)]
-                if isinstance(live, nn.Parameter):
-                    host = params.setdefault(id(host), nn.Parameter(host, live.requires_grad))
-                state[key] = host
-            for key, value in list(result.program.constants.items()):
-                if isinstance(value, torch.Tensor):
-                    result.program.constants[key] = value.detach().cpu().clone()
-        else:
+        if result.kind != EXPORT:
             warnings.warn(
                 f"tb_microscope: torch.export could not capture {type(self._model).__name__} "
                 f"({result.note}). Its architecture is saved as a pickle instead: readers must "
@@ -421,36 +419,34 @@ class Logger:
         job.record.write_s = time.perf_counter() - start
 
     def _write_architecture(self, result: Capture) -> None:
-        files = {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(result.kind)
-        path = self.store.root / str(files)
+        file = {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(result.kind)
         if result.kind == EXPORT:
-            atomic_write(path, lambda temp: torch.export.save(result.program, str(temp)))
+            atomic_write(self.store.root / file, lambda temp: save_program(result.program, temp))
         elif result.kind == PICKLE:
-            write_bytes_atomic(path, result.pickled)
+            write_bytes_atomic(self.store.root / file, result.pickled)
         if self._probe is not None:
             self.store.write_probe(self._probe)
         model = self._model
         self.store.write_manifest(
-            {
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"
+            Manifest(
+                run_id=new_run_id(),
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                tb_microscope=__version__,
+                torch=torch.__version__,
+                model=ModelInfo(
+                    cls=f"{type(model).__module__}.{type(model).__qualname__}",
+                    parameters=sum(p.numel() for p in model.parameters()),
+                    weights=self._fingerprint,
+                    architecture=Architecture(result.kind, file, result.note),
                 ),
-                "tb_microscope": __version__,
-                "torch": torch.__version__,
-                "model": {
-                    "class": f"{type(model).__module__}.{type(model).__qualname__}",
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "weights": self._fingerprint,
-                    "architecture": {"kind": result.kind, "file": files, "note": result.note},
-                },
-                "input": {**self._input, "dims": result.dims},
-                "nodes": [n.to_json() for n in self.nodes],
-                "edges": [list(e) for e in result.edges],
-                "probe": None
+                input=dataclasses.replace(self._input, dims=result.dims),
+                nodes=self.nodes,
+                edges=[tuple(e) for e in result.edges],
+                probe=None
                 if self._probe is None
-                else {"count": int(self._probe.shape[0]), "shape": list(self._probe.shape[1:])},
-                "schedule": repr(self.schedule),
-            }
+                else ProbeSpec(int(self._probe.shape[0]), list(self._probe.shape[1:])),
+                schedule=repr(self.schedule),
+            )
         )
 
     # --- lifecycle -------------------------------------------------------------------------

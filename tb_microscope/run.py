@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .capture import EXPORT, PICKLE, Node, assign_state, load_exported, load_pickled
+from .architecture import load_program, move_program, program_bytes
+from .capture import assign_state, load_pickled
 from .errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -17,22 +17,34 @@ from .errors import (
     RunNotFoundError,
     summarize,
 )
-from .runstore import MANIFEST, PLUGIN_NAME, RunStore
+from .lru import LRU
+from .runstore import EXPORT, MANIFEST, PICKLE, PLUGIN_NAME, InputSpec, Node, RunStore
+
+PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 
 
 class Run:
-    """One logged run. `steps` is read from disk on every access, so new snapshots appear."""
+    """One logged run. `steps` is read from disk on every access, so new snapshots appear.
 
-    def __init__(self, run_dir: str | os.PathLike, *, allow_pickle: bool = False):
+    `id` is the random id its Logger wrote: what every cache of the reading side is keyed by,
+    with each snapshot's `snapshot_version`, so a run deleted and logged again under the same
+    name is a new run. `memory` is the cache loaded programs go to, shared with the loaded
+    models by a server (bounded in bytes); by default each Run has a small one of its own.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, allow_pickle: bool = False, memory: LRU | None = None
+    ):
         self.store = RunStore(run_dir)
         self.path = self.store.run_dir
         self.allow_pickle = allow_pickle
+        self.signature = self.store.manifest_signature()
         self.manifest = self.store.read_manifest()
-        self.nodes = [Node.from_json(n) for n in self.manifest["nodes"]]
-        self.edges = [tuple(e) for e in self.manifest["edges"]]
+        self.id = self.manifest.run_id
+        self.nodes: list[Node] = self.manifest.nodes
+        self.edges: list[tuple[str, str]] = self.manifest.edges
         self._by_name = {n.name: n for n in self.nodes}
-        self._programs: dict[str, torch.export.ExportedProgram] = {}
-        self._lock = threading.Lock()
+        self._memory = memory if memory is not None else LRU(max_bytes=PROGRAM_CACHE_BYTES)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, nodes={len(self.nodes)})"
@@ -46,13 +58,21 @@ class Run:
         return self.store.steps()
 
     @property
-    def input_spec(self) -> dict:
-        return self.manifest["input"]
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input
 
     @property
     def architecture(self) -> str:
         """ "export", "pickle" or "none" (weights only: the model could not be captured)."""
-        return self.manifest["model"]["architecture"]["kind"]
+        return self.manifest.model.architecture.kind
+
+    def is_current(self) -> bool:
+        """False once the run's manifest was replaced (the run deleted and logged again)."""
+        return self.store.manifest_signature() == self.signature
+
+    def snapshot_version(self, step: int) -> str:
+        """What identifies the content of `step`'s snapshot (see `RunStore.snapshot_version`)."""
+        return self.store.snapshot_version(step)
 
     def node(self, name: str) -> Node:
         try:
@@ -64,8 +84,9 @@ class Run:
             ) from None
 
     def load_state_dict(self, step: int, device: str | torch.device = "cpu") -> dict:
-        """The model's state dict at `step` (tied names share one tensor)."""
-        return self.store.read_snapshot(step, device)
+        """The model's state dict at `step` (tied names share one tensor), checked against the
+        run's model before it is read."""
+        return self.store.read_snapshot(step, device, self.manifest.model.weights)
 
     def load_model(self, step: int, device: str | torch.device = "cpu") -> nn.Module:
         """The model at `step`, in eval mode, rebuilt without the training script's code.
@@ -74,8 +95,8 @@ class Run:
         hooks can watch, and gradients flow back to its input.
         """
         device = torch.device(device)
-        state = self.load_state_dict(step, device)
         module = self._architecture(device)
+        state = self.load_state_dict(step, device)
         try:
             assign_state(module, state)
         except ValueError as e:
@@ -83,24 +104,34 @@ class Run:
         return module.to(device).eval()
 
     def _architecture(self, device: torch.device) -> nn.Module:
-        spec = self.manifest["model"]["architecture"]
-        path = self.store.root / str(spec.get("file"))
-        if spec["kind"] == EXPORT:
-            with self._lock:
-                if str(device) not in self._programs:
-                    self._programs[str(device)] = load_exported(path, device)
-            return torch.export.unflatten(self._programs[str(device)])
-        if spec["kind"] == PICKLE:
+        spec = self.manifest.model.architecture
+        if spec.kind == EXPORT:
+            path = self.store.root / spec.file
+            key = ("program", self.id, self.signature, str(device))
+
+            def load():
+                try:
+                    program = load_program(path, trusted=self.allow_pickle)
+                except (ValueError, OSError) as e:
+                    raise IncompatibleRunError(
+                        f"the architecture of run '{self.name}' cannot be loaded: {e}"
+                    ) from e
+                program = move_program(program, device)
+                return program, program_bytes(program)
+
+            return torch.export.unflatten(self._memory.get_or_make(key, load))
+        if spec.kind == PICKLE:
+            path = self.store.root / spec.file
             return load_pickled(path.read_bytes(), self.path, self.allow_pickle)
         raise IncompatibleRunError(
             f"run '{self.name}' holds weights only: its architecture could not be captured when "
-            f"it was logged ({spec.get('note')}). Load the weights into your own model with "
+            f"it was logged ({spec.note}). Load the weights into your own model with "
             "run.load_state_dict(step)."
         )
 
     def probe_images(self) -> torch.Tensor | None:
         """The probe images logged with the run, uint8 N x C x H x W, or None."""
-        return self.store.read_probe()
+        return self.store.read_probe(self.input_spec.channels)
 
 
 def open_run(run_dir: str | os.PathLike, *, allow_pickle: bool = False) -> Run:

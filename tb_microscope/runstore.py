@@ -2,8 +2,9 @@
 
 A run's data lives in ``<run>/plugins/tb_microscope/``::
 
-    manifest.json          format version, model summary, nodes, edges, input spec, probe
-    model.pt2              the architecture, captured once with torch.export
+    manifest.json          the `Manifest`: run id, model summary, nodes, edges, input spec, probe
+    model.pt2              the exported program, without weights (see `architecture.py`); in
+                           runs of format version 1, torch.export.save's archive
     model.pkl              ... or, when export failed, a pickled architecture (weights on `meta`)
     probe/images.safetensors   optional uint8 probe images, N x C x H x W
     snapshots/step-000001200.safetensors   the weights at one step
@@ -12,18 +13,27 @@ The snapshot directory is the snapshot index: every file is renamed into place o
 complete and fsynced, so a listing is always consistent, even after a crash. (DESIGN.md put the
 index in the manifest; a second copy there could disagree with the files after a kill, so the
 listing is the one source of truth and the manifest is written once per run.)
+
+Everything read from a run is checked before it is used: the manifest against its schema
+(`Manifest.parse`), every safetensors file's header against its size and the manifest's weights
+(`read_header`), before any tensor is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import threading
+import uuid
 import zlib
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,10 +41,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CorruptSnapshotError, IncompatibleRunError, RunNotFoundError, StepNotFoundError
+from .lru import LRU
 
 PLUGIN_NAME = "tb_microscope"
 FORMAT = "tb_microscope.run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: run ids; the architecture without weights, never a pickle
 MANIFEST = "manifest.json"
 EXPORTED_ARCHITECTURE = "model.pt2"
 PICKLED_ARCHITECTURE = "model.pkl"
@@ -42,12 +53,21 @@ SNAPSHOTS = "snapshots"
 PROBE = "probe/images.safetensors"
 SUMMARY_TAG = "tb_microscope/snapshot"
 
+EXPORT = "export"
+PICKLE = "pickle"
+NONE = "none"  # neither worked: weights only
+
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{9,})\.safetensors$")
 _STAGING_NAME = re.compile(r"^\.tmp-(\d+)-\d+$")  # .tmp-<pid>-<thread>
 _ALIASES_KEY = "tb_microscope.aliases"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _CRC_KEY = "tb_microscope.crc32"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_PROBE_BYTES = 1 << 30
+MAX_PROBE_IMAGES = 100_000
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def plugin_dir(run_dir: str | os.PathLike) -> Path:
@@ -93,6 +113,359 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
+def new_run_id() -> str:
+    """A random id for a new run: every cache of the reading side is keyed by it, never by path."""
+    return uuid.uuid4().hex
+
+
+# --- the manifest ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """A place in the model: the output of one named submodule (its last call in a forward)."""
+
+    name: str
+    kind: str  # "spatial": N x C x H x W, units are channels; "vector": N x F, units are features
+    units: int
+    shape: tuple[int, ...]  # one example's output shape at the example input size
+    module: str  # the submodule's class name
+    calls: int  # how many times one forward pass calls it
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    kind: str  # EXPORT, PICKLE or NONE
+    file: str | None  # its file in the run's plugin folder
+    note: str | None  # why the capture is less than fully dynamic, or why it fell back
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    cls: str  # the model's class, "module.Qualname" ("class" in the file)
+    parameters: int
+    weights: dict[str, tuple[str, tuple[int, ...]]]  # state-dict key -> (dtype, shape)
+    architecture: Architecture
+
+    def to_json(self) -> dict:
+        return {
+            "class": self.cls,
+            "parameters": self.parameters,
+            "weights": {k: [dtype, list(shape)] for k, (dtype, shape) in self.weights.items()},
+            "architecture": asdict(self.architecture),
+        }
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model is fed: one example's shape, its dtype, the image value range and the
+    normalization applied before the model, and each input dimension's allowed sizes."""
+
+    shape: list[int]
+    dtype: str
+    value_range: list[float]
+    example_range: list[float]
+    normalize: dict | None  # {"mean": [...], "std": [...]}, one value per channel
+    dims: list[dict] = field(default_factory=list)  # {"name", "size", "min", "max"}
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    def dim(self, name: str) -> dict | None:
+        return next((d for d in self.dims if d["name"] == name), None)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    count: int
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest of a run: the one type that writes (`to_json`) and reads (`parse`) it."""
+
+    run_id: str
+    created: str
+    tb_microscope: str
+    torch: str
+    model: ModelInfo
+    input: InputSpec
+    nodes: list[Node]
+    edges: list[tuple[str, str]]
+    probe: ProbeSpec | None
+    schedule: str
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "run_id": self.run_id,
+            "created": self.created,
+            "tb_microscope": self.tb_microscope,
+            "torch": self.torch,
+            "model": self.model.to_json(),
+            "input": self.input.to_json(),
+            "nodes": [n.to_json() for n in self.nodes],
+            "edges": [list(e) for e in self.edges],
+            "probe": None if self.probe is None else asdict(self.probe),
+            "schedule": self.schedule,
+        }
+
+    @classmethod
+    def parse(cls, raw: bytes, source: str) -> Manifest:
+        """Check `raw` (the file's bytes) against the format and build the manifest, or raise
+        one `IncompatibleRunError` naming the file and the key that is wrong."""
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise IncompatibleRunError(f"{source} is not valid JSON ({e})") from e
+        f = _Fields(data, source)
+        if f.get("format", str, optional=True) != FORMAT:
+            raise IncompatibleRunError(f"{source} is not a tb_microscope manifest")
+        version = f.get("version", int)
+        if version > FORMAT_VERSION:
+            raise IncompatibleRunError(
+                f"{source} was written in format version {version}, newer than this "
+                f"tb_microscope reads ({FORMAT_VERSION}); upgrade tb-microscope."
+            )
+        if version < 1:
+            raise f.bad("version", "must be 1 or more")
+        if version >= 2:
+            run_id = f.get("run_id", str)
+            if not RUN_ID.match(run_id):
+                raise f.bad("run_id", "must be 32 hexadecimal digits")
+        else:  # version 1 had no run id: one from the manifest's bytes, which hold its time
+            run_id = hashlib.sha256(raw).hexdigest()[:32]
+        model, arch = f.sub("model"), f.sub("model").sub("architecture")
+        kind = arch.get("kind", str)
+        if kind not in (EXPORT, PICKLE, NONE):
+            raise arch.bad("kind", f"must be {EXPORT!r}, {PICKLE!r} or {NONE!r}, not {kind!r}")
+        file = arch.get("file", str, optional=True)
+        if file != {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(kind):
+            raise arch.bad("file", f"must be the file of a {kind!r} architecture, not {file!r}")
+        weights = {}
+        for key, value in model.get("weights", dict).items():
+            if not (
+                isinstance(value, list)
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and _ints(value[1])
+            ):
+                raise model.bad(f"weights.{key}", "must be [dtype, shape]")
+            weights[key] = (value[0], tuple(value[1]))
+        spec = f.sub("input")
+        normalize = spec.get("normalize", dict, optional=True)
+        shape = spec.get("shape", list)
+        if not _ints(shape) or not shape:
+            raise spec.bad("shape", "must be a list of whole numbers")
+        if normalize is not None:
+            for part in ("mean", "std"):
+                values = normalize.get(part)
+                if not _numbers(values) or len(values) != shape[0]:
+                    raise spec.bad(f"normalize.{part}", f"must be {shape[0]} numbers")
+        dims = spec.get("dims", list)
+        for i, d in enumerate(dims):
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+                raise spec.bad(f"dims.{i}", "must be an object with a name")
+            for bound in ("size", "min", "max"):
+                if d.get(bound) is not None and not _ints([d[bound]]):
+                    raise spec.bad(f"dims.{i}.{bound}", "must be a whole number or null")
+        value_range = spec.get("value_range", list)
+        if not _numbers(value_range) or len(value_range) != 2:
+            raise spec.bad("value_range", "must be [low, high]")
+        example_range = spec.get("example_range", list, optional=True) or value_range
+        nodes = []
+        for i, item in enumerate(f.get("nodes", list)):
+            n = f.sub(f"nodes.{i}", item)
+            node_shape = n.get("shape", list)
+            if not _ints(node_shape):
+                raise n.bad("shape", "must be a list of whole numbers")
+            units, calls = n.get("units", int), n.get("calls", int)
+            if units < 1 or calls < 1:
+                raise n.bad("units", "and calls must be 1 or more")
+            nodes.append(
+                Node(
+                    n.get("name", str),
+                    n.get("kind", str),
+                    units,
+                    tuple(node_shape),
+                    n.get("module", str),
+                    calls,
+                )
+            )
+        edges = []
+        for i, edge in enumerate(f.get("edges", list)):
+            if not (
+                isinstance(edge, list) and len(edge) == 2 and all(isinstance(e, str) for e in edge)
+            ):
+                raise f.bad(f"edges.{i}", "must be [source, target]")
+            edges.append((edge[0], edge[1]))
+        probe = None
+        if f.get("probe", dict, optional=True) is not None:
+            p = f.sub("probe")
+            probe_shape = p.get("shape", list)
+            if not _ints(probe_shape):
+                raise p.bad("shape", "must be a list of whole numbers")
+            probe = ProbeSpec(p.get("count", int), probe_shape)
+        return cls(
+            run_id=run_id,
+            created=f.get("created", str),
+            tb_microscope=f.get("tb_microscope", str),
+            torch=f.get("torch", str),
+            model=ModelInfo(
+                model.get("class", str),
+                model.get("parameters", int),
+                weights,
+                Architecture(kind, file, arch.get("note", str, optional=True)),
+            ),
+            input=InputSpec(
+                [int(s) for s in shape],
+                spec.get("dtype", str),
+                [float(v) for v in value_range],
+                [float(v) for v in example_range],
+                normalize,
+                dims,
+            ),
+            nodes=nodes,
+            edges=edges,
+            probe=probe,
+            schedule=f.get("schedule", str, optional=True) or "",
+            version=version,
+        )
+
+
+def _ints(values) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    )
+
+
+def _numbers(values) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
+
+
+_TYPE_NAMES = {str: "a string", int: "a whole number", list: "a list", dict: "an object"}
+
+
+class _Fields:
+    """Typed access to one JSON object of the manifest, naming the key in every error."""
+
+    def __init__(self, data, source: str, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(data, dict):
+            where = f"key '{prefix}'" if prefix else "the file"
+            raise IncompatibleRunError(f"{source}: {where} must be an object")
+        self.data = data
+
+    def bad(self, key: str, problem: str) -> IncompatibleRunError:
+        return IncompatibleRunError(
+            f"{self.source}: key '{self.prefix}{key}' {problem}. The run was written by another "
+            "program or damaged: log it again, or move it out of the log directory."
+        )
+
+    def get(self, key: str, kind: type, optional: bool = False):
+        if key not in self.data or (optional and self.data[key] is None):
+            if optional:
+                return None
+            raise self.bad(key, "is missing")
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.bad(key, f"must be {_TYPE_NAMES[kind]}, not {type(value).__name__}")
+        return value
+
+    def sub(self, key: str, data=None) -> _Fields:
+        if data is None:
+            data = self.get(key, dict)
+        return _Fields(data, self.source, f"{self.prefix}{key}.")
+
+
+# --- safetensors headers ---------------------------------------------------------------------
+
+_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors file's header, checked: every tensor's dtype, shape and byte range fit."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (torch dtype name, shape)
+    metadata: dict[str, str]
+    size: int  # the file's size in bytes
+
+
+def read_header(path: Path, max_bytes: int | None = None) -> Header:
+    """Read and check a safetensors header without reading any tensor.
+
+    Raises ValueError saying what is wrong: a header longer than the file or than safetensors
+    allows, an unknown dtype, a byte range that does not match its shape or overlaps another,
+    data that does not fill the file exactly, or a file larger than `max_bytes`.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise ValueError(f"the file is {size:,} bytes, more than the {max_bytes:,} allowed")
+        if size < 8:
+            raise ValueError(f"the file is {size} bytes, too short for a header")
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"its header claims {length:,} bytes of a {size:,}-byte file")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise ValueError(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("its metadata is not a map of strings")
+    tensors, ranges = {}, []
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensor {name!r} has no known dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
+            raise ValueError(f"tensor {name!r} has a malformed shape or byte range")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * _DTYPES[info["dtype"]]:
+            raise ValueError(f"tensor {name!r}: its byte range does not match its shape")
+        tensors[name] = (_TORCH_DTYPES[info["dtype"]], tuple(shape))
+        ranges.append((begin, end))
+    ranges.sort()
+    covered = 0
+    for begin, end in ranges:
+        if begin != covered:
+            raise ValueError("its tensors' byte ranges overlap or leave gaps")
+        covered = end
+    if covered != size - 8 - length:
+        raise ValueError(
+            f"its tensors hold {covered:,} bytes but the file has {size - 8 - length:,} after "
+            "the header (truncated, or extended)"
+        )
+    return Header(tensors, metadata, size)
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     crc = 0
     for name in sorted(tensors):
@@ -111,12 +484,22 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten: (inode, size, mtime)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class RunStore:
     """Files of one run's tb_microscope data; knows names and formats, nothing about models."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
         self.root = plugin_dir(run_dir)
+        self._versions: LRU[str] = LRU(max_items=4096)  # (step, file signature) -> version
 
     # manifest -------------------------------------------------------------------------------
     @property
@@ -126,30 +509,31 @@ class RunStore:
     def has_manifest(self) -> bool:
         return self.manifest_path.is_file()
 
-    def read_manifest(self) -> dict:
+    def manifest_signature(self) -> tuple[int, int, int] | None:
+        return _signature(self.manifest_path)
+
+    def read_manifest(self) -> Manifest:
         if not self.has_manifest():
             raise RunNotFoundError(
                 f"'{self.run_dir}' holds no tb_microscope data (no {self.manifest_path}). "
                 "Pass the run directory given to tb_microscope.Logger, or log a run first."
             )
         try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError) as e:
+            with open(self.manifest_path, "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as e:
             raise IncompatibleRunError(
                 f"the manifest of run '{self.run_dir}' is unreadable ({self.manifest_path}: {e})."
             ) from e
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("version"), int):
-            raise IncompatibleRunError(f"{self.manifest_path} is not a tb_microscope manifest.")
-        if manifest["version"] > FORMAT_VERSION:
+        if len(raw) > MAX_MANIFEST_BYTES:
             raise IncompatibleRunError(
-                f"run '{self.run_dir}' was written in format version {manifest['version']}, newer "
-                f"than this tb_microscope reads ({FORMAT_VERSION}); upgrade tb-microscope."
+                f"{self.manifest_path} is larger than {MAX_MANIFEST_BYTES >> 20} MB; "
+                "it is not a tb_microscope manifest"
             )
-        return manifest
+        return Manifest.parse(raw, str(self.manifest_path))
 
-    def write_manifest(self, manifest: dict) -> None:
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, **manifest}
-        write_bytes_atomic(self.manifest_path, json.dumps(manifest, indent=1).encode())
+    def write_manifest(self, manifest: Manifest) -> None:
+        write_bytes_atomic(self.manifest_path, json.dumps(manifest.to_json(), indent=1).encode())
 
     # snapshots ------------------------------------------------------------------------------
     def snapshot_path(self, step: int) -> Path:
@@ -184,19 +568,63 @@ class RunStore:
         atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=meta))
         return path.stat().st_size
 
-    def read_snapshot(
-        self, step: int, device: str | torch.device = "cpu"
-    ) -> dict[str, torch.Tensor]:
-        """The weights at `step`, tied names restored, verified against the stored checksum."""
+    def snapshot_header(self, step: int, weights: dict | None = None) -> Header:
+        """The snapshot's checked header; with the manifest's `weights`, also checked to hold
+        exactly those tensors, each of its dtype and shape."""
         path = self.snapshot_path(step)
         if not path.is_file():
             raise StepNotFoundError(self.missing_step_message(step))
         try:
+            header = read_header(path)
+            aliases = json.loads(header.metadata.get(_ALIASES_KEY, "{}"))
+            if not isinstance(aliases, dict) or not all(
+                isinstance(v, str) and v in header.tensors for v in aliases.values()
+            ):
+                raise ValueError("its aliases name tensors it does not hold")
+        except (OSError, ValueError) as e:
+            raise self._corrupt(step, path, str(e)) from e
+        if weights is not None:
+            held = {**header.tensors, **{a: header.tensors[s] for a, s in aliases.items()}}
+            wrong = sorted(set(held) ^ set(weights)) or sorted(
+                k for k in held if held[k] != tuple(weights[k])
+            )
+            if wrong:
+                raise self._corrupt(
+                    step,
+                    path,
+                    "its tensors do not match the run's model (names, dtypes or shapes differ at "
+                    f"{', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''})",
+                )
+        return header
+
+    def snapshot_version(self, step: int) -> str:
+        """What identifies this step's snapshot's content: its checksum and size, read from its
+        header (once per file version). Caches key on it, so a rewritten snapshot never gets the
+        pictures of the old one."""
+        path = self.snapshot_path(step)
+        signature = _signature(path)
+        if signature is None:
+            raise StepNotFoundError(self.missing_step_message(step))
+        key = (step, signature)
+        version = self._versions.get(key)
+        if version is None:
+            header = self.snapshot_header(step)
+            crc = header.metadata.get(_CRC_KEY) or f"m{signature[2]}"
+            version = self._versions.put(key, f"{crc}-{header.size}")
+        return version
+
+    def read_snapshot(
+        self, step: int, device: str | torch.device = "cpu", weights: dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weights at `step`, tied names restored, verified against the stored checksum (and
+        first, the header against the manifest's `weights`, when given)."""
+        path = self.snapshot_path(step)
+        header = self.snapshot_header(step, weights)
+        try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
-            aliases = json.loads(meta[_ALIASES_KEY])
-            expected = meta[_CRC_KEY]
+            aliases = json.loads(header.metadata[_ALIASES_KEY])
+            expected = header.metadata[_CRC_KEY]
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise self._corrupt(step, path, f"{type(e).__name__}: {e}") from e
         if _checksum(tensors) != expected:
@@ -228,12 +656,29 @@ class RunStore:
     def write_probe(self, images: torch.Tensor) -> None:
         atomic_write(self.root / PROBE, lambda temp: save_file({"images": images}, str(temp)))
 
-    def read_probe(self) -> torch.Tensor | None:
+    def read_probe(self, channels: int | None = None) -> torch.Tensor | None:
+        """The probe images (uint8, N x C x ...), checked before they are read: one uint8 tensor
+        of at most MAX_PROBE_IMAGES images, with the model's `channels`."""
         path = self.root / PROBE
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("images")
+        try:
+            header = read_header(path, MAX_PROBE_BYTES)
+            dtype, shape = header.tensors.get("images", (None, ()))
+            if set(header.tensors) != {"images"} or dtype != "uint8" or len(shape) < 2:
+                raise ValueError("it must hold one uint8 tensor 'images' of N x C x ...")
+            if shape[0] > MAX_PROBE_IMAGES or (channels is not None and shape[1] != channels):
+                raise ValueError(
+                    f"it holds {shape[0]} images of {shape[1]} channels; at most "
+                    f"{MAX_PROBE_IMAGES} of {channels} are allowed"
+                )
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor("images")
+        except (OSError, ValueError, SafetensorError) as e:
+            raise CorruptSnapshotError(
+                f"the probe images of run '{self.run_dir}' are unreadable ({path}: {e}); "
+                "delete the file to go without dataset examples"
+            ) from e
 
     # housekeeping ---------------------------------------------------------------------------
     def remove_stale_temporaries(self) -> list[Path]:

@@ -11,7 +11,7 @@ from torch import nn
 
 import tb_microscope
 from conftest import train_step
-from tb_microscope.runstore import SUMMARY_TAG, RunStore
+from tb_microscope.runstore import FORMAT_VERSION, SUMMARY_TAG, RunStore
 from tb_microscope.schedule import DenseEarly, make_schedule
 
 
@@ -102,8 +102,8 @@ def test_manifest_records_nodes_edges_and_input_spec(tmp_path, tiny, example):
         ("drop", "fc"),
     }
     spec = run.input_spec
-    assert spec["shape"] == [3, 16, 16] and spec["normalize"] == {"mean": mean, "std": std}
-    dims = {d["name"]: d for d in spec["dims"]}
+    assert spec.shape == [3, 16, 16] and spec.normalize == {"mean": mean, "std": std}
+    dims = {d["name"]: d for d in spec.dims}
     assert dims["batch"]["size"] is None and dims["height"]["size"] is None
     assert run.architecture == "export"
 
@@ -264,7 +264,7 @@ def test_each_snapshot_adds_a_plugin_summary_to_the_event_file(tmp_path, tiny, e
     assert value.tag == SUMMARY_TAG
     assert value.metadata.plugin_data.plugin_name == "tb_microscope"
     assert value.metadata.data_class == summary_pb2.DATA_CLASS_TENSOR
-    assert json.loads(value.metadata.plugin_data.content) == {"version": 1}
+    assert json.loads(value.metadata.plugin_data.content) == {"version": FORMAT_VERSION}
 
 
 def test_probe_images_are_stored_once_as_uint8_in_image_space(tmp_path, tiny):
@@ -280,7 +280,8 @@ def test_probe_images_are_stored_once_as_uint8_in_image_space(tmp_path, tiny):
     probe = tb_microscope.open_run(tmp_path).probe_images()
     assert probe.dtype == torch.uint8 and probe.shape == (6, 3, 16, 16)
     assert (probe.float() / 255 - images).abs().max() <= 0.5 / 255 + 1e-6
-    assert tb_microscope.open_run(tmp_path).manifest["probe"] == {"count": 6, "shape": [3, 16, 16]}
+    probe = tb_microscope.open_run(tmp_path).manifest.probe
+    assert (probe.count, probe.shape) == (6, [3, 16, 16])
 
 
 def test_probe_of_the_wrong_shape_is_refused(tmp_path, tiny, example):

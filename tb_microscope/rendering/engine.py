@@ -30,9 +30,9 @@ from lucent.optvis.param.spatial import rfft2d_freqs
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..capture import Node
 from ..errors import MicroscopeError
 from ..run import Run
+from ..runstore import Node
 from .techniques import Technique, channel, get_technique
 
 ENGINE_VERSION = 2  # 2: redirected ReLU gradients
@@ -106,10 +106,10 @@ class InputSpace:
     """Maps images in [0, 1] to what the model was fed in training (value range, mean/std)."""
 
     def __init__(self, spec: dict, device: torch.device):
-        lo, hi = spec["value_range"]
+        lo, hi = spec.value_range
         self.lo, self.span = lo, hi - lo
-        self.channels = spec["shape"][0]
-        norm = spec.get("normalize")
+        self.channels = spec.channels
+        norm = spec.normalize
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(norm["mean"], device=device).view(shape) if norm else None
         self.std = torch.tensor(norm["std"], device=device).view(shape) if norm else None
@@ -203,8 +203,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 def canvas_size(run: Run, size: int) -> tuple[int, bool]:
     """The input size renders are fed at, and whether the model also accepts `size` itself."""
-    dims = {d["name"]: d for d in run.input_spec["dims"]}
-    height = dims.get("height")
+    height = run.input_spec.dim("height")
     if height is None:
         raise MicroscopeError(f"run '{run.name}' has no image input (N x C x H x W)")
     if height["size"] is not None:  # exported with a fixed size

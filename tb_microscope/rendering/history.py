@@ -20,7 +20,7 @@ from .weights import _predecessors
 
 def incoming_weight_key(run: Run, node: str) -> str | None:
     """The state-dict key of the weight whose rows are `node`'s units' incoming weights."""
-    shapes = run.manifest["model"]["weights"]
+    shapes = run.manifest.model.weights
     preds = _predecessors(run)
     todo, seen = [node], set()
     while todo:
@@ -58,7 +58,7 @@ def unit_history(
     (unit,) = check_units(target, [unit])
     device = torch.device(device) if device is not None else default_device()
     key = incoming_weight_key(run, node)
-    has_probe = run.manifest.get("probe") is not None
+    has_probe = run.manifest.probe is not None
     history, previous_weight, previous_act = [], None, None
     for step in steps if steps is not None else run.steps:
         entry = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import Node
 from ..errors import MicroscopeError
 from ..run import Run
+from ..runstore import Node
 from .engine import InputSpace, NodeTap
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..capture import Node
 from ..errors import MicroscopeError
 from ..run import Run
+from ..runstore import Node
 from .engine import InputSpace, NodeTap, _frozen, check_units, default_device
 
 # Modules that act on each unit separately: a unit's weights come from before them.
@@ -173,8 +173,8 @@ def unit_weights(
     device = torch.device(device) if device is not None else default_device()
     model = _frozen(model if model is not None else run.load_model(step, device))
     spec = run.input_spec
-    size = max(spec["shape"][1:] + [d["min"] for d in spec["dims"] if d["name"] != "batch"])
-    grey = torch.full((1, spec["shape"][0], size, size), 0.5, device=device)
+    size = max(spec.shape[1:] + [d["min"] for d in spec.dims if d["name"] != "batch"])
+    grey = torch.full((1, spec.channels, size, size), 0.5, device=device)
     tap, leaf = NodeTap(model, target), _Source(model, source_node)
     handle = leaf.module.register_forward_hook(leaf.hook)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -157,19 +158,20 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             except errors.PublicError as e:
                 out.append({"run": name, "error": str(e)})
                 continue
-            model = run.manifest["model"]
+            model = run.manifest.model
+            probe = run.manifest.probe
             out.append(
                 {
                     "run": name,
                     "steps": run.steps,
                     "model": {
-                        "class": model["class"],
-                        "parameters": model["parameters"],
-                        "architecture": model["architecture"]["kind"],
+                        "class": model.cls,
+                        "parameters": model.parameters,
+                        "architecture": model.architecture.kind,
                     },
                     "nodes": len(run.nodes),
-                    "input": run.input_spec,
-                    "probe": run.manifest.get("probe"),
+                    "input": run.input_spec.to_json(),
+                    "probe": None if probe is None else dataclasses.asdict(probe),
                 }
             )
         return out
