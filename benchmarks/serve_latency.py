@@ -1,11 +1,15 @@
-"""Serving latency of the plugin in a real `tensorboard` on 127.0.0.1.
+"""Serving latency and memory of the plugin in a real `tensorboard` on 127.0.0.1.
 
-    python benchmarks/serve_latency.py [--requests 300] [--concurrent 16]
+    python benchmarks/serve_latency.py [--requests 200] [--clients 8] [--units 2000]
 
-Trains the demo CNN for a few steps into a temporary logdir, starts TensorBoard on a free
-loopback port, and prints: p50/p99 latency of a cached unit image and of the `nodes` route
-(sequential requests), and how many renders N identical concurrent requests for one uncached
-unit caused (goal: exactly one).
+Trains the demo CNN for 100 steps (13 snapshots) into a temporary logdir, starts TensorBoard on a
+free loopback port, and prints:
+- p50/p99 latency of a cached unit image with `--clients` clients fetching at once, and of the
+  `nodes` route (sequential requests);
+- how many renders N identical concurrent requests for one uncached unit caused (goal: one);
+- the server's resident memory (VmRSS) as it browses `--units` distinct units the way the tab
+  does (one `render` POST per node and step, then each unit's image), every unit rendered at
+  16 px and 2 iterations so that the walk takes a minute, not a day.
 """
 
 import argparse
@@ -21,12 +25,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tb_microscope import open_run
 from tb_microscope.demo.train import train
 
 
-def fetch(url: str) -> tuple[int, bytes]:
+def fetch(url: str, body: dict | None = None) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    headers = {} if body is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -40,56 +48,75 @@ def percentiles(samples: list[float]) -> str:
 
 def wait_png(url: str) -> None:
     deadline = time.monotonic() + 300
-    while fetch(url)[0] != 200:
-        if time.monotonic() > deadline:
-            raise TimeoutError(url)
-        time.sleep(0.1)
+    while (status := fetch(url)[0]) != 200:
+        if time.monotonic() > deadline or status not in (202, 503):
+            raise RuntimeError(f"{url}: {status}")
+        time.sleep(0.05)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def start_tensorboard(logdir: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1"]
+        + ["--port", "0", "--microscope_device", "cpu", "--microscope_size", "16"]
+        + ["--microscope_iterations", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("tensorboard exited")
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+        if match:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain its output
+            return proc, match.group(1) + "/data/plugin/tb_microscope"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=200, help="per client")
+    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--units", type=int, default=2000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as logdir:
-        train(Path(logdir) / "demo", steps=20, log=lambda *_: None)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tensorboard.main",
-                "--logdir",
-                logdir,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--microscope_size",
-                "32",
-                "--microscope_iterations",
-                "64",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        train(Path(logdir) / "demo", steps=100, log=lambda *_: None)
+        run = open_run(Path(logdir) / "demo")
+        proc, base = start_tensorboard(logdir)
         try:
-            base = None
-            while base is None:
-                line = proc.stdout.readline()
-                if not line:
-                    raise RuntimeError("tensorboard exited")
-                match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
-                base = match.group(1) + "/data/plugin/tb_microscope" if match else None
             image = f"{base}/image?run=demo&step=20&node=conv2&unit=0"
             wait_png(image)
-            timings = {"cached image": [], "nodes": []}
-            for _ in range(args.requests):
-                for name, url in (("cached image", image), ("nodes", f"{base}/nodes?run=demo")):
+            cached: list[float] = []
+            lock = threading.Lock()
+
+            def client() -> None:
+                mine = []
+                for _ in range(args.requests):
                     start = time.perf_counter()
-                    status, _ = fetch(url)
-                    timings[name].append(time.perf_counter() - start)
-                    assert status == 200, (name, status)
+                    status, _ = fetch(image)
+                    mine.append(time.perf_counter() - start)
+                    assert status == 200, status
+                with lock:
+                    cached.extend(mine)
+
+            clients = [threading.Thread(target=client) for _ in range(args.clients)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join()
+            nodes = []
+            for _ in range(args.requests):
+                start = time.perf_counter()
+                assert fetch(f"{base}/nodes?run=demo")[0] == 200
+                nodes.append(time.perf_counter() - start)
 
             before = json.loads(fetch(f"{base}/status")[1])["renders"]
             uncached = f"{base}/image?run=demo&step=10&node=conv3&unit=5"
@@ -101,18 +128,45 @@ def main() -> None:
             for t in threads:
                 t.join()
             wait_png(uncached)
+            while json.loads(fetch(f"{base}/status")[1])["running"]:
+                time.sleep(0.05)
             renders = json.loads(fetch(f"{base}/status")[1])["renders"] - before
+
+            memory = [(0, rss_mb(proc.pid))]
+            browsed = 0
+            walk = [(step, node) for step in run.steps for node in run.nodes]
+            for step, node in walk:
+                if browsed >= args.units:
+                    break
+                units = list(range(min(node.units, args.units - browsed)))
+                body = {"run": "demo", "step": step, "node": node.name, "units": units}
+                assert fetch(f"{base}/render", body)[0] == 200
+                for unit in units:
+                    wait_png(f"{base}/image?run=demo&step={step}&node={node.name}&unit={unit}")
+                browsed += len(units)
+                if browsed // 500 > memory[-1][0] // 500 or browsed >= args.units:
+                    memory.append((browsed, rss_mb(proc.pid)))
+            state = json.loads(fetch(f"{base}/status")[1])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     print(
-        f"cached image ({args.requests} sequential requests): "
-        f"{percentiles(timings['cached image'])}"
+        f"cached image ({args.clients} clients x {args.requests} requests at once): "
+        f"{percentiles(cached)}"
     )
-    print(f"nodes ({args.requests} sequential requests): {percentiles(timings['nodes'])}")
+    print(f"nodes ({args.requests} sequential requests): {percentiles(nodes)}")
     print(
         f"{args.concurrent} identical concurrent requests for one uncached unit: "
         f"{renders} render(s)"
+    )
+    print(
+        "server resident memory while browsing distinct units: "
+        + ", ".join(f"{n} units {mb:.0f} MB" for n, mb in memory)
+    )
+    print(
+        f"after {browsed} units: {state['renders']} renders, models and programs in memory "
+        f"{state['memory_bytes'] / 1e6:.1f} MB ({state['memory_entries']} entries), "
+        f"disk cache {state['cache_bytes'] / 1e6:.1f} MB"
     )
 
 

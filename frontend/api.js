@@ -18,14 +18,30 @@ export function route(path, params = {}) {
   return url.toString();
 }
 
+// TensorBoard answers errors as text with the kind of error first ("Not found: node 'x' is not
+// in run ..."); the tab says the message alone.
+const ERROR_KIND = /^(Invalid argument|Not found|Permission denied|Unavailable|Unsupported media type): /;
+
 async function check(response) {
   if (response.ok) return response;
-  // TensorBoard answers our errors as text: "Not found: node 'x' is not in run ...".
-  throw new RequestError(response.status, (await response.text()).trim() || response.statusText);
+  const text = (await response.text()).trim().replace(ERROR_KIND, '');
+  throw new RequestError(response.status, text || response.statusText);
 }
 
 export async function getJson(path, params, signal) {
   return (await check(await fetch(route(path, params), {signal}))).json();
+}
+
+// A computed result (examples, weights, history): the server answers 202 with its place in the
+// queue until a worker has computed it; `onWait(status)` hears each of those.
+export async function getResult(path, params, signal, onWait = () => {}) {
+  for (;;) {
+    const response = await check(await fetch(route(path, params), {signal}));
+    if (response.status !== 202) return response.json();
+    onWait(await response.json());
+    await sleep(POLL_MS, signal);
+    if (signal?.aborted) throw new DOMException('aborted', 'AbortError');
+  }
 }
 
 export async function postJson(path, body, signal) {
@@ -48,27 +64,57 @@ export function sleep(ms, signal) {
   });
 }
 
-// Rendered images by their image-route URL, as object URLs: a step scrubbed back to shows at once.
+// Rendered images by their image-route URL, as object URLs, so that a step scrubbed back to shows
+// at once; the least recently used go (and their memory with them) beyond MAX_IMAGES.
+const MAX_IMAGES = 2000;
 const images = new Map();
+
+function remember(url, objectUrl) {
+  images.set(url, objectUrl);
+  while (images.size > MAX_IMAGES) {
+    const [oldest, oldestUrl] = images.entries().next().value;
+    images.delete(oldest);
+    URL.revokeObjectURL(oldestUrl);
+  }
+  return objectUrl;
+}
+
+function recall(url) {
+  const objectUrl = images.get(url);
+  if (objectUrl) {
+    images.delete(url);  // most recently used goes last
+    images.set(url, objectUrl);
+  }
+  return objectUrl;
+}
 
 async function loadImage(params, signal) {
   const url = route('image', params);
-  if (!images.has(url)) {
-    const response = await check(await fetch(url, {signal}));
-    if (response.status !== 200) throw new RequestError(response.status, 'the image is not ready');
-    images.set(url, URL.createObjectURL(await response.blob()));
-  }
-  return images.get(url);
+  const found = recall(url);
+  if (found) return found;
+  const response = await check(await fetch(url, {signal}));
+  if (response.status !== 200) throw new RequestError(response.status, 'the image is not ready');
+  return remember(url, URL.createObjectURL(await response.blob()));
 }
 
 function known(group, unit, count) {
   const urls = [];
   for (let image = 0; image < count; image++) {
-    const url = images.get(route('image', {...group, unit, image}));
+    const url = recall(route('image', {...group, unit, image}));
     if (!url) return null;
     urls.push(url);
   }
   return urls;
+}
+
+// Tells the server that nobody here waits for these units any more, so it stops their render.
+function cancel(group, units) {
+  fetch(route('cancel'), {
+    method: 'POST',
+    headers: {'Content-Type': 'application/json'},
+    body: JSON.stringify({...group, units}),
+    keepalive: true,
+  }).catch(() => {});
 }
 
 // Asks the render service for `units` of one group (run, step, node, technique) and reports each
@@ -82,6 +128,9 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
     if (urls) onUpdate(unit, {status: 'done', urls});
     else pending.push(unit);
   }
+  signal.addEventListener('abort', () => {
+    if (pending.length) cancel(group, pending);
+  }, {once: true});
   while (pending.length && !signal.aborted) {
     let statuses;
     try {

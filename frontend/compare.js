@@ -33,6 +33,7 @@ class Pane {
     this.run = run;
     this.content?.destroy();
     this.content = null;
+    this.body.replaceChildren(h('p', {class: 'muted', text: 'loading…'}));  // not the old run's
     let nodes;
     try {
       nodes = (await this.app.nodesOf(run)).nodes;

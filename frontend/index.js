@@ -208,9 +208,12 @@ class App {
     this.main.replaceChildren(h('section', {class: 'error-view'}, errorBox(message), back));
   }
 
+  // Runs that cannot be shown stay listed, greyed, with their error as the tooltip; picking
+  // one shows the whole message.
   showRuns(current) {
     this.runSelect.replaceChildren(...this.runs.map((r) => h('option', {value: r.run,
-      text: r.error ? `${r.run} (unreadable)` : r.run})));
+      text: r.error ? `${r.run} (cannot be shown)` : r.run, class: r.error ? 'broken' : null,
+      title: r.error || null})));
     this.runSelect.value = current ?? '';
   }
 

@@ -2,10 +2,18 @@
 // input unit a link, to walk a circuit), a filmstrip of the unit over every logged step that plays
 // as an animation, and its evolution curve.
 
-import {getJson, watchUnits} from './api.js';
+import {getResult, watchUnits} from './api.js';
 import {errorBox, h, lineChart, select, UnitCell} from './dom.js';
 
 const FRAME_MS = 350;
+
+// What a panel says while the server computes its result.
+function waiting(el) {
+  return (status) => {
+    el.textContent = status.status === 'running' ? 'computing…'
+      : `queued #${(status.position ?? 0) + 1}…`;
+  };
+}
 
 class Filmstrip {
   constructor(app, state, technique) {
@@ -97,8 +105,8 @@ class Evolution {
       h('h3', {text: 'Evolution: how much the unit changed since the previous logged step'}),
       h('p', {class: 'muted', text: 'loading…'}));
     this.controller = new AbortController();
-    getJson('history', {run: state.run, node: state.node, unit: state.unit},
-      this.controller.signal).then((data) => {
+    getResult('history', {run: state.run, node: state.node, unit: state.unit},
+      this.controller.signal, waiting(this.el.lastChild)).then((data) => {
       this.history = data.history;
       this.draw(state.step);
     }).catch((error) => {
@@ -134,8 +142,8 @@ class Evolution {
 function examplesPanel(app, state, signal) {
   const panel = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
   const [, height, width] = app.run.probe?.shape || [0, 1, 1];
-  getJson('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
-    count: 12}, signal).then((data) => {
+  getResult('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
+    count: 12}, signal, waiting(panel.firstChild)).then((data) => {
     panel.replaceChildren(...data.examples.map((example) => {
       const [top, left, bottom, right] = example.box;
       const box = h('div', {class: 'box', style: `top:${100 * top / height}%;`
@@ -156,7 +164,8 @@ function weightsPanel(app, state, signal) {
   const panel = h('div', {class: 'weights-panel'}, h('p', {class: 'muted', text: 'loading…'}));
   const params = {run: state.run, step: state.step, node: state.node, unit: state.unit, top: 12};
   const earlier = app.nodes.slice(0, app.nodes.findIndex((n) => n.name === state.node));
-  const show = (source) => getJson('weights', {...params, source}, signal).then((data) => {
+  let show;
+  const shown = (data) => {
     const biggest = Math.max(...data.connections.map((c) => Math.abs(c.strength)), 1e-12);
     const sourceNode = app.nodes.find((n) => n.name === data.source);
     const picker = select(earlier.map((n) => [n.name, n.name]), data.source, show,
@@ -182,9 +191,15 @@ function weightsPanel(app, state, signal) {
       h('p', {}, 'strongest inputs from ', picker,
         ` (${sourceNode ? sourceNode.units : '?'} units): expanded weights, signed`),
       ...rows);
-  }).catch((error) => {
-    if (!signal.aborted) panel.replaceChildren(errorBox(error.message));
-  });
+  };
+  show = (source) => {
+    const note = h('p', {class: 'muted', text: 'loading…'});
+    panel.replaceChildren(note);
+    getResult('weights', {...params, source}, signal, waiting(note)).then(shown)
+      .catch((error) => {
+        if (!signal.aborted) panel.replaceChildren(errorBox(error.message));
+      });
+  };
   show(undefined);
   return panel;
 }

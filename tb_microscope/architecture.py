@@ -349,13 +349,9 @@ def sanitize(program: dict) -> dict:
     return program
 
 
-def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedProgram:
-    """The exported program in `path`, its weights and buffers on the `meta` device (the caller
-    puts a snapshot's tensors in their place). Untrusted, it is checked as the module's doc says
-    and refused with `UnsafeProgramError`; anything else wrong raises ValueError."""
-    from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
-
+def _read(path: Path, trusted: bool) -> tuple[dict, dict, dict] | None:
+    """The program's JSON (checked unless `trusted`), its weights as meta tensors and its
+    constants; None for a torch archive that a trusting reader loads with torch itself."""
     archive = _Archive(path)
     try:
         if "format.json" in archive.entries:
@@ -364,7 +360,7 @@ def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedP
                 raise ValueError(f"{path} is a program archive this tb_microscope cannot read")
             program, state, constants = _read_ours(archive)
         elif trusted:
-            return torch.export.load(str(path))
+            return None
         else:
             program, state, constants = _read_torch_archive(archive)
     finally:
@@ -374,6 +370,25 @@ def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedP
             sanitize(program)
         except ValueError as e:
             raise refusal(path, str(e)) from e
+    return program, state, constants
+
+
+def check_program(path: Path, *, trusted: bool = False) -> None:
+    """Raise what `load_program` would refuse `path` for, without building the program."""
+    _read(path, trusted)
+
+
+def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedProgram:
+    """The exported program in `path`, its weights and buffers on the `meta` device (the caller
+    puts a snapshot's tensors in their place). Untrusted, it is checked as the module's doc says
+    and refused with `UnsafeProgramError`; anything else wrong raises ValueError."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+    parts = _read(path, trusted)
+    if parts is None:
+        return torch.export.load(str(path))
+    program, state, constants = parts
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, program)
         return ExportedProgramDeserializer().deserialize(serialized, state, constants, None)

@@ -392,14 +392,18 @@ def pickle_architecture(model: nn.Module) -> bytes:
 # --- restore -------------------------------------------------------------------------------------
 
 
+def pickle_refusal(run_dir: Path) -> PickleNotAllowedError:
+    return PickleNotAllowedError(
+        f"run '{run_dir}' stores its architecture as a pickle, because torch.export could not "
+        "capture the model. Unpickling runs code from the log directory, so it is refused by "
+        "default: pass allow_pickle=True (tensorboard --microscope_allow_pickle, tb-microscope "
+        "--allow-pickle) only for log directories you trust."
+    )
+
+
 def load_pickled(data: bytes, run_dir: Path, allow_pickle: bool) -> nn.Module:
     if not allow_pickle:
-        raise PickleNotAllowedError(
-            f"run '{run_dir}' stores its architecture as a pickle, because torch.export could not "
-            "capture the model. Unpickling runs code from the log directory, so it is refused by "
-            "default: pass allow_pickle=True (tensorboard --microscope_allow_pickle) only for log "
-            "directories you trust."
-        )
+        raise pickle_refusal(run_dir)
     try:
         return pickle.loads(data)
     except Exception as e:

@@ -43,6 +43,9 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
     ]
     if arch.note:
         lines.append(f"  note: {arch.note}")
+    problem = run.problem()
+    if problem:
+        lines.append(f"  cannot be rendered here: {problem}")
     steps = run.steps
     lines.append(f"  steps ({len(steps)}): {_steps_line(steps)}")
     if m.probe:
@@ -74,7 +77,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if i:
             print()
         try:
-            print(describe(Run(path), logdir, args.all_nodes))
+            print(describe(Run(path, allow_pickle=args.allow_pickle), logdir, args.all_nodes))
         except MicroscopeError as e:
             print(f"{path}: {e}")
     return 0
@@ -145,9 +148,21 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not 8 <= args.size <= 1024 or not 1 <= args.iterations <= 100_000:
         raise MicroscopeError("--size must be from 8 to 1024 and --iterations from 1 to 100000")
     device = torch.device(args.device) if args.device else None
+    opened = []
+    for path in runs:  # one broken run does not stop the others
+        try:
+            run = Run(path, allow_pickle=args.allow_pickle)
+            problem = run.problem()
+        except MicroscopeError as e:
+            problem = str(e)
+        if problem:
+            print(f"tb-microscope: skipping {path}: {problem}", file=sys.stderr)
+        else:
+            opened.append(run)
+    if not opened:
+        raise MicroscopeError(f"no run under '{logdir}' can be rendered (see above)")
     jobs = []  # (run, step, node, units)
-    for path in runs:
-        run = Run(path, allow_pickle=args.allow_pickle)
+    for run in opened:
         logged = run.steps  # one listing of the snapshot folder
         steps = logged
         if args.steps != "all" and logged:
@@ -161,7 +176,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 )
                 jobs.append((run, step, node.name, units))
     if not jobs:
-        logged = "; ".join(f"{Run(p).name}: {_steps_line(Run(p).steps)}" for p in runs)
+        logged = "; ".join(f"{run.name}: {_steps_line(run.steps)}" for run in opened)
         raise MicroscopeError(
             f"nothing to render: --steps {args.steps} matches no logged step "
             f"(logged steps: {logged})"
@@ -206,7 +221,12 @@ def render_jobs(
     try:
         for run, step, node, units in jobs:
             cache = RenderCache(run, cache_dir)
-            todo = [u for u in units if RenderKey(step, node, u, technique, **options) not in cache]
+            version = run.snapshot_version(step)
+            todo = [
+                u
+                for u in units
+                if RenderKey(step, version, node, u, technique, **options) not in cache
+            ]
             progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
             if not todo:
                 continue
@@ -317,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="list the runs, steps and nodes under a log directory")
     info.add_argument("logdir", help="a TensorBoard log directory, or one run directory")
     info.add_argument("--all-nodes", action="store_true", help="list every node")
+    info.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="trust the log directory (see render --allow-pickle)",
+    )
     info.set_defaults(func=cmd_info)
 
     render = sub.add_parser(
@@ -345,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="load pickled architectures (runs code from the log directory)",
+        help="trust the log directory: load pickled architectures and architecture files as "
+        "they are (this can run code from the log directory)",
     )
     render.set_defaults(func=cmd_render)
 

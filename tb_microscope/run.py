@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import load_program, move_program, program_bytes
-from .capture import assign_state, load_pickled
+from .architecture import check_program, load_program, move_program, program_bytes
+from .capture import assign_state, load_pickled, pickle_refusal
 from .errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
+    MicroscopeError,
     NodeNotFoundError,
+    PickleNotAllowedError,
     RunNotFoundError,
     summarize,
 )
@@ -45,6 +47,7 @@ class Run:
         self.edges: list[tuple[str, str]] = self.manifest.edges
         self._by_name = {n.name: n for n in self.nodes}
         self._memory = memory if memory is not None else LRU(max_bytes=PROGRAM_CACHE_BYTES)
+        self._problem: list[str | None] = []  # memo of problem()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, nodes={len(self.nodes)})"
@@ -65,6 +68,24 @@ class Run:
     def architecture(self) -> str:
         """ "export", "pickle" or "none" (weights only: the model could not be captured)."""
         return self.manifest.model.architecture.kind
+
+    def problem(self) -> str | None:
+        """Why no model of this run can be loaded here, or None: a refused or unreadable
+        architecture file, a pickle without allow_pickle, weights only. Checked once per Run,
+        without building the model."""
+        if not self._problem:
+            spec = self.manifest.model.architecture
+            try:
+                if spec.kind == EXPORT:
+                    check_program(self.store.root / spec.file, trusted=self.allow_pickle)
+                elif spec.kind == PICKLE and not self.allow_pickle:
+                    raise pickle_refusal(self.path)
+                elif spec.kind not in (EXPORT, PICKLE):
+                    raise self._weights_only()
+                self._problem.append(None)
+            except (MicroscopeError, ValueError, OSError) as e:
+                self._problem.append(str(e))
+        return self._problem[0]
 
     def is_current(self) -> bool:
         """False once the run's manifest was replaced (the run deleted and logged again)."""
@@ -112,6 +133,8 @@ class Run:
             def load():
                 try:
                     program = load_program(path, trusted=self.allow_pickle)
+                except PickleNotAllowedError:
+                    raise  # the refusal says it all
                 except (ValueError, OSError) as e:
                     raise IncompatibleRunError(
                         f"the architecture of run '{self.name}' cannot be loaded: {e}"
@@ -123,10 +146,13 @@ class Run:
         if spec.kind == PICKLE:
             path = self.store.root / spec.file
             return load_pickled(path.read_bytes(), self.path, self.allow_pickle)
-        raise IncompatibleRunError(
+        raise self._weights_only()
+
+    def _weights_only(self) -> IncompatibleRunError:
+        return IncompatibleRunError(
             f"run '{self.name}' holds weights only: its architecture could not be captured when "
-            f"it was logged ({spec.note}). Load the weights into your own model with "
-            "run.load_state_dict(step)."
+            f"it was logged ({self.manifest.model.architecture.note}). Load the weights into "
+            "your own model with run.load_state_dict(step)."
         )
 
     def probe_images(self) -> torch.Tensor | None:

@@ -1,9 +1,12 @@
 import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,20 @@ def tensorboard(logdir, *flags: str):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def http(url: str, body=None, headers=None) -> tuple[int, str, bytes]:
+    """GET `url`, or POST `body` (bytes, or JSON for anything else) with `headers`; returns the
+    status, content type and body, errors included."""
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
 
 
 class TinyCNN(nn.Module):

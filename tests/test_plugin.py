@@ -5,8 +5,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from PIL import Image
 
 import tb_microscope
-from conftest import tensorboard
+from conftest import http, tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
 
@@ -22,11 +20,7 @@ SIZE, ITERATIONS = 24, 8
 
 
 def get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.status, response.headers["Content-Type"], response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers["Content-Type"], e.read()
+    return http(url)
 
 
 @pytest.fixture(scope="module")

@@ -132,12 +132,15 @@ def test_cache_returns_the_engines_pixels_without_rendering_again(trained, tmp_p
     direct = tb_microscope.render(trained, STEPS, "conv1", [2, 7], **options)
     np.testing.assert_array_equal(first[7][0].image, direct.images[1])
     assert first[7][0].activation == pytest.approx(float(direct.activation[1]))
-    paths = [cache.path(RenderKey(STEPS, "conv1", u, "channel", 24, 10, 0)) for u in (2, 7)]
+    version = trained.snapshot_version(STEPS)
+    paths = [
+        cache.path(RenderKey(STEPS, version, "conv1", u, "channel", 24, 10, 0)) for u in (2, 7)
+    ]
     stamps = [p.stat().st_mtime_ns for p in paths]
     second = render_cached(cache, trained, STEPS, "conv1", [2, 7], **options)
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     np.testing.assert_array_equal(second[2][0].image, first[2][0].image)
-    other = RenderKey(STEPS, "conv1", 2, "channel", 24, 11, 0)
+    other = RenderKey(STEPS, version, "conv1", 2, "channel", 24, 11, 0)
     assert other not in cache and cache.path(other) != paths[0]
 
 
@@ -149,7 +152,7 @@ def test_cache_moves_to_the_user_cache_dir_when_the_run_is_read_only(
     (plugin / "cache").mkdir(exist_ok=True)
     read_only(plugin / "cache")
     cache = RenderCache(trained)
-    assert str(cache.root).startswith(str(tmp_path / "xdg" / "tb_microscope"))
+    assert cache.root == tmp_path / "xdg" / "tb_microscope" / trained.id
 
 
 def test_dataset_examples_are_the_strongest_probe_images_with_their_receptive_field(trained):

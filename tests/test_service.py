@@ -1,11 +1,12 @@
-"""The render service's scheduling: newest request first, unpolled requests dropped."""
+"""The render service: newest request first, unpolled work dropped or cancelled, bounded tables."""
 
 import time
 
 import pytest
+import torch
 
 from tb_microscope.demo.train import train
-from tb_microscope.server.service import Group, RenderService
+from tb_microscope.server.service import Group, RenderService, _Models, state_bytes
 
 
 @pytest.fixture(scope="module")
@@ -15,46 +16,80 @@ def run_dir(tmp_path_factory):
     return str(path)
 
 
-def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_path):
-    service = RenderService(device="cpu", cache_dir=str(tmp_path), stale_after=0.5)
+def group_of(service, run_dir, step, iterations=4, node="conv2"):
+    run = service.run(run_dir)
+    version = run.snapshot_version(step)
+    return Group(run_dir, run.id, step, version, node, "channel", 16, iterations, 0)
 
-    def group(step, iterations=4):
-        return Group(run_dir, step, "conv2", "channel", 16, iterations, 0)
 
-    busy = group(0, iterations=600)
-    service.request(busy, [0])
-    deadline = time.monotonic() + 30
-    while not service.snapshot()["running"]:
-        assert time.monotonic() < deadline
+def wait(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-    time.sleep(0.5)
+
+
+def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=0.5)
+    busy = group_of(service, run_dir, 0, iterations=600)
+    service.request(busy, [0])
+    wait(lambda: service.request(busy, [0])[0]["progress"] > 0)  # polled: it keeps running
     status = service.request(busy, [0])[0]
     assert status["status"] == "running" and 0 < status["progress"] < 1
-    forgotten, older, newer = group(1), group(2), group(3)
+    forgotten, older, newer = (group_of(service, run_dir, s) for s in (1, 2, 3))
     service.request(forgotten, [1])  # asked once, never again
-    time.sleep(0.8)
-    while service.snapshot()["running"] or service.snapshot()["queued"]:
-        assert time.monotonic() < deadline + 120
-        service.request(older, [1])  # both still on screen; `newer` was looked at last
+    deadline = time.monotonic() + 180
+    while not service.idle():
+        assert time.monotonic() < deadline
+        service.request(busy, [0])  # all three still on screen; `newer` was looked at last
+        service.request(older, [1])
         service.request(newer, [1])
-        time.sleep(0.2)
+        time.sleep(0.1)
     done = [g.step for g, _, _ in service.recent]
     assert done[0] == 0
     assert forgotten.step not in done and service.stats["dropped"] == 1
     assert done.index(newer.step) < done.index(older.step)
 
 
-def test_loaded_models_are_kept_within_their_memory_bound(run_dir):
-    import torch
+def test_a_render_nobody_polls_any_more_is_cancelled_within_two_seconds(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=1.0)
+    busy = group_of(service, run_dir, 2, iterations=100_000, node="conv3")
+    service.request(busy, list(range(8)))
+    wait(lambda: service.snapshot()["running"])
+    last_poll = time.monotonic()
+    wait(lambda: service.stats["cancelled"] == 1, seconds=30)
+    assert time.monotonic() - last_poll < 1.0 + 2.0
+    assert service.idle() and service.stats["renders"] == 0
+    cache = service.cache(service.run(run_dir))
+    assert not any(key in cache for key in busy.keys(0))
+    quick = group_of(service, run_dir, 2)  # the worker goes on with the next work
+    wait(lambda: service.request(quick, [0])[0]["status"] == "done")
 
-    from tb_microscope import open_run
-    from tb_microscope.server.service import _Models
 
-    run = open_run(run_dir)
-    one = sum(t.numel() * t.element_size() for t in run.load_state_dict(0).values())
-    models = _Models(torch.device("cpu"), max_bytes=int(1.5 * one))
+def test_cancel_stops_a_running_render_nobody_else_waits_for(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=60)
+    busy = group_of(service, run_dir, 1, iterations=100_000, node="conv3")
+    service.request(busy, [0, 1])
+    wait(lambda: service.snapshot()["running"])
+    assert service.cancel(busy, [0]) == 1
+    time.sleep(0.5)
+    assert service.snapshot()["running"] == 1  # unit 1 is still wanted
+    start = time.monotonic()
+    assert service.cancel(busy, [1]) == 1
+    wait(lambda: service.idle(), seconds=10)
+    assert time.monotonic() - start < 2.0 and service.stats["cancelled"] == 1
+
+
+def test_models_and_programs_share_one_memory_bound(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path))
+    run = service.run(run_dir)
+    one = state_bytes(run.load_model(0))
+    service.memory.max_bytes = int(1.5 * one)
+    models = _Models(torch.device("cpu"), service.memory)
     first = models.get(run, 0)
     assert models.get(run, 0) is first  # kept
     models.get(run, 1)  # two do not fit: the least recently used goes
-    assert models.get(run, 1) is not None and len(models._models) == 1
+    assert service.memory.bytes <= service.memory.max_bytes
     assert models.get(run, 0) is not first
+    kinds = [key[0] for key, _ in service.memory.items()]
+    assert kinds.count("model") == 1

@@ -18,7 +18,7 @@ import torch
 from playwright.sync_api import expect, sync_playwright
 
 import tb_microscope
-from conftest import tensorboard
+from conftest import http, tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
 from tb_microscope.runstore import RunStore
@@ -150,11 +150,9 @@ def shoot(page, name):
 
 
 def post_render(base, **body):
-    request = urllib.request.Request(
-        f"{base}/data/plugin/tb_microscope/render", data=json.dumps(body).encode(), method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
+    status, _, answer = http(f"{base}/data/plugin/tb_microscope/render", body)
+    assert status == 200, answer
+    return json.loads(answer)
 
 
 def test_the_tab_appears_and_draws_the_model(served, page):

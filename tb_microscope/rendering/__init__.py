@@ -4,7 +4,7 @@
 unambiguously the function.)
 """
 
-from .cache import RenderCache, RenderKey, render_cached
+from .cache import DiskBudget, RenderCache, RenderKey, ResultKey, render_cached
 from .engine import ENGINE_VERSION, RenderResult, UnitIndexError, render
 from .examples import Example, dataset_examples
 from .history import unit_history
@@ -15,10 +15,12 @@ __all__ = [
     "ENGINE_VERSION",
     "TECHNIQUES",
     "Connection",
+    "DiskBudget",
     "Example",
     "RenderCache",
     "RenderKey",
     "RenderResult",
+    "ResultKey",
     "UnitIndexError",
     "dataset_examples",
     "get_technique",

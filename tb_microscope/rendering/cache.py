@@ -1,9 +1,16 @@
-"""Rendered images on disk, keyed by everything that changes them.
+"""Rendered images and computed results on disk, keyed by everything that changes them.
 
-A cached image is a PNG whose text chunk holds its key and its objective and activation values.
-It lives in `<run>/plugins/tb_microscope/cache/` when the run directory is writable, otherwise in
-the user's cache directory (`$XDG_CACHE_HOME/tb_microscope/`, else `~/.cache/tb_microscope/`).
-Writes are atomic, so an interrupted render never leaves a half-written image.
+Every key holds the run's id (the random id its Logger wrote) and the version of each snapshot it
+was computed from (its checksum and size), never the run's path: a run deleted and logged again
+under the same name, or a snapshot written again, never gets the old pictures.
+
+A cached image is a PNG whose text chunk holds its key and its objective and activation values;
+a computed result (a unit's dataset examples, weights or history) is a JSON file. They live in
+`<run>/plugins/tb_microscope/cache/` when the run directory is writable, otherwise in the user's
+cache directory (`$XDG_CACHE_HOME/tb_microscope/<run id>/`, else `~/.cache/...`), or under a
+root given by the caller. Writes are atomic, so an interrupted render never leaves a
+half-written file. A `DiskBudget` bounds the bytes of the caches it is given, evicting the
+least recently used files first.
 """
 
 from __future__ import annotations
@@ -12,7 +19,11 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +34,17 @@ from ..runstore import write_bytes_atomic
 from .engine import ENGINE_VERSION
 
 CACHE = "cache"
+RESULTS = "results"
+_TOUCH_EVERY_S = 60.0  # how often a used file's mtime is brought up to date (its recency)
 
 
 @dataclass(frozen=True)
 class RenderKey:
-    """Everything that changes a rendered image; `image` numbers a unit's diversity images."""
+    """Everything that changes a rendered image; `version` is the snapshot's (see
+    `Run.snapshot_version`), `image` numbers a unit's diversity images."""
 
     step: int
+    version: str
     node: str
     unit: int
     technique: str
@@ -39,7 +54,23 @@ class RenderKey:
     image: int = 0
 
     def digest(self, run_id: str) -> str:
-        fields = {"run": run_id, "engine": ENGINE_VERSION, **self.__dict__}
+        fields = {"run": run_id, "engine": ENGINE_VERSION, **asdict(self)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ResultKey:
+    """Everything that changes a computed result: its kind (examples, weights, history), the
+    unit, the options, and the (step, version) of every snapshot it reads."""
+
+    kind: str
+    node: str
+    unit: int
+    options: tuple[tuple[str, object], ...]
+    snapshots: tuple[tuple[int, str], ...]
+
+    def digest(self, run_id: str) -> str:
+        fields = {"run": run_id, "engine": ENGINE_VERSION, **asdict(self)}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -66,41 +97,144 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-class RenderCache:
-    """The render cache of one run; `root` overrides where it lives."""
+class DiskBudget:
+    """Keeps the cache folders it tracks under `max_bytes` in all, deleting the least recently
+    used files first. Recency survives restarts as each file's mtime, brought up to date (at
+    most once a minute) when the file is used; a folder is scanned when it is first tracked.
+    Files that other processes write into a tracked folder count from the next scan.
+    """
 
-    def __init__(self, run: Run, root: str | os.PathLike | None = None):
-        self.run_id = str(run.path.resolve())
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._files: OrderedDict[str, int] = OrderedDict()  # path -> size, oldest first
+        self._touched: dict[str, float] = {}
+        self._total = 0
+        self._roots: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def track(self, root: Path) -> None:
+        with self._lock:
+            if str(root) in self._roots:
+                return
+            self._roots.add(str(root))
+        found = []
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name.endswith((".png", ".json")):
+                    path = os.path.join(folder, name)
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    found.append((st.st_mtime, path, st.st_size))
+        with self._lock:
+            for mtime, path, size in sorted(found):
+                if path not in self._files:
+                    self._files[path] = size
+                    self._total += size
+                    self._touched[path] = mtime
+            self._shrink()
+
+    def used(self, path: Path) -> None:
+        key = str(path)
+        now = time.time()
+        with self._lock:
+            if key not in self._files:
+                return
+            self._files.move_to_end(key)
+            if now - self._touched.get(key, 0.0) < _TOUCH_EVERY_S:
+                return
+            self._touched[key] = now
+        try:
+            os.utime(key)
+        except OSError:
+            pass
+
+    def added(self, path: Path, size: int) -> None:
+        key = str(path)
+        with self._lock:
+            self._total += size - self._files.pop(key, 0)
+            self._files[key] = size
+            self._touched[key] = time.time()
+            self._shrink()
+
+    def _shrink(self) -> None:
+        while self._total > self.max_bytes and len(self._files) > 1:
+            path, size = self._files.popitem(last=False)
+            self._total -= size
+            self._touched.pop(path, None)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+class RenderCache:
+    """The cache of one run; `root` overrides where it lives, `budget` bounds its bytes."""
+
+    def __init__(
+        self,
+        run: Run,
+        root: str | os.PathLike | None = None,
+        budget: DiskBudget | None = None,
+    ):
+        self.run_id = run.id
         if root is not None:
-            self.root = Path(root) / hashlib.sha256(self.run_id.encode()).hexdigest()[:16]
+            self.root = Path(root) / self.run_id
         else:
             self.root = run.store.root / CACHE
             if not _writable(self.root):
-                digest = hashlib.sha256(self.run_id.encode()).hexdigest()[:16]
-                self.root = _user_cache_root() / digest
+                self.root = _user_cache_root() / self.run_id
         self.root.mkdir(parents=True, exist_ok=True)
+        self.budget = budget
+        if budget is not None:
+            budget.track(self.root)
 
     def path(self, key: RenderKey) -> Path:
-        digest = key.digest(self.run_id)
-        return self.root / f"step-{key.step}" / f"{digest}.png"
+        return self.root / f"step-{key.step}" / f"{key.digest(self.run_id)}.png"
 
-    def get(self, key: RenderKey) -> CachedImage | None:
-        path = self.path(key)
-        try:
-            with Image.open(path) as png:
-                meta = json.loads(png.text["tb_microscope"])
-                image = np.asarray(png.convert("RGB"))
-        except (OSError, KeyError, ValueError):
-            return None  # missing, or unreadable: render again
-        return CachedImage(image, meta["objective"], meta["activation"])
+    def result_path(self, key: ResultKey) -> Path:
+        return self.root / RESULTS / f"{key.digest(self.run_id)}.json"
 
     def __contains__(self, key: RenderKey) -> bool:
         return self.path(key).is_file()
 
+    def read(self, path: Path) -> bytes | None:
+        """A cached file's bytes, or None when it is missing (never rendered, or evicted)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if self.budget is not None:
+            self.budget.used(path)
+        return data
+
+    def _write(self, path: Path, data: bytes) -> Path:
+        write_bytes_atomic(path, data)
+        if self.budget is not None:
+            self.budget.added(path, len(data))
+        return path
+
+    def get(self, key: RenderKey) -> CachedImage | None:
+        data = self.read(self.path(key))
+        if data is None:
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as png:
+                meta = json.loads(png.text["tb_microscope"])
+                image = np.asarray(png.convert("RGB"))
+        except (OSError, KeyError, ValueError):
+            return None  # unreadable: render again
+        return CachedImage(image, meta["objective"], meta["activation"])
+
     def put(self, key: RenderKey, image: np.ndarray, objective: float, activation: float) -> Path:
         info = PngImagePlugin.PngInfo()
         meta = {
-            "key": key.__dict__,
+            "key": asdict(key),
             "engine": ENGINE_VERSION,
             "objective": float(objective),
             "activation": float(activation),
@@ -108,9 +242,17 @@ class RenderCache:
         info.add_text("tb_microscope", json.dumps(meta))
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
-        path = self.path(key)
-        write_bytes_atomic(path, buffer.getvalue())
-        return path
+        return self._write(self.path(key), buffer.getvalue())
+
+    def get_result(self, key: ResultKey) -> dict | None:
+        data = self.read(self.result_path(key))
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
+
+    def put_result(self, key: ResultKey, result: dict) -> Path:
+        return self._write(self.result_path(key), json.dumps(result).encode())
 
 
 def render_cached(
@@ -128,6 +270,7 @@ def render_cached(
     batch_size: int | None = None,
     model=None,
     progress=None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[int, list[CachedImage]]:
     """Each unit's images, from the cache where present; the rest rendered in one go and stored.
 
@@ -141,10 +284,11 @@ def render_cached(
     per_unit = spec.images_per_unit
     if spec.whole_node:
         units = [0]
+    version = run.snapshot_version(step)
 
     def keys(unit: int) -> list[RenderKey]:
         return [
-            RenderKey(step, node, unit, technique, size, iterations, seed, k)
+            RenderKey(step, version, node, unit, technique, size, iterations, seed, k)
             for k in range(per_unit)
         ]
 
@@ -164,6 +308,7 @@ def render_cached(
             batch_size=batch_size,
             model=model,
             progress=progress,
+            should_stop=should_stop,
         )
         for i, unit in enumerate(result.units):
             k = i % per_unit

@@ -47,6 +47,42 @@ class UnitIndexError(MicroscopeError, IndexError):
     """A unit index outside the node's units."""
 
 
+class RenderCancelled(MicroscopeError):
+    """The caller's `should_stop` said to stop: nobody waits for this render any more."""
+
+
+class StopChecks:
+    """Checks `should_stop` between iterations and, so that a cancel lands within a fraction of
+    one iteration, after every leaf module's forward and as each one's gradient flows back."""
+
+    def __init__(self, model: nn.Module, should_stop: Callable[[], bool] | None):
+        self.should_stop = should_stop
+        self.handles = []
+        if should_stop is not None:
+            for module in model.modules():
+                if not next(module.children(), None):
+                    self.handles.append(module.register_forward_hook(self._forward))
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise RenderCancelled("the render was cancelled: nobody is waiting for it")
+
+    def _backward(self, grad):
+        self.check()
+
+    def _forward(self, module, args, output):
+        self.check()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._backward)
+
+    def __enter__(self) -> StopChecks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @dataclass
 class RenderResult:
     """Images (uint8, N x H x W x 3); per image, its objective and the unit's mean activation."""
@@ -304,10 +340,12 @@ def optimize(
     seed: int,
     device: torch.device,
     progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
     """One optimization of all `units` (times the technique's images per unit) as one batch.
 
-    `progress`, if given, is called with the fraction of iterations done, every 16 iterations.
+    `progress`, if given, is called with the fraction of iterations done, every 16 iterations;
+    `should_stop` is asked often (see `StopChecks`) and raises `RenderCancelled` when true.
     """
     per_unit = technique.images_per_unit
     targets = [u for u in units for _ in range(per_unit)]
@@ -322,19 +360,21 @@ def optimize(
     unit_index = torch.tensor(targets, device=device)
     optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)
     channels_last = device.type == "cuda" and node.kind == "spatial"
-    for iteration in range(iterations):
-        if progress is not None and iteration % 16 == 0:
-            progress(iteration / iterations)
-        optimizer.zero_grad(set_to_none=True)
-        x = space(transforms(param(), iteration))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
-        with _numerics(device), redirect:
-            act = tap(x)
-            loss = -technique.value(act.float(), unit_index).sum()
-            loss.backward()
-        optimizer.step()
+    with StopChecks(model, should_stop) as stop:
+        for iteration in range(iterations):
+            stop.check()
+            if progress is not None and iteration % 16 == 0:
+                progress(iteration / iterations)
+            optimizer.zero_grad(set_to_none=True)
+            x = space(transforms(param(), iteration))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
+            with _numerics(device), redirect:
+                act = tap(x)
+                loss = -technique.value(act.float(), unit_index).sum()
+                loss.backward()
+            optimizer.step()
     with torch.no_grad(), _numerics(device):
         images = param()
         shown = images if accepts_size else centred(images, canvas)
@@ -380,6 +420,7 @@ def render(
     batch_size: int | None = None,
     model: nn.Module | None = None,
     progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
     """Feature visualizations of `units` of `node` at `step`.
 
@@ -388,7 +429,8 @@ def render(
     `deepdream` one image for the whole node (units are ignored). Units are optimized together
     in batches of `batch_size` (32 on CUDA, 16 on the CPU); a CUDA out-of-memory error halves
     the batch and retries. `model` may pass a model already loaded for this step; `progress` is
-    called now and then with the fraction of the work done.
+    called now and then with the fraction of the work done; `should_stop` is asked often, and
+    `RenderCancelled` raised once it returns True.
     """
     spec = get_technique(technique)
     if spec.objective is None:
@@ -423,6 +465,7 @@ def render(
                     seed=seed,
                     device=device,
                     progress=_scaled(progress, start, len(chunk), len(units)),
+                    should_stop=should_stop,
                 )
             )
         except (torch.OutOfMemoryError, RuntimeError) as e:

@@ -8,12 +8,12 @@ unit has "settled".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..run import Run
-from .engine import _frozen, check_units, default_device
+from .engine import RenderCancelled, _frozen, check_units, default_device
 from .probe import probe_activations
 from .weights import _predecessors
 
@@ -50,10 +50,12 @@ def unit_history(
     *,
     steps: Sequence[int] | None = None,
     device: str | torch.device | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict]:
     """Per logged step: `weight_cosine` and `activation_correlation` against the previous step
     (None at the first), plus `weight_norm` and `mean_activation` (over the probe images;
-    activations are None when the run has no probe)."""
+    activations are None when the run has no probe). `should_stop` is asked before each step;
+    `RenderCancelled` is raised once it returns True."""
     target = run.node(node)
     (unit,) = check_units(target, [unit])
     device = torch.device(device) if device is not None else default_device()
@@ -61,6 +63,8 @@ def unit_history(
     has_probe = run.manifest.probe is not None
     history, previous_weight, previous_act = [], None, None
     for step in steps if steps is not None else run.steps:
+        if should_stop is not None and should_stop():
+            raise RenderCancelled("the history was cancelled: nobody is waiting for it")
         entry = {
             "step": step,
             "weight_cosine": None,

@@ -2,36 +2,48 @@
 
 Runs come from the data provider (runs with our snapshot summaries); our files are read from
 `<logdir>/<run>/plugins/tb_microscope/`. Each route is a thin handler over a tested `*_impl`;
-errors are TensorBoard's own, so users get a 400 or 404 with the message.
+errors are TensorBoard's own, so users get a 400 or 404 with the message. A run that cannot be
+read is listed with its error and breaks nothing else. Routes that start or stop work take a
+POST of `application/json` from the tab's own origin only, so a page on another site cannot
+make the server render (or cancel) anything.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import posixpath
 from importlib import resources
+from urllib.parse import urlsplit
 
-import numpy as np
-from PIL import Image
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from ..errors import MicroscopeError, NodeNotFoundError, RunNotFoundError, StepNotFoundError
-from ..rendering import TECHNIQUES, dataset_examples, get_technique, unit_history, unit_weights
+from ..errors import (
+    CorruptSnapshotError,
+    IncompatibleRunError,
+    MicroscopeError,
+    NodeNotFoundError,
+    PickleNotAllowedError,
+    RunNotFoundError,
+    StepNotFoundError,
+)
+from ..rendering import TECHNIQUES, get_technique
 from ..rendering.engine import check_units
+from ..rendering.weights import default_source
 from ..runstore import PLUGIN_NAME
-from .service import DONE, FAILED, Group, QueueFullError, RenderService
+from .service import DONE, FAILED, Analysis, Group, QueueFullError, RenderService, Work
 
 _MAX_INT = 2**62
 # What the tab's static files may be, and how they are served.
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
+RETRY_AFTER_S = 2
+DEFAULT_CACHE_MB = 2048
+DEFAULT_MEMORY_MB = 2048
 
 
 class UnavailableError(errors.PublicError):
@@ -42,16 +54,31 @@ class UnavailableError(errors.PublicError):
 
     def __init__(self, details):
         super().__init__(f"Unavailable: {details}")
+        self.headers.append(("Retry-After", str(RETRY_AFTER_S)))
+
+
+class UnsupportedMediaTypeError(errors.PublicError):
+    """A POST whose body is not declared as JSON (what a cross-site HTML form sends)."""
+
+    error_code = "Unsupported media type"
+    http_code = 415
+
+    def __init__(self, details):
+        super().__init__(f"Unsupported media type: {details}")
 
 
 @contextlib.contextmanager
 def _public_errors():
-    """Our errors as TensorBoard's: what is missing is a 404, anything else wrong a 400."""
+    """Our errors as TensorBoard's: what is missing is a 404, anything else wrong a 400. A
+    run's data that cannot be used says its kind too (`CorruptSnapshotError: …`), as a failed
+    render does, so that the tab can name it in a small cell."""
     try:
         yield
     except (NodeNotFoundError, StepNotFoundError, RunNotFoundError) as e:
         raise errors.NotFoundError(str(e)) from e
-    except (MicroscopeError, ValueError) as e:
+    except (CorruptSnapshotError, IncompatibleRunError, PickleNotAllowedError) as e:
+        raise errors.InvalidArgumentError(f"{type(e).__name__}: {e}") from e
+    except (MicroscopeError, ValueError, OSError) as e:
         raise errors.InvalidArgumentError(str(e)) from e
 
 
@@ -61,6 +88,8 @@ def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MA
         if default is None:
             raise errors.InvalidArgumentError(f"missing query parameter {name!r}")
         return default
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise errors.InvalidArgumentError(f"{name} must be a whole number, got {raw!r}")
     try:
         value = int(raw)
     except (TypeError, ValueError):
@@ -70,10 +99,23 @@ def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MA
     return value
 
 
-def _png_data_url(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+def check_same_origin_json(request) -> None:
+    """Refuse a request that could come from another site: only a JSON POST, and no `Origin`
+    (or `Sec-Fetch-Site`) that names another site than this server."""
+    if request.method != "POST":
+        raise errors.InvalidArgumentError(f"{request.path} takes a POST with a JSON body")
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"{request.path} takes Content-Type application/json, not {request.mimetype or 'none'}"
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
+        raise errors.PermissionDeniedError(
+            f"a request from {origin} may not start or stop work on this server ({request.host})"
+        )
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise errors.PermissionDeniedError(f"a {site} request may not start or stop work here")
 
 
 class MicroscopePlugin(base_plugin.TBPlugin):
@@ -85,10 +127,14 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         flags = context.flags
         self._size = getattr(flags, "microscope_size", 128)
         self._iterations = getattr(flags, "microscope_iterations", 512)
+        cache_mb = getattr(flags, "microscope_cache_max_mb", DEFAULT_CACHE_MB)
+        memory_mb = getattr(flags, "microscope_memory_mb", DEFAULT_MEMORY_MB)
         self.service = RenderService(
             device=getattr(flags, "microscope_device", None) or None,
             cache_dir=getattr(flags, "microscope_cache_dir", None) or None,
             allow_pickle=getattr(flags, "microscope_allow_pickle", False),
+            cache_bytes=int(cache_mb * (1 << 20)) if cache_mb and cache_mb > 0 else None,
+            model_bytes=int(memory_mb * (1 << 20)),
         )
 
     def get_plugin_apps(self):
@@ -99,6 +145,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/nodes": self._serve_nodes,
             "/image": self._serve_image,
             "/render": self._serve_render,
+            "/cancel": self._serve_cancel,
             "/examples": self._serve_examples,
             "/weights": self._serve_weights,
             "/history": self._serve_history,
@@ -122,7 +169,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return sorted(runs)
 
     def _run(self, ctx, experiment: str, name: str, names: list[str] | None = None):
-        """A run the data provider lists; any other name, a path included, is a 404."""
+        """A run the data provider lists; any other name, a path included, is a 404. A run
+        whose model cannot be loaded here (see `Run.problem`) is a 400 saying why."""
         names = self._run_names(ctx, experiment) if names is None else names
         if name not in names:
             raise errors.NotFoundError(
@@ -132,48 +180,50 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if path != self._logdir and not path.startswith(self._logdir + os.sep):
             raise errors.NotFoundError(f"run {name!r} is outside the log directory")
         with _public_errors():
-            return self.service.run(path)
+            run = self.service.run(path)
+        problem = run.problem()
+        if problem is not None:
+            raise errors.InvalidArgumentError(problem)
+        return run
 
-    def _unit_args(self, ctx, experiment: str, args):
-        run = self._run(ctx, experiment, args.get("run", ""))
+    def _step(self, run, args) -> int:
         step = _int(args, "step")
         with _public_errors():
             if step not in run.steps:
                 raise StepNotFoundError(run.store.missing_step_message(step))
+        return step
+
+    def _unit_args(self, ctx, experiment: str, args):
+        run = self._run(ctx, experiment, args.get("run", ""))
+        step = self._step(run, args)
+        with _public_errors():
             node = run.node(args.get("node", ""))
-        if run.architecture == "pickle" and not self.service.allow_pickle:
-            raise errors.InvalidArgumentError(
-                f"run {run.name!r} stores a pickled architecture (torch.export could not capture "
-                "its model); loading it runs code from the log directory, so it needs "
-                "tensorboard --microscope_allow_pickle, for log directories you trust"
-            )
         return run, step, node
 
     def runs_impl(self, ctx, experiment: str) -> list[dict]:
+        """Every run with our data; one that cannot be read is listed with its error."""
         out = []
         names = self._run_names(ctx, experiment)
         for name in names:
             try:
                 run = self._run(ctx, experiment, name, names)
-            except errors.PublicError as e:
+                model, probe = run.manifest.model, run.manifest.probe
+                out.append(
+                    {
+                        "run": name,
+                        "steps": run.steps,
+                        "model": {
+                            "class": model.cls,
+                            "parameters": model.parameters,
+                            "architecture": model.architecture.kind,
+                        },
+                        "nodes": len(run.nodes),
+                        "input": run.input_spec.to_json(),
+                        "probe": None if probe is None else dataclasses.asdict(probe),
+                    }
+                )
+            except (errors.PublicError, MicroscopeError, ValueError, OSError) as e:
                 out.append({"run": name, "error": str(e)})
-                continue
-            model = run.manifest.model
-            probe = run.manifest.probe
-            out.append(
-                {
-                    "run": name,
-                    "steps": run.steps,
-                    "model": {
-                        "class": model.cls,
-                        "parameters": model.parameters,
-                        "architecture": model.architecture.kind,
-                    },
-                    "nodes": len(run.nodes),
-                    "input": run.input_spec.to_json(),
-                    "probe": None if probe is None else dataclasses.asdict(probe),
-                }
-            )
         return out
 
     @staticmethod
@@ -212,13 +262,16 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def _group(self, run, step, node, args) -> Group:
         with _public_errors():
             technique = get_technique(args.get("technique", "channel"))
+            version = run.snapshot_version(step)
         if technique.objective is None:
             raise errors.InvalidArgumentError(
                 f"technique {technique.name!r} is not an image: use the {technique.name} route"
             )
         return Group(
             str(run.path),
+            run.id,
             step,
+            version,
             node.name,
             technique.name,
             _int(args, "size", self._size, 8, 1024),
@@ -226,9 +279,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             _int(args, "seed", 0),
         )
 
-    def _request(self, group: Group, units: list[int]) -> dict[int, dict]:
+    def _request(self, work: Work, units: list[int]) -> dict[int, dict]:
         try:
-            return self.service.request(group, units)
+            return self.service.request(work, units)
         except QueueFullError as e:
             raise UnavailableError(str(e)) from e
 
@@ -245,74 +298,76 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             check_units(node, [unit])
         status = self._request(group, [unit])[unit]
         if status["status"] == DONE:
-            return 200, self.service.cache(run).path(group.key(unit, image)).read_bytes()
+            cache = self.service.cache(run)
+            data = cache.read(cache.path(group.key(unit, image)))
+            if data is not None:
+                return 200, data
+            status = self._request(group, [unit])[unit]  # evicted since: render it again
         if status["status"] == FAILED:
             raise errors.InvalidArgumentError(f"the render failed: {status['error']}")
         return 202, status
+
+    def _units(self, node, body: dict) -> list[int]:
+        units = body.get("units", "all")
+        if units == "all":
+            return list(range(node.units))
+        if not isinstance(units, list):
+            raise errors.InvalidArgumentError('units must be a list of unit indexes, or "all"')
+        with _public_errors():
+            return check_units(node, units)
 
     def render_impl(self, ctx, experiment: str, body: dict) -> dict:
         """Queue many units of one node at one step (`units`: a list, or "all")."""
         run, step, node = self._unit_args(ctx, experiment, body)
         group = self._group(run, step, node, body)
-        units = body.get("units", "all")
-        if units == "all":
-            units = list(range(node.units))
-        if not isinstance(units, list):
-            raise errors.InvalidArgumentError('units must be a list of unit indexes, or "all"')
-        with _public_errors():
-            check_units(node, units)
-        statuses = self._request(group, units)
+        statuses = self._request(group, self._units(node, body))
         return {"units": {str(u): s for u, s in statuses.items()}}
 
-    def examples_impl(self, ctx, experiment: str, args) -> dict:
-        run, step, node = self._unit_args(ctx, experiment, args)
-        unit, count = _int(args, "unit"), _int(args, "count", 8, 1, 64)
-        with _public_errors():
-            found = dataset_examples(
-                run, step, node.name, [unit], count=count, device=self.service.devices[0]
-            )[unit]
-        return {
-            "unit": unit,
-            "examples": [
-                {
-                    "index": e.index,
-                    "activation": e.activation,
-                    "position": e.position,
-                    "box": e.box,
-                    "image": _png_data_url(e.image),
-                    "crop": _png_data_url(e.crop),
-                }
-                for e in found
-            ],
-        }
+    def cancel_impl(self, ctx, experiment: str, body: dict) -> dict:
+        """Forget units of one render group (as `render` names them): queued ones are dropped,
+        and a running render nobody else waits for stops."""
+        run, step, node = self._unit_args(ctx, experiment, body)
+        group = self._group(run, step, node, body)
+        return {"cancelled": self.service.cancel(group, self._units(node, body))}
 
-    def weights_impl(self, ctx, experiment: str, args) -> dict:
-        run, step, node = self._unit_args(ctx, experiment, args)
-        unit, top = _int(args, "unit"), _int(args, "top", 8, 1, 256)
-        with _public_errors():
-            source, connections, _ = unit_weights(
-                run,
-                step,
-                node.name,
-                unit,
-                source=args.get("source") or None,
-                top=top,
-                device=self.service.devices[0],
-            )
-        return {
-            "unit": unit,
-            "source": source,
-            "connections": [
-                {"node": c.node, "unit": c.unit, "strength": c.strength} for c in connections
-            ],
-        }
-
-    def history_impl(self, ctx, experiment: str, args) -> dict:
+    def _analysis(self, ctx, experiment: str, args, kind: str, options: dict, steps=None):
+        """(200, result) when computed, else (202, status) while a worker computes it."""
         run = self._run(ctx, experiment, args.get("run", ""))
-        unit = _int(args, "unit")
+        if steps is None:
+            steps = [self._step(run, args)]
+            options = {"step": steps[0], **options}
         with _public_errors():
-            history = unit_history(run, args.get("node", ""), unit, device=self.service.devices[0])
-        return {"unit": unit, "history": history}
+            node = run.node(args.get("node", ""))
+            unit = _int(args, "unit")
+            check_units(node, [unit])
+            snapshots = tuple((s, run.snapshot_version(s)) for s in steps)
+        work = Analysis(
+            str(run.path), run.id, kind, node.name, unit, tuple(sorted(options.items())), snapshots
+        )
+        status = self._request(work, [unit])[unit]
+        if status["status"] == DONE:
+            result = self.service.cache(run).get_result(work.result_key)
+            if result is not None:
+                return 200, result
+            status = self._request(work, [unit])[unit]
+        if status["status"] == FAILED:
+            raise errors.InvalidArgumentError(status["error"])
+        return 202, status
+
+    def examples_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        count = _int(args, "count", 8, 1, 64)
+        return self._analysis(ctx, experiment, args, "examples", {"count": count})
+
+    def weights_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        run, _, node = self._unit_args(ctx, experiment, args)
+        with _public_errors():  # a wrong source is said at once, not after a wait
+            source = run.node(args.get("source") or default_source(run, node.name)).name
+        options = {"top": _int(args, "top", 8, 1, 256), "source": source}
+        return self._analysis(ctx, experiment, args, "weights", options)
+
+    def history_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        run = self._run(ctx, experiment, args.get("run", ""))
+        return self._analysis(ctx, experiment, args, "history", {}, steps=run.steps)
 
     # --- handlers ----------------------------------------------------------------------------
     @staticmethod
@@ -321,6 +376,21 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def _json(self, request, impl, *args):
         return http_util.Respond(request, impl(*self._context(request), *args), "application/json")
+
+    def _json_or_pending(self, request, impl):
+        code, body = impl(*self._context(request), request.args)
+        return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+
+    @staticmethod
+    def _body(request) -> dict:
+        check_same_origin_json(request)
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError as e:
+            raise errors.InvalidArgumentError(f"the body is not JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise errors.InvalidArgumentError("the body must be a JSON object")
+        return body
 
     @wrappers.Request.application
     def _serve_static(self, request):
@@ -350,27 +420,23 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_render(self, request):
-        if request.method != "POST":
-            raise errors.InvalidArgumentError("render takes a POST with a JSON body")
-        try:
-            body = json.loads(request.get_data() or b"{}")
-        except ValueError as e:
-            raise errors.InvalidArgumentError(f"the body is not JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise errors.InvalidArgumentError("the body must be a JSON object")
-        return self._json(request, self.render_impl, body)
+        return self._json(request, self.render_impl, self._body(request))
+
+    @wrappers.Request.application
+    def _serve_cancel(self, request):
+        return self._json(request, self.cancel_impl, self._body(request))
 
     @wrappers.Request.application
     def _serve_examples(self, request):
-        return self._json(request, self.examples_impl, request.args)
+        return self._json_or_pending(request, self.examples_impl)
 
     @wrappers.Request.application
     def _serve_weights(self, request):
-        return self._json(request, self.weights_impl, request.args)
+        return self._json_or_pending(request, self.weights_impl)
 
     @wrappers.Request.application
     def _serve_history(self, request):
-        return self._json(request, self.history_impl, request.args)
+        return self._json_or_pending(request, self.history_impl)
 
     @wrappers.Request.application
     def _serve_status(self, request):
@@ -406,10 +472,25 @@ class MicroscopeLoader(base_plugin.TBLoader):
             help="optimization steps per render (default 512)",
         )
         group.add_argument(
+            "--microscope_cache_max_mb",
+            type=float,
+            default=DEFAULT_CACHE_MB,
+            help="the most the render caches may hold on disk, in MB; the least recently "
+            f"used images go first (default {DEFAULT_CACHE_MB}; 0: no limit)",
+        )
+        group.add_argument(
+            "--microscope_memory_mb",
+            type=float,
+            default=DEFAULT_MEMORY_MB,
+            help="the most loaded models and programs may take in memory, in MB "
+            f"(default {DEFAULT_MEMORY_MB})",
+        )
+        group.add_argument(
             "--microscope_allow_pickle",
             action="store_true",
-            help="load pickled architectures; this runs code from the log "
-            "directory, so only for log directories you trust",
+            help="trust the log directory: load pickled architectures and architecture files "
+            "as they are; this can run code from the log directory, so only for log "
+            "directories you trust",
         )
 
     def load(self, context):

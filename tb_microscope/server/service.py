@@ -1,32 +1,60 @@
-"""The render service behind the plugin: a queue of render jobs and one worker per device.
+"""The render service behind the plugin: a bounded queue of work and one worker per device.
 
-Requests for units of the same (run, step, node, technique, size, iterations, seed) join one
-group and are rendered in one optimization; identical requests share one job. The group asked
-about most recently goes first, and units nobody has asked about for `stale_after` seconds are
-dropped before their group starts (the tab polls while it shows a unit). Finished images go to
-the run's render cache, where the plugin serves them from. A failed render keeps its error for
-the pollers; the worker carries on.
+Two kinds of work, both keyed by the run's id and the versions of the snapshots they read, never
+by the run's path:
+- a `Group`: units of one (run, step, node, technique, size, iterations, seed), rendered in one
+  optimization; a request for more units of a queued group joins it, identical requests share it;
+- an `Analysis`: one computed view of one unit (its dataset examples, weights or history).
+
+The work asked about most recently goes first. Whatever nobody has asked about for
+`abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
+before it starts, and cancelled within about a second once it runs; the `cancel` call does the
+same at once. Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin
+serves them from. A failure is kept for the pollers (in a bounded table, for `retry_after`
+seconds) and the worker carries on. Every table is bounded: the queue (a full one raises
+`QueueFullError`), loaded models and programs (in bytes), runs, caches and failures.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import MicroscopeError
-from ..rendering import RenderCache, RenderKey, get_technique, render_cached
+from ..lru import LRU
+from ..rendering import (
+    DiskBudget,
+    RenderCache,
+    RenderKey,
+    ResultKey,
+    dataset_examples,
+    get_technique,
+    render_cached,
+    unit_history,
+    unit_weights,
+)
+from ..rendering.engine import RenderCancelled
 from ..run import Run
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
 
 class QueueFullError(MicroscopeError):
-    """More render groups are waiting than the service takes."""
+    """More work is waiting than the service takes."""
+
+
+class RunChangedError(MicroscopeError):
+    """The run or snapshot a piece of work was asked for was replaced before it ran."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +62,9 @@ class Group:
     """Units that can share one optimization."""
 
     run: str  # the run's directory
+    run_id: str
     step: int
+    version: str  # the snapshot's (Run.snapshot_version)
     node: str
     technique: str
     size: int
@@ -43,25 +73,63 @@ class Group:
 
     def key(self, unit: int, image: int = 0) -> RenderKey:
         return RenderKey(
-            self.step, self.node, unit, self.technique, self.size, self.iterations, self.seed, image
+            self.step,
+            self.version,
+            self.node,
+            unit,
+            self.technique,
+            self.size,
+            self.iterations,
+            self.seed,
+            image,
         )
 
     def keys(self, unit: int) -> list[RenderKey]:
         """The keys of all the unit's images (diversity draws several)."""
         return [self.key(unit, i) for i in range(get_technique(self.technique).images_per_unit)]
 
+    @property
+    def snapshots(self) -> tuple[tuple[int, str], ...]:
+        return ((self.step, self.version),)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One computed view of one unit: `kind` is examples, weights or history."""
+
+    run: str
+    run_id: str
+    kind: str
+    node: str
+    unit: int
+    options: tuple[tuple[str, object], ...]  # e.g. (("count", 8), ("step", 10))
+    snapshots: tuple[tuple[int, str], ...]  # the (step, version) of every snapshot it reads
+
+    @property
+    def result_key(self) -> ResultKey:
+        return ResultKey(self.kind, self.node, self.unit, self.options, self.snapshots)
+
+    def option(self, name: str):
+        return dict(self.options).get(name)
+
+
+Work = Group | Analysis
+
 
 @dataclass
 class _Job:
-    group: Group
+    work: Work
     asked: dict[int, float] = field(default_factory=dict)  # unit -> when last asked about
     order: int = 0
+    touched: float = 0.0  # when any of its units was last asked about
     started: float | None = None
-    progress: float = 0.0  # fraction of the optimization done, while running
+    units: list[int] = field(default_factory=list)  # what it renders, fixed when it starts
+    progress: float = 0.0  # fraction of the work done, while running
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
-    @property
-    def last_asked(self) -> float:
-        return max(self.asked.values(), default=0.0)
+    def ask(self, unit: int, now: float) -> None:
+        self.asked[unit] = now
+        self.touched = max(self.touched, now)
 
 
 def service_devices(device: str | None) -> list[torch.device]:
@@ -73,24 +141,93 @@ def service_devices(device: str | None) -> list[torch.device]:
     return [torch.device("cpu")]
 
 
-class _Models:
-    """Loaded models of one device, least recently used first out, bounded in bytes."""
+def state_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
-    def __init__(self, device: torch.device, max_bytes: int):
-        self.device, self.max_bytes = device, max_bytes
-        self._models: OrderedDict[tuple[str, int], tuple[torch.nn.Module, int]] = OrderedDict()
+
+class _Models:
+    """A device's loaded models, in the memory cache shared with the runs' programs."""
+
+    def __init__(self, device: torch.device, memory: LRU):
+        self.device, self.memory = device, memory
 
     def get(self, run: Run, step: int) -> torch.nn.Module:
-        key = (str(run.path), step)
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key][0]
-        model = run.load_model(step, self.device)
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        self._models[key] = (model, size)
-        while len(self._models) > 1 and sum(s for _, s in self._models.values()) > self.max_bytes:
-            self._models.popitem(last=False)
-        return model
+        key = ("model", run.id, step, run.snapshot_version(step), str(self.device))
+
+        def load():
+            model = run.load_model(step, self.device)
+            return model, state_bytes(model)
+
+        return self.memory.get_or_make(key, load)
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _examples(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    step = work.option("step")
+    found = dataset_examples(
+        run,
+        step,
+        work.node,
+        [work.unit],
+        count=work.option("count"),
+        device=models.device,
+        model=models.get(run, step),
+    )[work.unit]
+    return {
+        "unit": work.unit,
+        "examples": [
+            {
+                "index": e.index,
+                "activation": e.activation,
+                "position": e.position,
+                "box": e.box,
+                "image": _png_data_url(e.image),
+                "crop": _png_data_url(e.crop),
+            }
+            for e in found
+        ],
+    }
+
+
+def _weights(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    step = work.option("step")
+    source, connections, _ = unit_weights(
+        run,
+        step,
+        work.node,
+        work.unit,
+        source=work.option("source"),
+        top=work.option("top"),
+        device=models.device,
+        model=models.get(run, step),
+    )
+    return {
+        "unit": work.unit,
+        "source": source,
+        "connections": [
+            {"node": c.node, "unit": c.unit, "strength": c.strength} for c in connections
+        ],
+    }
+
+
+def _history(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    steps = [step for step, _ in work.snapshots]
+    history = unit_history(
+        run, work.node, work.unit, steps=steps, device=models.device, should_stop=should_stop
+    )
+    return {"unit": work.unit, "history": history}
+
+
+ANALYSES: dict[str, Callable[[Run, Analysis, _Models, Callable[[], bool]], dict]] = {
+    "examples": _examples,
+    "weights": _weights,
+    "history": _history,
+}
 
 
 class RenderService:
@@ -101,27 +238,39 @@ class RenderService:
         cache_dir: str | None = None,
         allow_pickle: bool = False,
         max_queued: int = 256,
-        stale_after: float = 30.0,
+        abandon_after: float = 5.0,
+        retry_after: float = 30.0,
         model_bytes: int = 2 << 30,
+        cache_bytes: int | None = None,
     ):
         self.devices = service_devices(device)
         self.cache_dir = cache_dir
         self.allow_pickle = allow_pickle
         self.max_queued = max_queued
-        self.stale_after = stale_after
-        self._queued: dict[Group, _Job] = {}
-        self._running: dict[Group, _Job] = {}
-        self._failed: dict[tuple[Group, int], tuple[str, float]] = {}  # error, when
-        self._runs: dict[str, Run] = {}
-        self._caches: dict[str, RenderCache] = {}
+        self.abandon_after = abandon_after
+        self.retry_after = retry_after
+        self.memory: LRU = LRU(max_bytes=model_bytes)  # loaded models and programs
+        self.budget = DiskBudget(cache_bytes) if cache_bytes is not None else None
+        self._queued: dict[Work, _Job] = {}
+        self._running: dict[Work, _Job] = {}
+        self._failed: LRU[tuple[str, float]] = LRU(max_items=4096)  # (work, unit) -> error, when
+        self._runs: LRU[Run] = LRU(max_items=256)
+        self._caches: LRU[RenderCache] = LRU(max_items=256)
         self._counter = itertools.count()
         self._lock = threading.Condition()
-        self.stats = {"renders": 0, "units_rendered": 0, "failed": 0, "dropped": 0}
-        self.recent: deque[tuple[Group, list[int], float]] = deque(maxlen=64)  # finished jobs
+        self.stats = {
+            "renders": 0,
+            "units_rendered": 0,
+            "analyses": 0,
+            "failed": 0,
+            "dropped": 0,
+            "cancelled": 0,
+        }
+        self.recent: deque[tuple[Work, list[int], float]] = deque(maxlen=64)  # finished work
         self._workers = [
             threading.Thread(
                 target=self._work,
-                args=(_Models(d, model_bytes),),
+                args=(_Models(d, self.memory),),
                 daemon=True,
                 name=f"tb_microscope-render-{d}",
             )
@@ -132,24 +281,32 @@ class RenderService:
 
     # --- for the plugin ----------------------------------------------------------------------
     def run(self, path: str) -> Run:
-        with self._lock:
-            if path not in self._runs:
-                self._runs[path] = Run(path, allow_pickle=self.allow_pickle)
-            return self._runs[path]
+        """The run in `path`, opened again when its manifest was replaced."""
+        run = self._runs.get(path)
+        if run is None or not run.is_current():
+            run = self._runs.put(
+                path, Run(path, allow_pickle=self.allow_pickle, memory=self.memory)
+            )
+        return run
 
     def cache(self, run: Run) -> RenderCache:
         """The run's render cache, found (and its folder checked writable) once per run."""
-        with self._lock:
-            if str(run.path) not in self._caches:
-                self._caches[str(run.path)] = RenderCache(run, self.cache_dir)
-            return self._caches[str(run.path)]
+        return self._caches.get_or_make(
+            run.id, lambda: (RenderCache(run, self.cache_dir, self.budget), 0)
+        )
 
-    def request(self, group: Group, units: list[int]) -> dict[int, dict]:
-        """Ask for units' images; returns each one's status (`done` once it is in the cache)."""
-        cache = self.cache(self.run(group.run))
+    def _done(self, work: Work, unit: int) -> bool:
+        cache = self.cache(self.run(work.run))
+        if isinstance(work, Group):
+            return all(key in cache for key in work.keys(unit))
+        return cache.result_path(work.result_key).is_file()
+
+    def request(self, work: Work, units: list[int]) -> dict[int, dict]:
+        """Ask for units' images (a Group) or a unit's result (an Analysis, its one unit).
+        Returns each unit's status; `done` once it is in the cache."""
         statuses, wanted = {}, []
         for unit in units:
-            if all(key in cache for key in group.keys(unit)):
+            if self._done(work, unit):
                 statuses[unit] = {"status": DONE}
             else:
                 wanted.append(unit)
@@ -157,32 +314,50 @@ class RenderService:
             return statuses
         now = time.monotonic()
         with self._lock:
-            running = self._running.get(group)
-            job = self._queued.get(group)
+            running = self._running.get(work)
+            job = self._queued.get(work)
             for unit in wanted:
-                failure = self._failed.get((group, unit))
-                if failure is not None and now - failure[1] < self.stale_after:
+                failure = self._failed.get((work, unit))
+                if failure is not None and now - failure[1] < self.retry_after:
                     statuses[unit] = {"status": FAILED, "error": failure[0]}
-                    continue  # asking again after stale_after seconds retries the render
+                    continue  # asking again after retry_after seconds tries again
                 if running is not None and unit in running.asked:
+                    running.ask(unit, now)
                     statuses[unit] = self._status(running)
                     continue
                 if job is None:
                     if len(self._queued) >= self.max_queued:
                         raise QueueFullError(
-                            f"the render queue is full ({self.max_queued} groups waiting); "
+                            f"the render queue is full ({self.max_queued} waiting); "
                             "try again shortly"
                         )
-                    job = self._queued[group] = _Job(group, order=next(self._counter))
-                job.asked[unit] = now
+                    job = self._queued[work] = _Job(work, order=next(self._counter))
+                job.ask(unit, now)
             if job is not None:
                 self._lock.notify_all()
                 for unit in wanted:
                     statuses.setdefault(unit, self._status(job))
         return statuses
 
+    def cancel(self, work: Work, units: list[int]) -> int:
+        """Forget `units` of `work`: dropped from the queue, and a running render that nobody
+        else waits for is stopped. Returns how many units were forgotten."""
+        forgotten = 0
+        with self._lock:
+            for table in (self._queued, self._running):
+                job = table.get(work)
+                if job is None:
+                    continue
+                for unit in units:
+                    forgotten += job.asked.pop(unit, None) is not None
+                if not job.asked:
+                    if table is self._queued:
+                        del self._queued[work]
+                    job.cancelled.set()
+        return forgotten
+
     def _status(self, job: _Job) -> dict:
-        if self._running.get(job.group) is job:
+        if self._running.get(job.work) is job:
             return {
                 "status": RUNNING,
                 "position": 0,
@@ -190,7 +365,7 @@ class RenderService:
                 "units": len(job.asked),
                 "elapsed_s": round(time.monotonic() - (job.started or 0), 1),
             }
-        ahead = sorted(self._queued.values(), key=lambda j: (-j.last_asked, j.order))
+        ahead = sorted(self._queued.values(), key=lambda j: (-j.touched, j.order))
         return {
             "status": QUEUED,
             "position": ahead.index(job) + len(self._running),
@@ -206,58 +381,94 @@ class RenderService:
                 "queued": len(self._queued),
                 "running": len(self._running),
                 "devices": [str(d) for d in self.devices],
+                "memory_bytes": self.memory.bytes,
+                "memory_entries": len(self.memory),
+                "cache_bytes": None if self.budget is None else self.budget.total,
             }
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queued and not self._running
 
     # --- workers -----------------------------------------------------------------------------
     def _next(self) -> _Job:
         with self._lock:
             while True:
                 now = time.monotonic()
-                for group, job in list(self._queued.items()):
-                    stale = [u for u, t in job.asked.items() if now - t > self.stale_after]
+                for work, job in list(self._queued.items()):
+                    stale = [u for u, t in job.asked.items() if now - t > self.abandon_after]
                     for unit in stale:
                         del job.asked[unit]
                     self.stats["dropped"] += len(stale)
                     if not job.asked:
-                        del self._queued[group]
+                        del self._queued[work]
                 if self._queued:
                     break
-                self._lock.wait(timeout=self.stale_after)
-            job = max(self._queued.values(), key=lambda j: (j.last_asked, -j.order))
-            del self._queued[job.group]
-            self._running[job.group] = job
+                self._lock.wait(timeout=self.abandon_after)
+            job = max(self._queued.values(), key=lambda j: (j.touched, -j.order))
+            del self._queued[job.work]
+            self._running[job.work] = job
             job.started = time.monotonic()
+            job.units = sorted(job.asked)
             return job
+
+    def _abandoned(self, job: _Job) -> bool:
+        return job.cancelled.is_set() or time.monotonic() - job.touched > self.abandon_after
 
     def _work(self, models: _Models) -> None:
         while True:
             job = self._next()
-            group, units = job.group, sorted(job.asked)
+            work, units = job.work, job.units
             try:
-                run = self.run(group.run)
-                render_cached(
-                    self.cache(run),
-                    run,
-                    group.step,
-                    group.node,
-                    units,
-                    group.technique,
-                    size=group.size,
-                    iterations=group.iterations,
-                    seed=group.seed,
-                    device=models.device,
-                    model=models.get(run, group.step),
-                    progress=lambda fraction, job=job: setattr(job, "progress", fraction),
-                )
+                run = self.run(work.run)
+                current = [(step, run.snapshot_version(step)) for step, _ in work.snapshots]
+                if run.id != work.run_id or tuple(current) != work.snapshots:
+                    raise RunChangedError(
+                        f"run '{run.name}' was logged again while this waited; ask again"
+                    )
+                self._execute(run, job, models)
                 with self._lock:
-                    self.stats["renders"] += 1
-                    self.stats["units_rendered"] += len(units)
-                    self.recent.append((group, units, time.monotonic() - job.started))
+                    if isinstance(work, Group):
+                        self.stats["renders"] += 1
+                        self.stats["units_rendered"] += len(units)
+                    else:
+                        self.stats["analyses"] += 1
+                    self.recent.append((work, units, time.monotonic() - job.started))
+            except RenderCancelled:
+                with self._lock:
+                    self.stats["cancelled"] += 1
             except Exception as e:  # reported to the pollers; the worker goes on
                 message = f"{type(e).__name__}: {e}"
                 with self._lock:
                     self.stats["failed"] += 1
                     for unit in units:
-                        self._failed[(group, unit)] = (message, time.monotonic())
+                        self._failed.put((work, unit), (message, time.monotonic()))
             with self._lock:
-                del self._running[group]
+                del self._running[work]
+
+    def _execute(self, run: Run, job: _Job, models: _Models) -> None:
+        work = job.work
+        cache = self.cache(run)
+
+        def should_stop() -> bool:
+            return self._abandoned(job)
+
+        if isinstance(work, Group):
+            render_cached(
+                cache,
+                run,
+                work.step,
+                work.node,
+                job.units,
+                work.technique,
+                size=work.size,
+                iterations=work.iterations,
+                seed=work.seed,
+                device=models.device,
+                model=models.get(run, work.step),
+                progress=lambda fraction: setattr(job, "progress", fraction),
+                should_stop=should_stop,
+            )
+        else:
+            result = ANALYSES[work.kind](run, work, models, should_stop)
+            cache.put_result(work.result_key, result)
