@@ -193,7 +193,7 @@ class App {
     this.rendered = null;
     const usable = this.runs.filter((r) => !r.error).map((r) => r.run);
     const run = usable.includes(wanted.run) ? wanted.run : usable[0];
-    this.showRuns(run);
+    this.showRuns(this.runInfo(wanted.run) ? wanted.run : run);  // a broken run stays picked
     this.slider.el.hidden = true;
     this.compareButton.hidden = true;
     this.crumbs.replaceChildren();

@@ -47,7 +47,7 @@ class Run:
         self.edges: list[tuple[str, str]] = self.manifest.edges
         self._by_name = {n.name: n for n in self.nodes}
         self._memory = memory if memory is not None else LRU(max_bytes=PROGRAM_CACHE_BYTES)
-        self._problem: list[str | None] = []  # memo of problem()
+        self._problem: list[BaseException | None] = []  # memo of check()
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={len(self.steps)}, nodes={len(self.nodes)})"
@@ -69,8 +69,8 @@ class Run:
         """ "export", "pickle" or "none" (weights only: the model could not be captured)."""
         return self.manifest.model.architecture.kind
 
-    def problem(self) -> str | None:
-        """Why no model of this run can be loaded here, or None: a refused or unreadable
+    def check(self) -> None:
+        """Raise why no model of this run can be loaded here: a refused or unreadable
         architecture file, a pickle without allow_pickle, weights only. Checked once per Run,
         without building the model."""
         if not self._problem:
@@ -84,8 +84,20 @@ class Run:
                     raise self._weights_only()
                 self._problem.append(None)
             except (MicroscopeError, ValueError, OSError) as e:
-                self._problem.append(str(e))
-        return self._problem[0]
+                self._problem.append(e)
+        error = self._problem[0]
+        if isinstance(error, MicroscopeError):
+            raise error.with_traceback(None)  # raised again and again: its traceback must not grow
+        if error is not None:
+            raise IncompatibleRunError(str(error))
+
+    def problem(self) -> str | None:
+        """What `check` would raise, as text, or None."""
+        try:
+            self.check()
+        except MicroscopeError as e:
+            return str(e)
+        return None
 
     def is_current(self) -> bool:
         """False once the run's manifest was replaced (the run deleted and logged again)."""

@@ -8,6 +8,7 @@ fails here. Screenshots go to build/screenshots/ (or $TB_MICROSCOPE_SCREENSHOTS)
 import json
 import os
 import re
+import shutil
 import time
 import urllib.parse
 import urllib.request
@@ -351,6 +352,26 @@ def test_a_failed_render_shows_its_reason_in_each_cell(served, page):
     frame.locator("#step").focus()
     frame.locator("#step").press("ArrowRight")  # step 3 is whole: it renders
     wait_rendered(frame, ".grid", 16)
+
+
+def test_a_broken_run_is_listed_greyed_with_its_error_and_the_others_work(served, page):
+    base, logdir = served
+    shutil.copytree(logdir / "other", logdir / "damaged")
+    manifest = RunStore(logdir / "damaged").manifest_path
+    data = json.loads(manifest.read_text())
+    del data["nodes"]
+    manifest.write_text(json.dumps(data))
+    wait_for_run(base, "damaged")
+    frame = open_tab(page, base, run="demo")
+    option = frame.locator("#run option[value='damaged']")
+    expect(option).to_have_text("damaged (cannot be shown)")
+    assert "broken" in option.get_attribute("class")
+    assert "key 'nodes' is missing" in option.get_attribute("title")
+    frame.locator("#run").select_option("damaged")
+    expect(frame.get_by_role("alert")).to_contain_text("manifest.json: key 'nodes' is missing")
+    shoot(page, "run-broken")
+    frame.get_by_text("back to the model of run").click()
+    expect(frame.locator(".nodes .node")).to_have_count(7)  # input and the demo's six nodes
 
 
 def test_a_new_snapshot_reaches_an_open_tab(served, page):

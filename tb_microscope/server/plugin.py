@@ -168,23 +168,26 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         runs = self._provider.list_tensors(ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME)
         return sorted(runs)
 
-    def _run(self, ctx, experiment: str, name: str, names: list[str] | None = None):
+    def _open(self, name: str):
+        """The run `name` (one the data provider lists), or the MicroscopeError saying why it
+        cannot be shown: an unreadable manifest, or a model that cannot be loaded here."""
+        path = os.path.normpath(os.path.join(self._logdir, name))
+        if path != self._logdir and not path.startswith(self._logdir + os.sep):
+            raise RunNotFoundError(f"run {name!r} is outside the log directory")
+        run = self.service.run(path)
+        run.check()
+        return run
+
+    def _run(self, ctx, experiment: str, name: str):
         """A run the data provider lists; any other name, a path included, is a 404. A run
-        whose model cannot be loaded here (see `Run.problem`) is a 400 saying why."""
-        names = self._run_names(ctx, experiment) if names is None else names
+        that cannot be shown here is a 400 saying why."""
+        names = self._run_names(ctx, experiment)
         if name not in names:
             raise errors.NotFoundError(
                 f"run {name!r} has no tb_microscope data; runs: {', '.join(names) or 'none'}"
             )
-        path = os.path.normpath(os.path.join(self._logdir, name))
-        if path != self._logdir and not path.startswith(self._logdir + os.sep):
-            raise errors.NotFoundError(f"run {name!r} is outside the log directory")
         with _public_errors():
-            run = self.service.run(path)
-        problem = run.problem()
-        if problem is not None:
-            raise errors.InvalidArgumentError(problem)
-        return run
+            return self._open(name)
 
     def _step(self, run, args) -> int:
         step = _int(args, "step")
@@ -203,10 +206,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def runs_impl(self, ctx, experiment: str) -> list[dict]:
         """Every run with our data; one that cannot be read is listed with its error."""
         out = []
-        names = self._run_names(ctx, experiment)
-        for name in names:
+        for name in self._run_names(ctx, experiment):
             try:
-                run = self._run(ctx, experiment, name, names)
+                run = self._open(name)
                 model, probe = run.manifest.model, run.manifest.probe
                 out.append(
                     {
@@ -222,7 +224,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                         "probe": None if probe is None else dataclasses.asdict(probe),
                     }
                 )
-            except (errors.PublicError, MicroscopeError, ValueError, OSError) as e:
+            except (MicroscopeError, ValueError, OSError) as e:
                 out.append({"run": name, "error": str(e)})
         return out
 
