@@ -4,8 +4,8 @@
 
 Trains the demo CNN for 100 steps (13 snapshots) into a temporary logdir, starts TensorBoard on a
 free loopback port, and prints:
-- p50/p99 latency of a cached unit image with `--clients` clients fetching at once, and of the
-  `nodes` route (sequential requests);
+- p50/p99 latency of a cached unit image with `--clients` clients fetching at once, then of the
+  image and the `nodes` route one request at a time;
 - how many renders N identical concurrent requests for one uncached unit caused (goal: one);
 - the server's resident memory (VmRSS) as it browses `--units` distinct units the way the tab
   does (one `render` POST per node and step, then each unit's image), every unit rendered at
@@ -112,11 +112,12 @@ def main() -> None:
                 t.start()
             for t in clients:
                 t.join()
-            nodes = []
+            sequential = {"image": [], "nodes": []}
             for _ in range(args.requests):
-                start = time.perf_counter()
-                assert fetch(f"{base}/nodes?run=demo")[0] == 200
-                nodes.append(time.perf_counter() - start)
+                for name, url in (("image", image), ("nodes", f"{base}/nodes?run=demo")):
+                    start = time.perf_counter()
+                    assert fetch(url)[0] == 200
+                    sequential[name].append(time.perf_counter() - start)
 
             before = json.loads(fetch(f"{base}/status")[1])["renders"]
             uncached = f"{base}/image?run=demo&step=10&node=conv3&unit=5"
@@ -154,7 +155,8 @@ def main() -> None:
         f"cached image ({args.clients} clients x {args.requests} requests at once): "
         f"{percentiles(cached)}"
     )
-    print(f"nodes ({args.requests} sequential requests): {percentiles(nodes)}")
+    print(f"cached image ({args.requests} sequential requests): {percentiles(sequential['image'])}")
+    print(f"nodes ({args.requests} sequential requests): {percentiles(sequential['nodes'])}")
     print(
         f"{args.concurrent} identical concurrent requests for one uncached unit: "
         f"{renders} render(s)"

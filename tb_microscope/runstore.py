@@ -68,6 +68,8 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_PROBE_BYTES = 1 << 30
 MAX_PROBE_IMAGES = 100_000
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_SIZE = 1 << 16  # the largest input dimension a manifest may name
+MAX_UNITS = 1 << 20  # the most units (or calls) a node may have
 
 
 def plugin_dir(run_dir: str | os.PathLike) -> Path:
@@ -265,8 +267,8 @@ class Manifest:
         spec = f.sub("input")
         normalize = spec.get("normalize", dict, optional=True)
         shape = spec.get("shape", list)
-        if not _ints(shape) or not shape:
-            raise spec.bad("shape", "must be a list of whole numbers")
+        if not _ints(shape, MAX_SIZE) or not shape or not shape[0]:
+            raise spec.bad("shape", f"must be a list of whole numbers up to {MAX_SIZE}")
         if normalize is not None:
             for part in ("mean", "std"):
                 values = normalize.get(part)
@@ -277,8 +279,8 @@ class Manifest:
             if not isinstance(d, dict) or not isinstance(d.get("name"), str):
                 raise spec.bad(f"dims.{i}", "must be an object with a name")
             for bound in ("size", "min", "max"):
-                if d.get(bound) is not None and not _ints([d[bound]]):
-                    raise spec.bad(f"dims.{i}.{bound}", "must be a whole number or null")
+                if d.get(bound) is not None and not _ints([d[bound]], MAX_SIZE):
+                    raise spec.bad(f"dims.{i}.{bound}", f"must be null or 0 to {MAX_SIZE}")
         value_range = spec.get("value_range", list)
         if not _numbers(value_range) or len(value_range) != 2:
             raise spec.bad("value_range", "must be [low, high]")
@@ -290,8 +292,8 @@ class Manifest:
             if not _ints(node_shape):
                 raise n.bad("shape", "must be a list of whole numbers")
             units, calls = n.get("units", int), n.get("calls", int)
-            if units < 1 or calls < 1:
-                raise n.bad("units", "and calls must be 1 or more")
+            if not 1 <= units <= MAX_UNITS or not 1 <= calls <= MAX_UNITS:
+                raise n.bad("units", f"and calls must be from 1 to {MAX_UNITS}")
             nodes.append(
                 Node(
                     n.get("name", str),
@@ -343,9 +345,9 @@ class Manifest:
         )
 
 
-def _ints(values) -> bool:
+def _ints(values, limit: int | None = None) -> bool:
     return isinstance(values, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= (limit or v) for v in values
     )
 
 

@@ -270,6 +270,7 @@ JSON = {"Content-Type": "application/json"}
         ("post", "/render", GOOD, {**JSON, "Origin": "http://evil.example"}, 403),
         ("post", "/cancel", GOOD, {**JSON, "Origin": "null"}, 403),
         ("post", "/render", GOOD, {**JSON, "Sec-Fetch-Site": "cross-site"}, 403),
+        ("post", "/render", GOOD[:-1] + ", " + " " * (1 << 20) + "}", JSON, 413),
         ("get", "/nodes?run=%2e%2e%2f%2e%2e", None, {}, 404),
         ("get", "/examples?run=demo&step=10&node=conv2", None, {}, 400),
         ("get", "/weights?run=demo&step=10&node=conv1&unit=0", None, {}, 400),

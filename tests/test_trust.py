@@ -51,13 +51,18 @@ def craft_pickled_weight(good_archive, evil_archive, marker):
             z.writestr(name, data)
 
 
-def without(data: dict, dotted: str) -> dict:
+def edited(data: dict, dotted: str, value=None, delete=True) -> dict:
+    """A copy of `data` with the key at `dotted` (e.g. "nodes.0.units") deleted or set."""
     data = json.loads(json.dumps(data))
     *parents, last = dotted.split(".")
     target = data
     for part in parents:
         target = target[int(part)] if isinstance(target, list) else target[part]
-    del target[last]
+    last = int(last) if isinstance(target, list) else last
+    if delete:
+        del target[last]
+    else:
+        target[last] = value
     return data
 
 
@@ -79,6 +84,14 @@ MISSING_KEYS = [
     "nodes.0.name",
     "edges",
 ]
+WRONG_VALUES = {
+    "nodes.0.units": 10**12,
+    "input.dims.2.min": 10**9,
+    "model.architecture.file": "../../../../etc/passwd",
+    "run_id": "../../x",
+    "edges": "all",
+    "input.normalize": {"mean": [0.5], "std": [1.0]},
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +112,11 @@ def logdir(tmp_path_factory):
     for key in MISSING_KEYS:
         shutil.copytree(logdir / "good", logdir / f"broken-{key}")
         store = RunStore(logdir / f"broken-{key}")
-        store.manifest_path.write_text(json.dumps(without(manifest, key)))
+        store.manifest_path.write_text(json.dumps(edited(manifest, key)))
+    for key, value in WRONG_VALUES.items():
+        shutil.copytree(logdir / "good", logdir / f"wrong-{key}")
+        store = RunStore(logdir / f"wrong-{key}")
+        store.manifest_path.write_text(json.dumps(edited(manifest, key, value, delete=False)))
     return root, logdir, marker
 
 
@@ -156,13 +173,16 @@ def test_a_pickled_payload_in_the_archive_is_refused_and_never_runs(server, logd
     assert poll_png(server, "run=good&step=3&node=conv1&unit=0").shape == (SIZE, SIZE, 3)
 
 
-def test_a_manifest_missing_any_required_key_breaks_only_its_run(server):
+def test_a_manifest_missing_or_mistyping_a_key_breaks_only_its_run(server):
     runs = listed(server)
     for key in MISSING_KEYS:
         error = runs[f"broken-{key}"]["error"]
         assert "manifest.json" in error and (f"'{key}'" in error or key == "version"), error
         status, _, body = http(f"{server}/nodes?run=broken-{key}")
         assert status == 400 and b"manifest.json" in body
+    for key in WRONG_VALUES:
+        error = runs[f"wrong-{key}"]["error"]
+        assert "manifest.json" in error and key.split(".")[-1] in error, error
     assert runs["good"]["steps"] == [0, 1, 2, 3]
     assert http(f"{server}/nodes?run=good")[0] == 200
 

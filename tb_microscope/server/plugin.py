@@ -42,6 +42,7 @@ _MAX_INT = 2**62
 # What the tab's static files may be, and how they are served.
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
 RETRY_AFTER_S = 2
+MAX_BODY_BYTES = 1 << 20
 DEFAULT_CACHE_MB = 2048
 DEFAULT_MEMORY_MB = 2048
 
@@ -386,6 +387,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     @staticmethod
     def _body(request) -> dict:
         check_same_origin_json(request)
+        request.max_content_length = MAX_BODY_BYTES  # a larger body is a 413
         try:
             body = json.loads(request.get_data() or b"{}")
         except ValueError as e:
