@@ -23,7 +23,8 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import PAD, InputSpace, NodeTap, default_device
+from tb_microscope.rendering.engine import PAD, InputSpace, default_device
+from tb_microscope.rendering.tap import NodeTap
 
 
 def mean_activation(run, model, node, units, images: np.ndarray, device) -> np.ndarray:
@@ -31,7 +32,7 @@ def mean_activation(run, model, node, units, images: np.ndarray, device) -> np.n
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     x = (x / 255 if images.dtype == np.uint8 else x).permute(0, 3, 1, 2).to(device)
     with torch.no_grad():
-        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x)).float()
+        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x)).maps.float()
     return act[torch.arange(len(units)), torch.tensor(units)].flatten(1).mean(1).cpu().numpy()
 
 
@@ -64,7 +65,7 @@ def flops_per_iteration(run, model, node, batch, size, device) -> int:
     x = torch.rand(batch, 3, size + 2 * PAD, size + 2 * PAD, device=device, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter:
-        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x))
+        act = NodeTap(model, run.node(node))(InputSpace(run.input_spec, device)(x)).maps
         act[:, 0].mean().backward()
     return counter.get_total_flops()
 

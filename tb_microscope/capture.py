@@ -17,19 +17,20 @@ import pickle
 import site
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
 import sympy
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree
 from torch.utils._sympy.numbers import int_oo
 
 from .errors import NodeNotFoundError, PickleNotAllowedError, summarize
-from .runstore import EXPORT, PICKLE, Node
+from .runstore import CHANNELS_FIRST, CHANNELS_LAST, EXPORT, PICKLE, TOKENS, VECTOR, Node
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,12 +60,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def _node_kind(output: object) -> str | None:
-    if isinstance(output, torch.Tensor) and output.is_floating_point():
-        return {4: "spatial", 2: "vector"}.get(output.dim())
-    return None
-
-
 def _is_within(name: str, ancestor: str) -> bool:
     return name.startswith(ancestor + ".")
 
@@ -74,14 +69,108 @@ def innermost_edges(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
     return {(a, b) for a, b in edges if not any(a2 == a and _is_within(b2, b) for a2, b2 in edges)}
 
 
-def discover_nodes(model: nn.Module, example: torch.Tensor) -> tuple[list[Node], list]:
-    """Run one eval-mode forward with hooks on every named submodule.
+def hidden_state(output, depth: int = 2) -> tuple[torch.Tensor, tuple] | None:
+    """The floating-point tensor (2-D or more) that a module's output carries, and its path in
+    it: the output itself, else the first such tensor of a tuple, else of a dict or Hugging Face
+    `ModelOutput` (its `last_hidden_state` first)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point() and output.dim() >= 2:
+            return output, ()
+        return None
+    if depth == 0:
+        return None
+    if isinstance(output, Mapping):
+        keys = sorted(output.keys(), key=lambda k: k != "last_hidden_state")
+        items = [(k, output[k]) for k in keys if isinstance(k, str)]
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        return None
+    for key, value in items:
+        found = hidden_state(value, depth - 1)
+        if found is not None:
+            return found[0], (key, *found[1])
+    return None
 
-    Returns the nodes (4-D and 2-D floating-point outputs), in the order they are first called,
-    and edges found by tensor identity (used only when the model cannot be exported).
-    """
+
+# A second input size tells which output dimensions follow the input's height and width (shapes
+# alone cannot: Swin's N x H x W x C looks like N x C x H x W). Heights and widths grow by
+# different amounts, so that the two can be told apart; the first size a model accepts is used.
+_GROWTH = ((32, 64), (32, 32), (64, 64))
+MAX_PREFIX_TOKENS = 16  # class and register tokens before the patch tokens
+
+
+def _stride(before: int, after: int, size: int, size2: int) -> float | None:
+    """The input pixels per step of an output dimension that was `before` at input size `size`
+    and `after` at `size2`, if it grew with the input as a feature map's does."""
+    return (size2 - size) / (after - before) if after > before else None
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) <= 0.1 * max(a, b)
+
+
+def _map_like(height: int, width: int, h: int, w: int) -> bool:
+    """Whether a height x width grid could be a feature map of an h x w input (no second size
+    to check against): the same stride both ways."""
+    return height > 0 and width > 0 and _same(h / height, w / width)
+
+
+def _token_prefix(count: int, height: int, width: int, count2=None, height2=None, width2=None):
+    """If `count` tokens are a few leading ones then a patch grid over height x width (and,
+    given a second size, `count2` tokens are the same over height2 x width2): how many lead."""
+    for stride in range(1, min(height, width) + 1):
+        if height % stride or width % stride:
+            continue
+        prefix = count - (height // stride) * (width // stride)
+        if not 0 <= prefix <= MAX_PREFIX_TOKENS:
+            continue
+        if count2 is None or count2 - prefix == -(-height2 // stride) * -(-width2 // stride):
+            return prefix
+    return None
+
+
+def layout_of(shape, size, shape2=None, size2=None) -> tuple[str, int, int] | None:
+    """(layout, units, prefix) of an output of `shape` (one example's) at input `size` (H, W),
+    using its `shape2` at `size2` where the model accepted a second size; None for outputs that
+    are no node (per-head internals, attention maps, sequences)."""
+    (h, w), (h2, w2) = size, size2 or (None, None)
+    if len(shape) == 1:
+        return VECTOR, shape[0], 0
+    if len(shape) == 3:
+        a, b, c = shape
+        if shape2 is not None:
+            a2, b2, c2 = shape2
+            if a == a2 and _same(_stride(b, b2, h, h2), _stride(c, c2, w, w2)):
+                return CHANNELS_FIRST, a, 0
+            if c == c2 and _same(_stride(a, a2, h, h2), _stride(b, b2, w, w2)):
+                return CHANNELS_LAST, c, 0
+            if shape != tuple(shape2) or b != 1 or c != 1:
+                return None
+            return CHANNELS_FIRST, a, 0  # pooled to 1 x 1 at every size
+        if _map_like(b, c, h, w):
+            return CHANNELS_FIRST, a, 0
+        if _map_like(a, b, h, w):
+            return CHANNELS_LAST, c, 0
+        return None
+    if len(shape) == 2:
+        count, features = shape
+        if shape2 is not None:
+            if shape2[1] != features or shape2[0] == count:
+                return None
+            prefix = _token_prefix(count, h, w, shape2[0], h2, w2)
+        else:
+            prefix = _token_prefix(count, h, w)
+        return None if prefix is None else (TOKENS, features, prefix)
+    return None
+
+
+def _trace(model: nn.Module, example: torch.Tensor):
+    """One eval-mode forward with hooks on every named submodule: per module, its call order,
+    call count and the hidden-state tensor of its last call (with its path); and the edges
+    between modules by tensor identity."""
     order: dict[str, int] = {}
-    outputs: dict[str, object] = {}
+    outputs: dict[str, tuple[torch.Tensor, tuple] | None] = {}
     calls: dict[str, int] = {}
     producer: dict[int, str] = {}
     alive: list[torch.Tensor] = [example]  # keeps ids unique for the whole pass
@@ -101,12 +190,14 @@ def discover_nodes(model: nn.Module, example: torch.Tensor) -> tuple[list[Node],
     def after(name):
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
-            outputs[name] = output
-            if isinstance(output, torch.Tensor):
-                alive.append(output)
-                current = producer.get(id(output))
+            found = hidden_state(output)
+            outputs[name] = found
+            if found is not None:
+                tensor = found[0]
+                alive.append(tensor)
+                current = producer.get(id(tensor))
                 if current is None or not _is_within(current, name):
-                    producer[id(output)] = name
+                    producer[id(tensor)] = name
 
         return hook
 
@@ -121,17 +212,51 @@ def discover_nodes(model: nn.Module, example: torch.Tensor) -> tuple[list[Node],
     finally:
         for h in handles:
             h.remove()
+    return order, outputs, calls, raw_edges
 
+
+def _second_size(model: nn.Module, example: torch.Tensor):
+    """The traced outputs at another input size, and that size; (None, None) for a model that
+    accepts only its example's size (or a non-image input)."""
+    if example.dim() != 4:
+        return None, None
+    h, w = example.shape[2:]
+    for dh, dw in _GROWTH:
+        other = F.interpolate(example, size=(h + dh, w + dw), mode="bilinear")
+        try:
+            return _trace(model, other)[1], (h + dh, w + dw)
+        except Exception:  # the model fixes its input size: position embeddings, say
+            continue
+    return None, None
+
+
+def discover_nodes(model: nn.Module, example: torch.Tensor) -> tuple[list[Node], list]:
+    """The model's nodes, in the order they are first called, with their layouts, and the
+    edges between them found by tensor identity (used only when the model cannot be exported).
+
+    A node is a named submodule whose output carries a feature map, tokens or a vector (see
+    `layout_of`); the model is run at the example's size and, where it accepts one, a second.
+    """
+    order, outputs, calls, raw_edges = _trace(model, example)
+    size = tuple(example.shape[2:]) if example.dim() == 4 else (1, 1)
+    outputs2, size2 = _second_size(model, example)
     modules = dict(model.named_modules())
     nodes = []
     for name in sorted(outputs, key=order.__getitem__):
-        out = outputs[name]
-        kind = _node_kind(out)
-        if kind:
-            shape = tuple(out.shape[1:])
-            nodes.append(
-                Node(name, kind, shape[0], shape, type(modules[name]).__name__, calls[name])
-            )
+        found = outputs[name]
+        if found is None or found[0].shape[0] != example.shape[0]:
+            continue
+        tensor, path = found
+        shape = tuple(tensor.shape[1:])
+        other = (outputs2 or {}).get(name)
+        shape2 = tuple(other[0].shape[1:]) if other is not None and other[1] == path else None
+        if outputs2 is not None and shape2 is None:
+            continue  # not called, or called differently, at the other size
+        layout = layout_of(shape, size, shape2, size2)
+        if layout is not None:
+            kind, units, prefix = layout
+            module = type(modules[name]).__name__
+            nodes.append(Node(name, kind, units, shape, module, calls[name], prefix, path))
     kept = {n.name for n in nodes} | {"input"}
     edges = {(a, b) for a, b in raw_edges if a in kept and b in kept}
     return nodes, sorted(innermost_edges(edges))
@@ -145,7 +270,8 @@ def select_nodes(nodes: list[Node], wanted: list[str] | None) -> list[Node]:
     if missing:
         raise NodeNotFoundError(
             f"nodes= names {', '.join(map(repr, missing))} are not nodes of this model "
-            f"(submodules with a 4-D or 2-D output); nodes: {summarize(list(by_name), 40)}"
+            f"(submodules whose output is a feature map, tokens or a vector); nodes: "
+            f"{summarize(list(by_name), 40)}"
         )
     return [by_name[w] for w in dict.fromkeys(wanted)]
 

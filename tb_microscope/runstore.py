@@ -123,19 +123,62 @@ def new_run_id() -> str:
 # --- the manifest ----------------------------------------------------------------------------
 
 
+CHANNELS_FIRST = "channels_first"  # N x C x H x W: units are channels
+CHANNELS_LAST = "channels_last"  # N x H x W x C: units are channels
+TOKENS = "tokens"  # N x T x D, `prefix` leading tokens (class, registers), then a patch grid
+VECTOR = "vector"  # N x F: units are features
+LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR)
+_V1_KINDS = {"spatial": CHANNELS_FIRST, "vector": VECTOR}
+
+
 @dataclass(frozen=True)
 class Node:
-    """A place in the model: the output of one named submodule (its last call in a forward)."""
+    """A place in the model: the output of one named submodule (its last call in a forward).
+
+    `layout` says how its output is laid out (see LAYOUTS); units are channels for maps and
+    features for tokens and vectors. `output` is where the node's tensor is in what the module
+    returns: a path of tuple indexes and dict keys, empty when it returns the tensor itself
+    (a Hugging Face layer returns a tuple or a ModelOutput, say).
+    """
 
     name: str
-    kind: str  # "spatial": N x C x H x W, units are channels; "vector": N x F, units are features
+    layout: str
     units: int
     shape: tuple[int, ...]  # one example's output shape at the example input size
     module: str  # the submodule's class name
     calls: int  # how many times one forward pass calls it
+    prefix: int = 0  # tokens: how many leading tokens are not patches (class, registers)
+    output: tuple[int | str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """ "spatial" for feature maps (either layout), else the layout."""
+        return "spatial" if self.layout in (CHANNELS_FIRST, CHANNELS_LAST) else self.layout
+
+    def tensor_of(self, output):
+        """The node's tensor in what its module returned."""
+        for step in self.output:
+            output = output[step]
+        return output
+
+    def with_tensor(self, output, tensor, path: tuple | None = None):
+        """What the module returned, with the node's tensor replaced by `tensor` (tuples are
+        rebuilt, dicts changed in place)."""
+        path = self.output if path is None else path
+        if not path:
+            return tensor
+        step, rest = path[0], path[1:]
+        if isinstance(output, tuple):
+            return (
+                *output[:step],
+                self.with_tensor(output[step], tensor, rest),
+                *output[step + 1 :],
+            )
+        output[step] = self.with_tensor(output[step], tensor, rest)
+        return output
 
     def to_json(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
+        return {**asdict(self), "shape": list(self.shape), "output": list(self.output)}
 
 
 @dataclass(frozen=True)
@@ -294,14 +337,28 @@ class Manifest:
             units, calls = n.get("units", int), n.get("calls", int)
             if not 1 <= units <= MAX_UNITS or not 1 <= calls <= MAX_UNITS:
                 raise n.bad("units", f"and calls must be from 1 to {MAX_UNITS}")
+            if version == 1:
+                layout = _V1_KINDS.get(n.get("kind", str))
+            else:
+                layout = n.get("layout", str)
+            if layout not in LAYOUTS:
+                raise n.bad("layout", f"must be one of {', '.join(LAYOUTS)}")
+            prefix = n.get("prefix", int, optional=True) or 0
+            path = n.get("output", list, optional=True) or []
+            if not all(isinstance(p, (int, str)) and not isinstance(p, bool) for p in path):
+                raise n.bad("output", "must be a list of indexes and keys")
+            if not 0 <= prefix <= MAX_UNITS:
+                raise n.bad("prefix", f"must be from 0 to {MAX_UNITS}")
             nodes.append(
                 Node(
                     n.get("name", str),
-                    n.get("kind", str),
+                    layout,
                     units,
                     tuple(node_shape),
                     n.get("module", str),
                     calls,
+                    prefix,
+                    tuple(path),
                 )
             )
         edges = []

@@ -13,8 +13,9 @@ import tb_microscope
 from conftest import run_python
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
-from tb_microscope.rendering.engine import InputSpace, NodeTap
+from tb_microscope.rendering.engine import InputSpace
 from tb_microscope.rendering.probe import probe_activations
+from tb_microscope.rendering.tap import NodeTap
 
 STEPS = 150
 
@@ -45,7 +46,7 @@ def test_renders_excite_their_unit_more_than_any_probe_image(trained):
     space = InputSpace(trained.input_spec, torch.device("cpu"))
     x = torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        act = NodeTap(trained.load_model(STEPS), trained.node("conv3"))(space(x))
+        act = NodeTap(trained.load_model(STEPS), trained.node("conv3"))(space(x)).maps
     again = act[torch.arange(4), torch.tensor(units)].mean((1, 2)).numpy()
     np.testing.assert_allclose(again, result.activation, rtol=0.05, atol=0.05)
     np.testing.assert_allclose(result.objective, result.activation, rtol=1e-6)
@@ -57,7 +58,7 @@ def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
     model = trained.load_model(STEPS)
     space = InputSpace(trained.input_spec, torch.device("cpu"))
     with torch.no_grad():
-        start = NodeTap(model, trained.node("pool1"))(space(torch.full((1, 3, 32, 32), 0.5)))
+        start = NodeTap(model, trained.node("pool1"))(space(torch.full((1, 3, 32, 32), 0.5))).maps
     silent = [u for u in range(16) if start[0, u].max() <= 0]
     assert len(silent) >= 4, "the test needs units that the starting image leaves silent"
     result = tb_microscope.render(trained, STEPS, "pool1", silent, size=32, iterations=32)

@@ -32,8 +32,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import MicroscopeError
 from ..run import Run
-from ..runstore import Node
-from .techniques import Technique, channel, get_technique
+from ..runstore import TOKENS, Node
+from .tap import NodeTap
+from .techniques import Technique, channel, class_token, get_technique
 
 ENGINE_VERSION = 2  # 2: redirected ReLU gradients
 PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
@@ -102,40 +103,6 @@ def unit_seed(seed: int, node: str, unit: int, image: int, stream: str) -> int:
     """A 63-bit seed that depends only on what identifies one image of one unit."""
     digest = hashlib.sha256(f"{seed}\0{node}\0{unit}\0{image}\0{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-class _Stop(Exception):
-    pass
-
-
-class NodeTap:
-    """Captures a node's output (its last call of a forward) and stops the forward pass there."""
-
-    def __init__(self, model: nn.Module, node: Node):
-        self.model = model
-        self.node = node
-        self.module = model.get_submodule(node.name)
-        self._count = 0
-        self._output: torch.Tensor | None = None
-
-    def _hook(self, module, args, output):
-        self._count += 1
-        if self._count == self.node.calls:
-            self._output = output
-            raise _Stop
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._count, self._output = 0, None
-        handle = self.module.register_forward_hook(self._hook)
-        try:
-            self.model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if self._output is None:
-            raise MicroscopeError(f"node {self.node.name!r} was not reached in the forward pass")
-        return self._output
 
 
 class InputSpace:
@@ -315,6 +282,15 @@ def _numerics(device: torch.device) -> Iterator[None]:
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
 
 
+def check_technique(technique: Technique, node: Node) -> None:
+    if technique.class_token and not (node.layout == TOKENS and node.prefix):
+        raise MicroscopeError(
+            f"technique 'class_token' needs a node of tokens with a class token; node "
+            f"{node.name!r} is {node.layout.replace('_', ' ')}"
+            + (" without leading tokens" if node.layout == TOKENS else "")
+        )
+
+
 def check_units(node: Node, units: Sequence[int]) -> list[int]:
     units = list(units)
     bad = [
@@ -371,8 +347,8 @@ def optimize(
                 x = x.contiguous(memory_format=torch.channels_last)
             redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
             with _numerics(device), redirect:
-                act = tap(x)
-                loss = -technique.value(act.float(), unit_index).sum()
+                act = tap(x).float()
+                loss = -technique.value(act, unit_index).sum()
                 loss.backward()
             optimizer.step()
     with torch.no_grad(), _numerics(device):
@@ -380,7 +356,8 @@ def optimize(
         shown = images if accepts_size else centred(images, canvas)
         act = tap(space(shown)).float()
         objective = technique.value(act, unit_index)
-        activation = channel(act, unit_index)  # the unit's mean activation
+        measure = class_token if technique.class_token else channel
+        activation = measure(act, unit_index)  # the unit's mean (or class token) activation
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
@@ -441,6 +418,7 @@ def render(
         )
     target = run.node(node)
     units = [0] if spec.whole_node else check_units(target, units)
+    check_technique(spec, target)
     if not isinstance(size, int) or not 8 <= size <= 1024:
         raise ValueError(f"size must be a whole number of pixels from 8 to 1024, got {size!r}")
     if not isinstance(iterations, int) or not 1 <= iterations <= 100_000:

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..run import Run
-from .engine import InputSpace, NodeTap, _frozen, check_units, default_device
+from .engine import InputSpace, _frozen, check_units, default_device
 from .probe import probe_activations, probe_images
+from .tap import NodeTap
 
 
 @dataclass
@@ -33,7 +34,7 @@ def _receptive_boxes(model, run, node, images, units, positions, device) -> list
     """The input pixels each (image, unit, position) depends on, from one batched backward."""
     space, tap = InputSpace(run.input_spec, device), NodeTap(model, node)
     x = (images.to(device).float() / 255).requires_grad_(True)
-    act = tap(space(x)).float()
+    act = tap(space(x)).maps.float()
     index = torch.arange(len(units), device=device)
     if act.dim() == 4:
         rows = torch.tensor([p[0] for p in positions], device=device)

@@ -8,7 +8,8 @@ from torch import nn
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import Node
-from .engine import InputSpace, NodeTap
+from .engine import InputSpace
+from .tap import NodeTap
 
 
 def probe_images(run: Run) -> torch.Tensor:
@@ -24,12 +25,13 @@ def probe_images(run: Run) -> torch.Tensor:
 def probe_activations(
     run: Run, model: nn.Module, node: Node, device: torch.device, batch: int = 64
 ) -> torch.Tensor:
-    """The node's activations on every probe image (N x C x H x W or N x F), on the CPU."""
+    """The node's activations on every probe image, on the CPU: its tap's maps (N x C x H x W,
+    tokens on their grid, or N x F)."""
     images = probe_images(run)
     space, tap = InputSpace(run.input_spec, device), NodeTap(model, node)
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = images[start : start + batch].to(device).float() / 255
-            out.append(tap(space(x)).float().cpu())
+            out.append(tap(space(x)).maps.float().cpu())
     return torch.cat(out)

@@ -1,8 +1,9 @@
 """Techniques: how a unit or a node is shown. Each optimizable one is an objective, as in lucid.
 
-An objective maps the node's activations for a batch (N x C x H x W or N x F) and the unit of
-each batch element to one value per element, to be maximized. Batch elements never interact,
-except within one unit's diversity group, so a unit's image does not depend on its batch-mates.
+An objective maps the node's activations for a batch (`NodeActivations`: maps of N x C x H x W
+or N x F, and a token node's class token) and the unit of each batch element to one value per
+element, to be maximized. Batch elements never interact, except within one unit's diversity
+group, so a unit's image does not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -13,30 +14,41 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from ..errors import MicroscopeError
+from .tap import NodeActivations
+
+Objective = Callable[[NodeActivations, torch.Tensor], torch.Tensor]
 
 
 def _pick(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return act[torch.arange(act.shape[0], device=act.device), units]
 
 
-def channel(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """The mean of the unit's feature map (the unit's value, for a 2-D node)."""
-    picked = _pick(act, units)
+def channel(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
+    """The mean of the unit's feature map (over the patch tokens for tokens; the unit's value
+    for a vector)."""
+    picked = _pick(act.maps, units)
     return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
 
 
-def neuron(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """The unit at the centre position of its feature map."""
-    picked = _pick(act, units)
+def neuron(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
+    """The unit at the centre position of its feature map (the centre patch token)."""
+    picked = _pick(act.maps, units)
     if picked.dim() == 1:
         return picked
     return picked[:, picked.shape[1] // 2, picked.shape[2] // 2]
 
 
-def deepdream(act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+def class_token(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
+    """The unit (a feature) of the class token."""
+    if act.cls is None:
+        raise MicroscopeError("the class token technique needs a node of tokens with a class token")
+    return _pick(act.cls, units)
+
+
+def deepdream(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
     """The whole node: the mean square of all its activations."""
-    return act.square().flatten(1).mean(1)
+    return act.maps.square().flatten(1).mean(1)
 
 
 def diversity_penalty(act: torch.Tensor, group: int) -> torch.Tensor:
@@ -58,12 +70,13 @@ class Technique:
     images_per_unit: int = 1
     whole_node: bool = False  # one image for the node; units are ignored
     diversity: float = 0.0  # weight of the diversity term, relative to the objective's size
+    class_token: bool = False  # needs a node of tokens with a class token
 
-    def value(self, act: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    def value(self, act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
         """The quantity to maximize, per batch element."""
         value = self.objective(act, units)
         if self.diversity:
-            penalty = diversity_penalty(act, self.images_per_unit)
+            penalty = diversity_penalty(act.maps, self.images_per_unit)
             value = value - self.diversity * value.detach().abs().clamp_min(1e-3) * penalty
         return value
 
@@ -79,6 +92,7 @@ TECHNIQUES: dict[str, Technique] = {
         Technique("neuron", neuron),
         Technique("negative_channel", _negative(channel)),
         Technique("negative_neuron", _negative(neuron)),
+        Technique("class_token", class_token, class_token=True),
         Technique("diversity", channel, images_per_unit=4, diversity=0.5),
         Technique("deepdream", deepdream, whole_node=True),
         Technique("examples", None),

@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import Node
-from .engine import InputSpace, NodeTap, _frozen, check_units, default_device
+from .engine import InputSpace, _frozen, check_units, default_device
+from .tap import NodeTap, node_view
 
 # Modules that act on each unit separately: a unit's weights come from before them.
 ELEMENTWISE = {
@@ -140,9 +141,10 @@ class _Source:
         self.leaves: list[torch.Tensor] = []
 
     def hook(self, module, args, output):
-        leaf = output.detach().float().requires_grad_(True)
+        tensor = self.node.tensor_of(output)
+        leaf = tensor.detach().float().requires_grad_(True)
         self.leaves.append(leaf)
-        return leaf.to(output.dtype)
+        return self.node.with_tensor(output, leaf.to(tensor.dtype))
 
     def gradient(self, value: torch.Tensor) -> torch.Tensor | None:
         grads = torch.autograd.grad(value, self.leaves, allow_unused=True)
@@ -179,7 +181,7 @@ def unit_weights(
     handle = leaf.module.register_forward_hook(leaf.hook)
     try:
         with Linearized():
-            out = tap(InputSpace(spec, device)(grey)).float()
+            out = tap(InputSpace(spec, device)(grey)).maps.float()
     finally:
         handle.remove()
     value = out[0, unit] if out.dim() == 2 else out[0, unit, out.shape[2] // 2, out.shape[3] // 2]
@@ -189,6 +191,7 @@ def unit_weights(
             f"unit {node}:{unit} does not depend on node {source_node.name!r}; "
             f"pass as source= a node that comes before it"
         )
+    grad = node_view(grad, source_node).maps  # the source's units first, like the target's
     kernel = grad[0].flatten(1) if grad.dim() == 4 else grad[0][:, None]
     strength = (kernel.norm(dim=1) * torch.sign(kernel.sum(1))).cpu().numpy()
     order = np.argsort(-np.abs(strength))[:top]

@@ -1,0 +1,78 @@
+"""The node tap: a node's activations in the one layout every technique reads.
+
+Whatever the node's layout (`runstore.LAYOUTS`), a tap gives `NodeActivations` whose `maps` are
+N x C x H x W for feature maps and tokens, and N x F for vectors:
+- channels-last maps (Swin, ConvNeXt blocks) are permuted to channels-first;
+- tokens (ViT, DINOv2): the patch tokens after the node's `prefix` leading ones, laid out on their
+  grid (N x D x g x g for a square number of them, else N x D x 1 x T); the first leading token,
+  the class token, is `cls` (N x D).
+The forward pass stops as soon as the node's output is captured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import MicroscopeError
+from ..runstore import CHANNELS_LAST, TOKENS, Node
+
+
+@dataclass
+class NodeActivations:
+    maps: torch.Tensor  # N x C x H x W, or N x F for a vector node
+    cls: torch.Tensor | None = None  # N x D: a token node's class token, where it has one
+
+    def float(self) -> NodeActivations:
+        return NodeActivations(self.maps.float(), None if self.cls is None else self.cls.float())
+
+
+def node_view(tensor: torch.Tensor, node: Node) -> NodeActivations:
+    """A node's output tensor (as its module returned it) in the tap's layout."""
+    if node.layout == CHANNELS_LAST:
+        return NodeActivations(tensor.permute(0, 3, 1, 2))
+    if node.layout == TOKENS:
+        patches = tensor[:, node.prefix :, :].transpose(1, 2)  # N x D x T
+        count = patches.shape[2]
+        side = math.isqrt(count)
+        grid = (side, side) if side * side == count else (1, count)
+        cls = tensor[:, 0, :] if node.prefix else None
+        return NodeActivations(patches.reshape(*patches.shape[:2], *grid), cls)
+    return NodeActivations(tensor)
+
+
+class _Stop(Exception):
+    pass
+
+
+class NodeTap:
+    """Captures a node's output (its last call of a forward) and stops the forward pass there."""
+
+    def __init__(self, model: nn.Module, node: Node):
+        self.model = model
+        self.node = node
+        self.module = model.get_submodule(node.name)
+        self._count = 0
+        self._output: torch.Tensor | None = None
+
+    def _hook(self, module, args, output):
+        self._count += 1
+        if self._count == self.node.calls:
+            self._output = self.node.tensor_of(output)
+            raise _Stop
+
+    def __call__(self, x: torch.Tensor) -> NodeActivations:
+        self._count, self._output = 0, None
+        handle = self.module.register_forward_hook(self._hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if self._output is None:
+            raise MicroscopeError(f"node {self.node.name!r} was not reached in the forward pass")
+        return node_view(self._output, self.node)
