@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import logging
 import pickle
 import site
 import sys
 import sysconfig
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +129,15 @@ def _token_prefix(count: int, height: int, width: int, count2=None, height2=None
         prefix = count - (height // stride) * (width // stride)
         if not 0 <= prefix <= MAX_PREFIX_TOKENS:
             continue
-        if count2 is None or count2 - prefix == -(-height2 // stride) * -(-width2 // stride):
+        grids = (
+            {  # patches that do not fit are dropped (a strided convolution) or padded
+                (height2 // stride) * (width2 // stride),
+                -(-height2 // stride) * -(-width2 // stride),
+            }
+            if count2 is not None
+            else set()
+        )
+        if count2 is None or count2 - prefix in grids:
             return prefix
     return None
 
@@ -413,30 +425,122 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
     return True
 
 
+class ExportTimeout(Exception):
+    """An export attempt ran past its time budget."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt this thread with `ExportTimeout` once `seconds` have passed.
+
+    The exception is set asynchronously on the thread, so it lands at the next Python bytecode:
+    what makes a slow export slow (symbolic shapes, in sympy) is pure Python, so it lands soon.
+    A limit that fires as the block ends is withdrawn before it can land elsewhere.
+    """
+    if seconds is None:
+        yield
+        return
+    target, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(target), ctypes.py_object(ExportTimeout)
+                )
+
+    threading.Thread(target=watchdog, daemon=True, name="tb_microscope-time-limit").start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+            if state["fired"]:  # not landed yet: withdraw it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's own log lines (symbolic-shape tracebacks) while exporting."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fix_sizes(dims: list[dict], example: torch.Tensor) -> list[dict]:
+    """The dims with height and width fixed at the example's."""
+    fixed = {name: int(size) for name, size in zip(_DIM_NAMES[4], example.shape)}
+    return [
+        {**d, "size": fixed[d["name"]], "min": fixed[d["name"]], "max": fixed[d["name"]]}
+        if d["name"] in ("height", "width")
+        else d
+        for d in dims
+    ]
+
+
+def _runs_at_another_size(program: torch.export.ExportedProgram, example: torch.Tensor) -> bool:
+    """Whether the program really runs at a second size (some programs export with dynamic
+    sizes that a reshape then fixes: DINOv2's patch grid)."""
+    h, w = example.shape[2:]
+    other = F.interpolate(example[:1], size=(h + _GROWTH[0][0], w + _GROWTH[0][1]))
+    try:
+        with torch.no_grad():
+            torch.export.unflatten(program)(other)
+    except Exception:  # any failure means: not at this size
+        return False
+    return True
+
+
+EXPORT_BUDGET_S = 20.0  # for the attempt with dynamic height and width (Swin's takes minutes)
+
+
 def capture(
-    model: nn.Module, example: torch.Tensor, nodes: list[Node], eager_edges: list
+    model: nn.Module,
+    example: torch.Tensor,
+    nodes: list[Node],
+    eager_edges: list,
+    budget: float | None = EXPORT_BUDGET_S,
 ) -> Capture:
-    """Capture `model`'s architecture: export if possible, else a pickled copy (see module doc)."""
+    """Capture `model`'s architecture: export if possible, else a pickled copy (see module doc).
+
+    Export is tried with a dynamic batch, height and width (for at most `budget` seconds), then
+    with a dynamic batch only, whose program runs at the example's height and width alone.
+    """
     names = {n.name for n in nodes}
     notes = []
-    for spatial in (True, False):
-        if not spatial and example.dim() != 4:
-            break
-        try:
-            ep = _try_export(model, example, nodes, spatial)
-        except Exception as e:  # export raises many types; every one means "try the next way"
-            notes.append(
-                (
-                    "with dynamic height/width"
-                    if spatial and example.dim() == 4
-                    else "with a dynamic batch"
-                )
-                + f" failed ({_first_line(e)})"
+    with quiet_torch():
+        for spatial in (True, False):
+            if not spatial and example.dim() != 4:
+                break
+            what = (
+                "with dynamic height/width"
+                if spatial and example.dim() == 4
+                else "with a dynamic batch"
             )
-            continue
-        return Capture(
-            EXPORT, ep, None, _input_dims(ep), exported_edges(ep, names), "; ".join(notes) or None
-        )
+            try:
+                with time_limit(budget if spatial and example.dim() == 4 else None):
+                    ep = _try_export(model, example, nodes, spatial)
+            except ExportTimeout:
+                notes.append(f"{what} took over {budget:.0f}s")
+                continue
+            except Exception as e:  # export raises many types; each means "try the next way"
+                notes.append(f"{what} failed ({_first_line(e)})")
+                continue
+            dims = _input_dims(ep)
+            sizes = {d["name"]: d["size"] for d in dims}
+            if example.dim() == 4 and sizes.get("height") is None:
+                if not _runs_at_another_size(ep, example):
+                    dims = _fix_sizes(dims, example)
+                    notes.append("the program runs at the example's height and width only")
+            return Capture(
+                EXPORT, ep, None, dims, exported_edges(ep, names), "; ".join(notes) or None
+            )
     dims = [
         {"name": name, "size": size, "min": size, "max": size}
         for name, size in zip(_DIM_NAMES.get(example.dim(), []), example.shape)

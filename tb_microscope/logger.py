@@ -1,28 +1,25 @@
 """The training side: `Logger` saves the model's weights at chosen steps into a run directory.
 
 The training thread does as little as possible: at a snapshot it copies the weights to host memory
-once (pinned, asynchronous on CUDA) and hands them to a background thread, which writes the
-safetensors file atomically and appends a summary to the run's event file. The architecture is
-captured once, at the first snapshot. Write errors (full disk, permissions) warn and never stop
-training unless `strict=True`.
+once (pinned, asynchronous on CUDA) and hands them to the background writer (`writer.py`), which
+writes the safetensors file atomically. The architecture is captured once, at the first snapshot,
+on a thread of its own and on a CPU copy of the model built from that host copy, so that no
+`log()` waits for `torch.export` (seconds for most models, much more for some); snapshots are
+written meanwhile, and the run becomes readable once its manifest is written. Write errors (full
+disk, permissions) warn and never stop training unless `strict=True`.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
+import copy
 import dataclasses
 import datetime
-import errno
-import os
-import queue
-import re
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,11 +28,12 @@ from torch import nn
 from . import __version__
 from .architecture import save_program
 from .capture import Capture, capture, discover_nodes, select_nodes, unwrap
-from .errors import IncompatibleRunError, MicroscopeError, summarize
+from .errors import IncompatibleRunError, summarize
 from .runstore import (
     EXPORT,
     EXPORTED_ARCHITECTURE,
     NONE,
+    PENDING,
     PICKLE,
     PICKLED_ARCHITECTURE,
     Architecture,
@@ -49,39 +47,20 @@ from .runstore import (
     write_bytes_atomic,
 )
 from .schedule import make_schedule
-from .summary import SnapshotEvents
+from .writer import (
+    ErrorPolicy,
+    ManifestJob,
+    SnapshotJob,
+    SnapshotRecord,
+    SnapshotWriteError,
+    SnapshotWriter,
+)
+
+__all__ = ["Logger", "SnapshotRecord", "SnapshotWriteError"]
 
 Normalize = tuple[Sequence[float] | float, Sequence[float] | float]
 
 
-class SnapshotWriteError(MicroscopeError, OSError):
-    """Writing a snapshot or the architecture failed (raised only with `strict=True`)."""
-
-
-@dataclass
-class SnapshotRecord:
-    """What one snapshot cost: the training thread's stall and the bytes written."""
-
-    step: int
-    stall_s: float
-    bytes: int = 0
-    write_s: float = 0.0
-    error: str | None = None
-
-
-@dataclass
-class _Job:
-    step: int
-    tensors: dict[str, torch.Tensor]
-    aliases: dict[str, str]
-    events: list
-    wall_time: float
-    record: SnapshotRecord
-    architecture: Capture | None = None
-    extra: dict = field(default_factory=dict)
-
-
-WRITER_NICENESS = 10
 _open_loggers: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -110,15 +89,22 @@ def _per_channel(value, channels: int, what: str) -> list[float]:
     return values
 
 
-def _hint(error: BaseException) -> str:
-    """What to do about a write error (safetensors reports OS errors as text, without errno)."""
-    text = str(error)
-    codes = {getattr(error, "errno", None)} | {int(c) for c in re.findall(r"os error (\d+)", text)}
-    if codes & {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}:
-        return "free some disk space, or log to another directory"
-    if codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
-        return "check that the directory is writable"
-    return "see the error for the cause"
+def _say(message: str) -> None:
+    warnings.warn_explicit(f"tb_microscope: {message}", RuntimeWarning, "tb_microscope", 0)
+
+
+def cpu_copy(model: nn.Module, tensors: dict, aliases: dict) -> nn.Module:
+    """A copy of `model` on the CPU whose weights are the snapshot's host tensors (no second
+    copy of them), for capturing its architecture while the model itself trains on."""
+    state = {**tensors, **{alias: tensors[stored] for alias, stored in aliases.items()}}
+    memo: dict[int, object] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in state and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(state[name], requires_grad=p.requires_grad)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if name in state and id(b) not in memo:
+            memo[id(b)] = state[name]
+    return copy.deepcopy(model, memo).cpu()
 
 
 def weights_fingerprint(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -162,9 +148,10 @@ class Logger:
         self._model = unwrap(model)
         self._inert = _is_secondary_rank()
         self._closed = False
-        self._error: BaseException | None = None
+        self._policy = ErrorPolicy(self.store.run_dir, strict)
         self._capture_done = False
-        self._pending_architecture: Capture | None = None
+        self._capturing: threading.Thread | None = None
+        self._run_id = new_run_id()
         self._logged: set[int] = set()
         self._last_logged: int | None = None
         if self._inert:  # DDP: only rank 0 writes
@@ -182,8 +169,8 @@ class Logger:
             ) from e
         if not all_nodes:
             raise ValueError(
-                "the model has no named submodule with a 4-D or 2-D output; "
-                "tb_microscope needs at least one (a conv or linear layer, say)"
+                "the model has no named submodule whose output is a feature map, tokens or a "
+                "vector; tb_microscope needs at least one (a conv or linear layer, say)"
             )
         self.nodes = select_nodes(all_nodes, list(nodes) if nodes is not None else None)
         self._input = self._input_spec(example, normalize, value_range)
@@ -193,12 +180,7 @@ class Logger:
         self._fingerprint = weights_fingerprint(self._model)
         if self.store.has_manifest():
             self._resume()
-        self._events = SnapshotEvents(self.store.run_dir)
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=2)
-        self._thread = threading.Thread(
-            target=self._write_loop, name="tb_microscope-writer", daemon=True
-        )
-        self._thread.start()
+        self._writer = SnapshotWriter(self.store, self._policy)
         _open_loggers.add(self)
 
     # --- validation ------------------------------------------------------------------------
@@ -262,7 +244,8 @@ class Logger:
         return ((x - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
 
     def _resume(self) -> None:
-        stored = self.store.read_manifest().model.weights
+        manifest = self.store.read_manifest()
+        stored = manifest.model.weights
         if stored != self._fingerprint:
             differ = sorted(set(stored) ^ set(self._fingerprint)) or sorted(
                 k for k in stored if stored[k] != self._fingerprint[k]
@@ -271,7 +254,9 @@ class Logger:
                 f"run '{self.store.run_dir}' already holds a different model (weights differ at "
                 f"{summarize(differ)}); log this model into a new run directory"
             )
-        self._capture_done = True
+        self._run_id = manifest.run_id
+        # an architecture still pending was never captured (its Logger ended first): capture it
+        self._capture_done = manifest.model.architecture.kind != PENDING
         existing = self.store.steps()
         self._logged.update(existing)
         self._last_logged = existing[-1] if existing else None
@@ -289,17 +274,15 @@ class Logger:
             raise RuntimeError("this Logger is closed; create a new one to log more steps")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
-        self._raise_pending()
+        self._policy.raise_pending()
         if step in self._logged or not (force or self.schedule.due(step, self._last_logged)):
             return False
         start = time.perf_counter()
         tensors, aliases, events = self._host_copy()
-        architecture = None
         if not self._capture_done:
-            architecture = self._capture()
+            self._start_capture(tensors, aliases, events)
         record = SnapshotRecord(step, 0.0)
-        job = _Job(step, tensors, aliases, events, time.time(), record, architecture)
-        self._queue.put(job)
+        self._writer.submit(SnapshotJob(step, tensors, aliases, events, time.time(), record))
         record.stall_s = time.perf_counter() - start
         self.records.append(record)
         self._logged.add(step)
@@ -338,135 +321,114 @@ class Logger:
             events.append(event)
         return tensors, aliases, events
 
-    def _capture(self) -> Capture:
-        """Capture the architecture; the writer thread saves it (its program without weights)."""
+    def _start_capture(self, tensors: dict, aliases: dict, events: list) -> None:
+        """Capture the architecture on a thread of its own, from a CPU copy of the model whose
+        weights are this snapshot's host copy (the live model trains on meanwhile)."""
         self._capture_done = True
+        pending = Capture(PENDING, None, None, [], self._eager_edges, None)
+        self._writer.submit(ManifestJob(self._manifest(pending)))  # readable while capturing
+        for event in events:  # the host copy must be complete before the copy reads it
+            event.synchronize()
         try:
-            result = capture(self._model, self._example, self.nodes, self._eager_edges)
+            model = cpu_copy(self._model, tensors, aliases)
+        except Exception:  # a module that cannot be deep-copied: capture the live model, now
+            self._capture(self._model, self._example)
+            return
+        self._capturing = threading.Thread(
+            target=self._capture,
+            args=(model, self._example.detach().cpu()),
+            name="tb_microscope-capture",
+            daemon=True,
+        )
+        self._capturing.start()
+
+    def _capture(self, model: nn.Module, example: torch.Tensor) -> None:
+        name = type(self._model).__name__
+        try:
+            result = capture(model, example, self.nodes, self._eager_edges)
         except Exception as e:
-            why = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            self._fail(
-                None,
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            self._policy.fail(
+                "the architecture",
                 f"could not capture the model's architecture ({why}); snapshots are "
                 "still written, but the run cannot be rebuilt without your code",
                 e,
             )
-            return Capture(NONE, None, None, [], self._eager_edges, why)
-        if result.kind != EXPORT:
-            warnings.warn(
-                f"tb_microscope: torch.export could not capture {type(self._model).__name__} "
-                f"({result.note}). Its architecture is saved as a pickle instead: readers must "
-                "pass allow_pickle=True (tensorboard --microscope_allow_pickle) to load it, since "
-                "unpickling runs code from the log directory, and they need the same torch.",
-                RuntimeWarning,
-                stacklevel=3,
+            result = Capture(NONE, None, None, [], self._eager_edges, why)
+        # One line each, from the capture thread (where a caller's line would mean nothing).
+        if result.kind == PICKLE:
+            _say(
+                f"torch.export could not capture {name} ({result.note}); its architecture is "
+                "saved as a pickle, which readers load only with allow_pickle=True "
+                "(tensorboard --microscope_allow_pickle), as it runs code."
             )
-        return result
+        elif result.kind == EXPORT and result.note:
+            fixed = {d["name"]: d["size"] for d in result.dims}
+            if fixed.get("height") is not None:
+                _say(
+                    f"captured {name} for {fixed['height']}x{fixed['width']} inputs only "
+                    f"({result.note}); it is rendered at that size."
+                )
+        self._writer.submit(ManifestJob(self._manifest(result), self._architecture_writer(result)))
 
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+    def _architecture_writer(self, result: Capture):
+        def write(store: RunStore) -> None:
+            if result.kind == EXPORT:
+                path = store.root / EXPORTED_ARCHITECTURE
+                atomic_write(path, lambda temp: save_program(result.program, temp))
+            elif result.kind == PICKLE:
+                write_bytes_atomic(store.root / PICKLED_ARCHITECTURE, result.pickled)
+            if self._probe is not None:
+                store.write_probe(self._probe)
 
-    def _fail(self, step: int | None, message: str, cause: BaseException) -> None:
-        where = f"step {step}" if step is not None else "the architecture"
-        text = f"tb_microscope: writing {where} to '{self.store.run_dir}' failed: {message}"
-        if self.strict:
-            error = SnapshotWriteError(text)
-            error.__cause__ = cause
-            self._error = self._error or error
-        else:  # often on the writer thread, where a caller's line would mean nothing
-            warnings.warn_explicit(
-                text + ". Training continues.", RuntimeWarning, "tb_microscope", 0
-            )
+        return write
 
-    # --- background thread -----------------------------------------------------------------
-    def _write_loop(self) -> None:
-        # Lower this thread's priority (Linux schedules threads one by one): on a machine whose
-        # cores the training step keeps busy, the writer then yields to it instead of stretching
-        # every parallel op of the step while it runs.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        while True:
-            job = self._queue.get()
-            try:
-                if job is None:
-                    return
-                self._write(job)
-            finally:
-                self._queue.task_done()
-
-    def _write(self, job: _Job) -> None:
-        start = time.perf_counter()
-        try:
-            for event in job.events:
-                event.synchronize()
-            if job.architecture is not None:
-                self._pending_architecture = job.architecture
-            if self._pending_architecture is not None:
-                self._write_architecture(self._pending_architecture)
-                self._pending_architecture = None
-            job.record.bytes = self.store.write_snapshot(
-                job.step,
-                job.tensors,
-                job.aliases,
-                {"wall_time": str(job.wall_time), "tb_microscope": __version__},
-            )
-            self._events.write(job.step, job.record.bytes, job.wall_time)
-        except Exception as e:
-            job.record.error = f"{type(e).__name__}: {e}"
-            self._fail(job.step, f"{job.record.error}; {_hint(e)}", e)
-        job.record.write_s = time.perf_counter() - start
-
-    def _write_architecture(self, result: Capture) -> None:
+    def _manifest(self, result: Capture) -> Manifest:
         file = {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(result.kind)
-        if result.kind == EXPORT:
-            atomic_write(self.store.root / file, lambda temp: save_program(result.program, temp))
-        elif result.kind == PICKLE:
-            write_bytes_atomic(self.store.root / file, result.pickled)
-        if self._probe is not None:
-            self.store.write_probe(self._probe)
         model = self._model
-        self.store.write_manifest(
-            Manifest(
-                run_id=new_run_id(),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                tb_microscope=__version__,
-                torch=torch.__version__,
-                model=ModelInfo(
-                    cls=f"{type(model).__module__}.{type(model).__qualname__}",
-                    parameters=sum(p.numel() for p in model.parameters()),
-                    weights=self._fingerprint,
-                    architecture=Architecture(result.kind, file, result.note),
-                ),
-                input=dataclasses.replace(self._input, dims=result.dims),
-                nodes=self.nodes,
-                edges=[tuple(e) for e in result.edges],
-                probe=None
-                if self._probe is None
-                else ProbeSpec(int(self._probe.shape[0]), list(self._probe.shape[1:])),
-                schedule=repr(self.schedule),
-            )
+        return Manifest(
+            run_id=self._run_id,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            tb_microscope=__version__,
+            torch=torch.__version__,
+            model=ModelInfo(
+                cls=f"{type(model).__module__}.{type(model).__qualname__}",
+                parameters=sum(p.numel() for p in model.parameters()),
+                weights=self._fingerprint,
+                architecture=Architecture(result.kind, file, result.note),
+            ),
+            input=dataclasses.replace(self._input, dims=result.dims),
+            nodes=self.nodes,
+            edges=[tuple(e) for e in result.edges],
+            probe=None
+            if self._probe is None
+            else ProbeSpec(int(self._probe.shape[0]), list(self._probe.shape[1:])),
+            schedule=repr(self.schedule),
         )
+
+    def _wait_for_capture(self) -> None:
+        if self._capturing is not None:
+            self._capturing.join()
+            self._capturing = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def flush(self) -> None:
-        """Wait until every queued snapshot is on disk."""
+        """Wait until the architecture (once captured) and every queued snapshot are on disk."""
         if not self._inert and not self._closed:
-            self._queue.join()
-            self._raise_pending()
+            self._wait_for_capture()
+            self._writer.join()
+            self._policy.raise_pending()
 
     def close(self, raise_errors: bool = True) -> None:
         """Write what is queued and stop the background thread. Safe to call twice."""
         if self._inert or self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join()
-        self._events.close()
+        self._wait_for_capture()
+        self._writer.close()
         _open_loggers.discard(self)
         if raise_errors:
-            self._raise_pending()
+            self._policy.raise_pending()
 
     def __enter__(self) -> Logger:
         return self

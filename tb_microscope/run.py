@@ -20,7 +20,7 @@ from .errors import (
     summarize,
 )
 from .lru import LRU
-from .runstore import EXPORT, MANIFEST, PICKLE, PLUGIN_NAME, InputSpec, Node, RunStore
+from .runstore import EXPORT, MANIFEST, PENDING, PICKLE, PLUGIN_NAME, InputSpec, Node, RunStore
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 
@@ -66,7 +66,8 @@ class Run:
 
     @property
     def architecture(self) -> str:
-        """ "export", "pickle" or "none" (weights only: the model could not be captured)."""
+        """ "export", "pickle", "none" (weights only: the model could not be captured) or
+        "pending" (its Logger is capturing it)."""
         return self.manifest.model.architecture.kind
 
     def check(self) -> None:
@@ -80,6 +81,8 @@ class Run:
                     check_program(self.store.root / spec.file, trusted=self.allow_pickle)
                 elif spec.kind == PICKLE and not self.allow_pickle:
                     raise pickle_refusal(self.path)
+                elif spec.kind == PENDING:
+                    raise self._pending()
                 elif spec.kind not in (EXPORT, PICKLE):
                     raise self._weights_only()
                 self._problem.append(None)
@@ -158,7 +161,14 @@ class Run:
         if spec.kind == PICKLE:
             path = self.store.root / spec.file
             return load_pickled(path.read_bytes(), self.path, self.allow_pickle)
-        raise self._weights_only()
+        raise self._pending() if spec.kind == PENDING else self._weights_only()
+
+    def _pending(self) -> IncompatibleRunError:
+        return IncompatibleRunError(
+            f"the architecture of run '{self.name}' is still being captured by its Logger (a few "
+            "seconds for most models); if no Logger writes this run any more, it was stopped "
+            "first: a new Logger on the same directory captures it again"
+        )
 
     def _weights_only(self) -> IncompatibleRunError:
         return IncompatibleRunError(

@@ -56,6 +56,7 @@ SUMMARY_TAG = "tb_microscope/snapshot"
 EXPORT = "export"
 PICKLE = "pickle"
 NONE = "none"  # neither worked: weights only
+PENDING = "pending"  # its Logger is capturing it (the manifest is written again when done)
 
 _SNAPSHOT_NAME = re.compile(r"^step-(\d{9,})\.safetensors$")
 _STAGING_NAME = re.compile(r"^\.tmp-(\d+)-\d+$")  # .tmp-<pid>-<thread>
@@ -292,8 +293,8 @@ class Manifest:
             run_id = hashlib.sha256(raw).hexdigest()[:32]
         model, arch = f.sub("model"), f.sub("model").sub("architecture")
         kind = arch.get("kind", str)
-        if kind not in (EXPORT, PICKLE, NONE):
-            raise arch.bad("kind", f"must be {EXPORT!r}, {PICKLE!r} or {NONE!r}, not {kind!r}")
+        if kind not in (EXPORT, PICKLE, NONE, PENDING):
+            raise arch.bad("kind", f"must be one of export, pickle, none, pending, not {kind!r}")
         file = arch.get("file", str, optional=True)
         if file != {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(kind):
             raise arch.bad("file", f"must be the file of a {kind!r} architecture, not {file!r}")
