@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,15 +213,28 @@ def render_jobs(
 ) -> tuple[int, bool]:
     """Render (run, step, node, units) jobs into the cache with a progress bar.
 
-    Returns how many units were rendered and whether Ctrl-C stopped it (files stay whole).
+    Returns how many units were rendered and whether Ctrl-C stopped it. Ctrl-C asks the render
+    to stop at its next check, never in the middle of writing a file; a second Ctrl-C stops at
+    once (files stay whole then too: they are written to a temporary name first).
     """
     from .rendering import RenderCache, RenderKey, render_cached
+    from .rendering.engine import RenderCancelled
 
     progress = Progress(sum(len(j[3]) for j in jobs))
     rendered = 0
     options = dict(size=size, iterations=iterations, seed=seed)
+    stop = threading.Event()
+
+    def on_interrupt(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         for run, step, node, units in jobs:
+            if stop.is_set():
+                raise RenderCancelled("interrupted")
             cache = RenderCache(run, cache_dir)
             version = run.snapshot_version(step)
             todo = [
@@ -243,11 +258,12 @@ def render_jobs(
                     device=device,
                     batch_size=batch_size,
                     model=model,
+                    should_stop=stop.is_set,
                     **options,
                 )
                 rendered += len(chunk)
                 progress.advance(len(chunk), True, f"{run.name}@{step}/{node}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RenderCancelled):
         progress.close()
         print(
             f"interrupted: {rendered} units rendered and cached; run the same command again "
@@ -255,6 +271,8 @@ def render_jobs(
             file=sys.stderr,
         )
         return rendered, True
+    finally:
+        signal.signal(signal.SIGINT, previous)
     progress.close()
     return rendered, False
 

@@ -88,9 +88,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     # One staging folder per thread: a folder shared by two threads could be removed by one
     # while the other is about to write into it.
     staging = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
-    staging.mkdir(parents=True, exist_ok=True)
     temp = staging / path.name  # keeps the suffix: torch.export.save wants ".pt2"
     try:
+        staging.mkdir(parents=True, exist_ok=True)
         write(temp)
         os.chmod(temp, 0o666 & ~_UMASK)  # some writers create 0600 files; readers may be others
         fd = os.open(temp, os.O_RDONLY)

@@ -153,11 +153,16 @@ class RandomTransforms:
     """lucid's standard transforms as one affine warp per sample, drawn from per-image seeds.
 
     Every random number a sample sees at every iteration is drawn up front from its own
-    generator. The output canvas is the image padded by `pad` (grey outside the image).
+    generator. The output canvas (height, width) holds the image in its middle, grey around it.
     """
 
     def __init__(
-        self, seeds: Sequence[int], iterations: int, size: int, canvas: int, device: torch.device
+        self,
+        seeds: Sequence[int],
+        iterations: int,
+        size: int,
+        canvas: tuple[int, int],
+        device: torch.device,
     ):
         draws = []
         for s in seeds:
@@ -176,26 +181,26 @@ class RandomTransforms:
         t1, t2, s, a = d[:, 0:2], d[:, 2:4], d[:, 4], d[:, 5] * (math.pi / 180)
         cos, sin = torch.cos(a), torch.sin(a)
         rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
-        linear = rot_inv * (self.canvas / (self.size * s))[:, None, None]
+        height, width = self.canvas
+        span = torch.tensor([width, height], dtype=s.dtype, device=s.device)  # x, then y
+        linear = rot_inv * span[None, None, :] / (self.size * s)[:, None, None]
         shift = -(2 / self.size) * (torch.einsum("nij,nj->ni", rot_inv, t2) / s[:, None] + t1)
         return torch.cat([linear, shift[:, :, None]], 2)
 
     def __call__(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
         n, c = images.shape[:2]
-        grid = F.affine_grid(
-            self.theta(iteration), [n, c, self.canvas, self.canvas], align_corners=False
-        )
+        grid = F.affine_grid(self.theta(iteration), [n, c, *self.canvas], align_corners=False)
         warped = F.grid_sample(
             images - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
         return warped + 0.5
 
 
-def centred(images: torch.Tensor, canvas: int) -> torch.Tensor:
-    """Images placed in the middle of a grey canvas (no random transform)."""
-    pad = (canvas - images.shape[-1]) // 2
-    extra = canvas - images.shape[-1] - 2 * pad
-    return F.pad(images, [pad, pad + extra, pad, pad + extra], value=0.5)
+def centred(images: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
+    """Images placed in the middle of a grey canvas (height, width), no random transform."""
+    (height, width), size = canvas, images.shape[-1]
+    top, left = (height - size) // 2, (width - size) // 2
+    return F.pad(images, [left, width - size - left, top, height - size - top], value=0.5)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -204,20 +209,45 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def canvas_size(run: Run, size: int) -> tuple[int, bool]:
-    """The input size renders are fed at, and whether the model also accepts `size` itself."""
-    height = run.input_spec.dim("height")
-    if height is None:
+@dataclass(frozen=True)
+class Canvas:
+    """Where a render happens: the model's input (height, width), and the side of the square
+    image optimized in its middle. A model that takes any size gets the requested size padded
+    by PAD; one that takes only its training size gets that size, and the image is shown at the
+    requested size afterwards (`fixed`)."""
+
+    input: tuple[int, int]
+    image: int
+    fixed: bool
+
+
+def canvas_for(run: Run, size: int) -> Canvas:
+    height, width = run.input_spec.dim("height"), run.input_spec.dim("width")
+    if height is None or width is None:
         raise MicroscopeError(f"run '{run.name}' has no image input (N x C x H x W)")
-    if height["size"] is not None:  # exported with a fixed size
-        return height["size"], size == height["size"]
-    canvas = size + 2 * PAD
-    if size < height["min"]:
+    if height["size"] is not None or width["size"] is not None:  # runs at one size only
+        fixed = (height["size"] or height["min"], width["size"] or width["min"])
+        side = min(fixed)
+        return Canvas(fixed, side - 2 * PAD if side - 2 * PAD >= 8 else side, True)
+    least = max(height["min"] or 1, width["min"] or 1)
+    if size < least:
         raise MicroscopeError(
-            f"size {size} is too small for run '{run.name}': its model needs at least "
-            f"{height['min']} px"
+            f"size {size} is too small for run '{run.name}': its model needs at least {least} px"
         )
-    return canvas, True
+    return Canvas((size + 2 * PAD, size + 2 * PAD), size, False)
+
+
+def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | None:
+    """Which of an image's channels are shown as red, green and blue: None for grey (one
+    channel) and RGB as it is; else `bands`, by default the first three."""
+    if channels == 1 or (channels == 3 and bands is None):
+        return None
+    chosen = list(bands) if bands is not None else [0, 1, min(2, channels - 1)]
+    if len(chosen) != 3 or not all(isinstance(b, int) and 0 <= b < channels for b in chosen):
+        raise ValueError(
+            f"bands must be three channel indexes from 0 to {channels - 1}, got {bands!r}"
+        )
+    return chosen
 
 
 class _RedirectedReLU(torch.autograd.Function):
@@ -315,6 +345,7 @@ def optimize(
     iterations: int,
     seed: int,
     device: torch.device,
+    bands: Sequence[int] | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
@@ -328,10 +359,11 @@ def optimize(
     images_of = [k for _ in units for k in range(per_unit)]
     init = [unit_seed(seed, node.name, u, k, "init") for u, k in zip(targets, images_of)]
     moves = [unit_seed(seed, node.name, u, k, "transform") for u, k in zip(targets, images_of)]
-    canvas, accepts_size = canvas_size(run, size)
+    canvas = canvas_for(run, size)
     space = InputSpace(run.input_spec, device)
-    param = FourierImages(init, space.channels, size, device)
-    transforms = RandomTransforms(moves, iterations, size, canvas, device)
+    bands = display_bands(space.channels, bands)
+    param = FourierImages(init, space.channels, canvas.image, device)
+    transforms = RandomTransforms(moves, iterations, canvas.image, canvas.input, device)
     tap = NodeTap(model, node)
     unit_index = torch.tensor(targets, device=device)
     optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)
@@ -353,13 +385,17 @@ def optimize(
             optimizer.step()
     with torch.no_grad(), _numerics(device):
         images = param()
-        shown = images if accepts_size else centred(images, canvas)
+        shown = centred(images, canvas.input) if canvas.fixed else images
         act = tap(space(shown)).float()
         objective = technique.value(act, unit_index)
         measure = class_token if technique.class_token else channel
         activation = measure(act, unit_index)  # the unit's mean (or class token) activation
+    if canvas.image != size:  # optimized at the size the model takes: shown at the one asked
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    if pixels.shape[1] == 1:
+    if bands is not None:
+        pixels = pixels[:, bands]
+    elif pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     return RenderResult(
         images=pixels.permute(0, 2, 3, 1).cpu().numpy(),
@@ -396,18 +432,22 @@ def render(
     device: str | torch.device | None = None,
     batch_size: int | None = None,
     model: nn.Module | None = None,
+    bands: Sequence[int] | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
     """Feature visualizations of `units` of `node` at `step`.
 
     Returns uint8 images (N x H x W x 3) with, per image, its objective's final value and the
-    unit's mean activation on it. `diversity` gives several images per unit (consecutive);
-    `deepdream` one image for the whole node (units are ignored). Units are optimized together
-    in batches of `batch_size` (32 on CUDA, 16 on the CPU); a CUDA out-of-memory error halves
-    the batch and retries. `model` may pass a model already loaded for this step; `progress` is
-    called now and then with the fraction of the work done; `should_stop` is asked often, and
-    `RenderCancelled` raised once it returns True.
+    unit's mean activation on it. A model of one input channel gives grey images; one of more
+    than three shows `bands` (three channel indexes; by default the first three) as RGB. A
+    model that takes only its training size is rendered at that size and shown at `size`.
+    `diversity` gives several images per unit (consecutive); `deepdream` one image for the whole
+    node (units are ignored). Units are optimized together in batches of `batch_size` (32 on
+    CUDA, 16 on the CPU); a CUDA out-of-memory error halves the batch and retries. `model` may
+    pass a model already loaded for this step; `progress` is called now and then with the
+    fraction of the work done; `should_stop` is asked often, and `RenderCancelled` raised once
+    it returns True.
     """
     spec = get_technique(technique)
     if spec.objective is None:
@@ -423,6 +463,8 @@ def render(
         raise ValueError(f"size must be a whole number of pixels from 8 to 1024, got {size!r}")
     if not isinstance(iterations, int) or not 1 <= iterations <= 100_000:
         raise ValueError(f"iterations must be from 1 to 100000, got {iterations!r}")
+    display_bands(run.input_spec.channels, bands)  # refuses bad bands before any work
+    canvas_for(run, size)  # and sizes the model cannot take
     device = torch.device(device) if device is not None else default_device()
     model = _frozen(model if model is not None else run.load_model(step, device))
     batch = batch_size or (32 if device.type == "cuda" else 16)
@@ -442,6 +484,7 @@ def render(
                     iterations=iterations,
                     seed=seed,
                     device=device,
+                    bands=bands,
                     progress=_scaled(progress, start, len(chunk), len(units)),
                     should_stop=should_stop,
                 )
