@@ -316,6 +316,56 @@ def _check_module_stack(text: str) -> None:
             raise ValueError(f"a module path is not a dotted name: {entry[:80]!r}")
 
 
+_PLAIN_TYPES = {"builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"}
+
+
+def _plain_spec(spec: dict) -> dict:
+    """A pytree spec whose containers are all tuples, lists and dicts with plain keys."""
+    if not isinstance(spec, dict):
+        raise ValueError("a pytree spec is malformed")
+    kind, context = spec.get("type"), spec.get("context")
+    children = [_plain_spec(child) for child in spec.get("children_spec") or []]
+    if kind is None:
+        return {"type": None, "context": None, "children_spec": children}
+    if kind in ("builtins.dict", "collections.OrderedDict"):
+        try:
+            keys = json.loads(context)
+        except (TypeError, ValueError):
+            keys = None
+        if isinstance(keys, list) and all(isinstance(k, (str, int)) for k in keys):
+            return {"type": "builtins.dict", "context": json.dumps(keys), "children_spec": children}
+    elif kind in _PLAIN_TYPES:
+        return {"type": kind, "context": "null", "children_spec": children}
+    return {"type": "builtins.tuple", "context": "null", "children_spec": children}
+
+
+def plain_specs(program: dict) -> None:
+    """Make the program's input and output specs plain containers, in place.
+
+    A model's output types (a Hugging Face `ModelOutput`, a namedtuple of the user's) would
+    need their library imported to be read back, and torch resolves the names of enums in a
+    spec by importing modules. The reading side only taps nodes inside the model, so the
+    outputs' structure may be a plain tuple.
+    """
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("in_spec", "out_spec") and isinstance(item, str):
+                    try:
+                        protocol, spec = json.loads(item)
+                    except (TypeError, ValueError):
+                        raise ValueError("a pytree spec is not JSON") from None
+                    value[key] = json.dumps([protocol, _plain_spec(spec)])
+                else:
+                    visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+
+    visit(program.get("graph_module"))
+
+
 def sanitize(program: dict) -> dict:
     """Check a serialized program (JSON) against the rules in the module's doc, in place, and
     drop what it need not keep (guard code, debugging metadata). Raises ValueError."""
@@ -365,11 +415,12 @@ def _read(path: Path, trusted: bool) -> tuple[dict, dict, dict] | None:
             program, state, constants = _read_torch_archive(archive)
     finally:
         archive.close()
-    if not trusted:
-        try:
+    try:
+        plain_specs(program)
+        if not trusted:
             sanitize(program)
-        except ValueError as e:
-            raise refusal(path, str(e)) from e
+    except ValueError as e:
+        raise refusal(path, str(e)) from e
     return program, state, constants
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
+import functools
 import logging
+import os
 import pickle
 import site
 import sys
@@ -115,9 +116,18 @@ def _same(a: float | None, b: float | None) -> bool:
 
 
 def _map_like(height: int, width: int, h: int, w: int) -> bool:
-    """Whether a height x width grid could be a feature map of an h x w input (no second size
-    to check against): the same stride both ways."""
-    return height > 0 and width > 0 and _same(h / height, w / width)
+    """Whether a height x width grid could be a feature map of an h x w input, with no second
+    size to check against: the same whole stride both ways, or a square map of a square input
+    (a convolution without padding). A height that counts tokens with a few leading ones is a
+    per-head tensor's (N x heads x T x d), not a map's."""
+    if height <= 0 or width <= 0:
+        return False
+    if h % height == 0 and w % width == 0 and h // height == w // width:
+        return True
+    prefix = _token_prefix(height, h, w)
+    if prefix and prefix <= height - prefix:  # a few leading tokens, then more patches
+        return False
+    return height == width and h == w
 
 
 def _token_prefix(count: int, height: int, width: int, count2=None, height2=None, width2=None):
@@ -429,36 +439,51 @@ class ExportTimeout(Exception):
     """An export attempt ran past its time budget."""
 
 
+_deadline = threading.local()  # when this thread's export must stop
+
+
+def _check_deadlines() -> None:
+    """Make torch's symbolic-shape reasoning, where a slow export spends its time (sympy,
+    minutes for Swin), stop with `ExportTimeout` once the exporting thread's deadline has
+    passed: an ordinary exception raised from an ordinary call, so torch cleans up as after any
+    failed export. Installed once; a thread without a deadline is not affected."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    original = ShapeEnv.evaluate_expr
+    if getattr(original, "_tb_microscope_deadline", False):
+        return
+
+    @functools.wraps(original)
+    def evaluate_expr(self, *args, **kwargs):
+        at = getattr(_deadline, "at", None)
+        if at is not None and time.monotonic() > at:
+            raise ExportTimeout
+        return original(self, *args, **kwargs)
+
+    evaluate_expr._tb_microscope_deadline = True
+    ShapeEnv.evaluate_expr = evaluate_expr
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float | None) -> Iterator[None]:
-    """Interrupt this thread with `ExportTimeout` once `seconds` have passed.
-
-    The exception is set asynchronously on the thread, so it lands at the next Python bytecode:
-    what makes a slow export slow (symbolic shapes, in sympy) is pure Python, so it lands soon.
-    A limit that fires as the block ends is withdrawn before it can land elsewhere.
-    """
+    """Stop an export on this thread with `ExportTimeout` once `seconds` have passed (see
+    `_check_deadlines`); an error that torch raised instead, once past the deadline, counts as
+    the timeout too."""
     if seconds is None:
         yield
         return
-    target, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
-
-    def watchdog() -> None:
-        time.sleep(seconds)
-        with lock:
-            if not state["done"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(target), ctypes.py_object(ExportTimeout)
-                )
-
-    threading.Thread(target=watchdog, daemon=True, name="tb_microscope-time-limit").start()
+    _check_deadlines()
+    _deadline.at = time.monotonic() + seconds
     try:
         yield
+    except ExportTimeout:
+        raise
+    except Exception as e:
+        if time.monotonic() > _deadline.at:
+            raise ExportTimeout from e
+        raise
     finally:
-        with lock:
-            state["done"] = True
-            if state["fired"]:  # not landed yet: withdraw it
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+        _deadline.at = None
 
 
 @contextlib.contextmanager
@@ -484,11 +509,19 @@ def _fix_sizes(dims: list[dict], example: torch.Tensor) -> list[dict]:
     ]
 
 
-def _runs_at_another_size(program: torch.export.ExportedProgram, example: torch.Tensor) -> bool:
-    """Whether the program really runs at a second size (some programs export with dynamic
-    sizes that a reshape then fixes: DINOv2's patch grid)."""
-    h, w = example.shape[2:]
-    other = F.interpolate(example[:1], size=(h + _GROWTH[0][0], w + _GROWTH[0][1]))
+def _runs_at_another_size(
+    program: torch.export.ExportedProgram, example: torch.Tensor, dims: list[dict]
+) -> bool:
+    """Whether the program really runs at a second size its bounds allow (some programs export
+    with dynamic sizes that a reshape then fixes: DINOv2's patch grid)."""
+    sizes = []
+    for name, size, growth in zip(("height", "width"), example.shape[2:], _GROWTH[0]):
+        bound = next(d for d in dims if d["name"] == name)
+        upper = bound["max"] if bound["max"] is not None else size + growth
+        sizes.append(min(size + growth, upper) if upper > size else max(bound["min"], size - 8))
+    if tuple(sizes) == tuple(example.shape[2:]):
+        return False
+    other = F.interpolate(example[:1], size=tuple(sizes))
     try:
         with torch.no_grad():
             torch.export.unflatten(program)(other)
@@ -497,7 +530,9 @@ def _runs_at_another_size(program: torch.export.ExportedProgram, example: torch.
     return True
 
 
-EXPORT_BUDGET_S = 20.0  # for the attempt with dynamic height and width (Swin's takes minutes)
+# How long the attempt with dynamic height and width may take (Swin's takes minutes); the
+# environment variable TB_MICROSCOPE_EXPORT_BUDGET sets another number of seconds.
+EXPORT_BUDGET_S = 20.0
 
 
 def capture(
@@ -505,7 +540,7 @@ def capture(
     example: torch.Tensor,
     nodes: list[Node],
     eager_edges: list,
-    budget: float | None = EXPORT_BUDGET_S,
+    budget: float | None = None,
 ) -> Capture:
     """Capture `model`'s architecture: export if possible, else a pickled copy (see module doc).
 
@@ -514,6 +549,8 @@ def capture(
     """
     names = {n.name for n in nodes}
     notes = []
+    if budget is None:
+        budget = float(os.environ.get("TB_MICROSCOPE_EXPORT_BUDGET") or EXPORT_BUDGET_S)
     with quiet_torch():
         for spatial in (True, False):
             if not spatial and example.dim() != 4:
@@ -535,7 +572,7 @@ def capture(
             dims = _input_dims(ep)
             sizes = {d["name"]: d["size"] for d in dims}
             if example.dim() == 4 and sizes.get("height") is None:
-                if not _runs_at_another_size(ep, example):
+                if not _runs_at_another_size(ep, example, dims):
                     dims = _fix_sizes(dims, example)
                     notes.append("the program runs at the example's height and width only")
             return Capture(

@@ -162,22 +162,6 @@ class Node:
             output = output[step]
         return output
 
-    def with_tensor(self, output, tensor, path: tuple | None = None):
-        """What the module returned, with the node's tensor replaced by `tensor` (tuples are
-        rebuilt, dicts changed in place)."""
-        path = self.output if path is None else path
-        if not path:
-            return tensor
-        step, rest = path[0], path[1:]
-        if isinstance(output, tuple):
-            return (
-                *output[:step],
-                self.with_tensor(output[step], tensor, rest),
-                *output[step + 1 :],
-            )
-        output[step] = self.with_tensor(output[step], tensor, rest)
-        return output
-
     def to_json(self) -> dict:
         return {**asdict(self), "shape": list(self.shape), "output": list(self.output)}
 

@@ -213,12 +213,13 @@ def _frozen(model: nn.Module) -> nn.Module:
 class Canvas:
     """Where a render happens: the model's input (height, width), and the side of the square
     image optimized in its middle. A model that takes any size gets the requested size padded
-    by PAD; one that takes only its training size gets that size, and the image is shown at the
-    requested size afterwards (`fixed`)."""
+    by PAD; one that takes only some sizes gets the nearest it takes, and the image is shown at
+    the requested size afterwards. `padded`: the final image is measured in its canvas (the
+    model does not take the image alone)."""
 
     input: tuple[int, int]
     image: int
-    fixed: bool
+    padded: bool
 
 
 def canvas_for(run: Run, size: int) -> Canvas:
@@ -226,15 +227,18 @@ def canvas_for(run: Run, size: int) -> Canvas:
     if height is None or width is None:
         raise MicroscopeError(f"run '{run.name}' has no image input (N x C x H x W)")
     if height["size"] is not None or width["size"] is not None:  # runs at one size only
-        fixed = (height["size"] or height["min"], width["size"] or width["min"])
-        side = min(fixed)
-        return Canvas(fixed, side - 2 * PAD if side - 2 * PAD >= 8 else side, True)
+        return _fixed_canvas((height["size"] or height["min"], width["size"] or width["min"]))
     least = max(height["min"] or 1, width["min"] or 1)
-    if size < least:
-        raise MicroscopeError(
-            f"size {size} is too small for run '{run.name}': its model needs at least {least} px"
-        )
-    return Canvas((size + 2 * PAD, size + 2 * PAD), size, False)
+    most = min(height["max"] or 1 << 30, width["max"] or 1 << 30)
+    side = min(max(size + 2 * PAD, least), most)  # the sizes the model takes
+    if side != size + 2 * PAD:
+        return _fixed_canvas((side, side))
+    return Canvas((side, side), size, size < least)
+
+
+def _fixed_canvas(input_size: tuple[int, int]) -> Canvas:
+    side = min(input_size)
+    return Canvas(input_size, side - 2 * PAD if side - 2 * PAD >= 8 else side, True)
 
 
 def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | None:
@@ -385,7 +389,7 @@ def optimize(
             optimizer.step()
     with torch.no_grad(), _numerics(device):
         images = param()
-        shown = centred(images, canvas.input) if canvas.fixed else images
+        shown = centred(images, canvas.input) if canvas.padded else images
         act = tap(space(shown)).float()
         objective = technique.value(act, unit_index)
         measure = class_token if technique.class_token else channel

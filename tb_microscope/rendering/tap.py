@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 from ..errors import MicroscopeError
 from ..runstore import CHANNELS_LAST, TOKENS, Node
@@ -44,6 +45,33 @@ def node_view(tensor: torch.Tensor, node: Node) -> NodeActivations:
     return NodeActivations(tensor)
 
 
+def node_tensor(output, node: Node) -> torch.Tensor:
+    """The node's tensor in what its module returned: at the node's path, or else (a module of
+    an exported program can return other things than the eager one did: a flat list, sizes it
+    passes on) a floating-point tensor of the node's rank, one of the node's shape first."""
+    rank = len(node.shape) + 1
+
+    def fits(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == rank
+
+    try:
+        found = node.tensor_of(output)
+    except (IndexError, KeyError, TypeError):
+        found = None
+    if fits(found):
+        return found
+    candidates = [leaf for leaf in _pytree.tree_leaves(output) if fits(leaf)]
+    if not candidates:
+        raise MicroscopeError(f"node {node.name!r}'s module returned no tensor of rank {rank}")
+    same = [c for c in candidates if tuple(c.shape[1:]) == tuple(node.shape)]
+    return (same or candidates)[0]
+
+
+def replace_tensor(output, old: torch.Tensor, new: torch.Tensor):
+    """What a module returned, with its tensor `old` replaced by `new`."""
+    return _pytree.tree_map(lambda leaf: new if leaf is old else leaf, output)
+
+
 class _Stop(Exception):
     pass
 
@@ -61,7 +89,7 @@ class NodeTap:
     def _hook(self, module, args, output):
         self._count += 1
         if self._count == self.node.calls:
-            self._output = self.node.tensor_of(output)
+            self._output = node_tensor(output, self.node)
             raise _Stop
 
     def __call__(self, x: torch.Tensor) -> NodeActivations:

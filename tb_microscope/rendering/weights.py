@@ -23,7 +23,7 @@ from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import Node
 from .engine import InputSpace, _frozen, check_units, default_device
-from .tap import NodeTap, node_view
+from .tap import NodeTap, node_tensor, node_view, replace_tensor
 
 # Modules that act on each unit separately: a unit's weights come from before them.
 ELEMENTWISE = {
@@ -141,10 +141,10 @@ class _Source:
         self.leaves: list[torch.Tensor] = []
 
     def hook(self, module, args, output):
-        tensor = self.node.tensor_of(output)
+        tensor = node_tensor(output, self.node)
         leaf = tensor.detach().float().requires_grad_(True)
         self.leaves.append(leaf)
-        return self.node.with_tensor(output, leaf.to(tensor.dtype))
+        return replace_tensor(output, tensor, leaf.to(tensor.dtype))
 
     def gradient(self, value: torch.Tensor) -> torch.Tensor | None:
         grads = torch.autograd.grad(value, self.leaves, allow_unused=True)

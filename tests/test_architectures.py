@@ -1,0 +1,136 @@
+"""Every architecture people train: tiny torchvision, timm and Hugging Face models (random
+weights) and 1- and 6-channel CNNs, logged by a script in another process, then opened here
+(without that script): block nodes with the right layout and unit count, units rendered."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tb_microscope
+from conftest import SCRIPTS, run_python
+from tb_microscope.capture import layout_of
+from tb_microscope.runstore import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR
+
+CF, CL = CHANNELS_FIRST, CHANNELS_LAST
+
+# family -> nodes that must be listed: name (or alternatives, as library versions name them)
+# -> (layout, units, leading tokens)
+FAMILIES = {
+    "tv_resnet": {"layer1.0": (CF, 64, 0), "layer4.0": (CF, 512, 0), "fc": (VECTOR, 5, 0)},
+    "tv_convnext": {"features.1.0": (CF, 16, 0), "features.1.0.block.3": (CL, 64, 0)},
+    "tv_swin": {
+        "features.1.0": (CL, 16, 0),
+        "features.1.0.mlp.0": (CL, 64, 0),
+        "features.3.0": (CL, 32, 0),
+    },
+    "tv_vit": {
+        "encoder.layers.encoder_layer_0": (TOKENS, 32, 1),
+        "encoder.layers.encoder_layer_0.self_attention": (TOKENS, 32, 1),
+        "encoder.layers.encoder_layer_0.mlp.0": (TOKENS, 64, 1),
+    },
+    "timm_vit": {
+        "blocks.0": (TOKENS, 32, 1),
+        "blocks.0.attn": (TOKENS, 32, 1),
+        "blocks.0.mlp.fc1": (TOKENS, 128, 1),
+    },
+    "timm_convnext": {"stages.0.blocks.0": (CF, 16, 0), "stages.1.blocks.0": (CF, 24, 0)},
+    "timm_efficientnet": {"blocks.0.0": (CF, 16, 0), "blocks.1.0": (CF, 24, 0)},
+    "hf_vit": {
+        ("vit.layers.0", "vit.encoder.layer.0"): (TOKENS, 32, 1),
+        ("vit.layers.0.attention", "vit.encoder.layer.0.attention"): (TOKENS, 32, 1),
+        ("vit.layers.0.mlp.fc1", "vit.encoder.layer.0.intermediate.dense"): (TOKENS, 64, 1),
+    },
+    "hf_convnext": {
+        "convnext.encoder.stages.0.layers.0": (CF, 16, 0),
+        "convnext.encoder.stages.0.layers.0.pwconv1": (CL, 64, 0),
+    },
+    "hf_swin": {
+        "swin.encoder.layers.0.blocks.0": (TOKENS, 16, 0),
+        "swin.encoder.layers.1.blocks.0": (TOKENS, 32, 0),
+    },
+    "gray_cnn": {"0": (CF, 8, 0), "2": (CF, 16, 0)},
+    "six_band_cnn": {"0": (CF, 8, 0), "2": (CF, 16, 0)},
+}
+PER_HEAD = {"timm_vit": ["blocks.0.attn.q_norm", "blocks.0.attn.k_norm"]}
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """Every family logged by one training script in another process; its timings."""
+    logdir = tmp_path_factory.mktemp("families")
+    env = {**os.environ, "TB_MICROSCOPE_EXPORT_BUDGET": "3"}  # Swin's dynamic export: minutes
+    proc = run_python(SCRIPTS / "log_family.py", logdir, *FAMILIES, env=env, timeout=900)
+    timings = {t["family"]: t for t in map(json.loads, proc.stdout.splitlines())}
+    return logdir, timings
+
+
+def _find(run, names):
+    names = (names,) if isinstance(names, str) else names
+    listed = {n.name: n for n in run.nodes}
+    found = [listed[name] for name in names if name in listed]
+    assert found, f"none of {names} among {[n.name for n in run.nodes]}"
+    return found[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_lists_its_blocks_with_their_layouts_and_renders(logged, family):
+    logdir, timings = logged
+    assert timings[family]["first_log_s"] < 30  # log() does not wait for the capture
+    run = tb_microscope.open_run(logdir / family)
+    assert run.architecture == "export" and run.problem() is None
+    for names, (layout, units, prefix) in FAMILIES[family].items():
+        node = _find(run, names)
+        assert (node.layout, node.units, node.prefix) == (layout, units, prefix), node
+    listed = {n.name for n in run.nodes}
+    assert not listed & set(PER_HEAD.get(family, [])), "per-head internals listed as nodes"
+
+    node = _find(run, next(iter(FAMILIES[family])))
+    result = tb_microscope.render(run, 1, node.name, [0, 1], size=16, iterations=6, device="cpu")
+    assert result.images.shape == (2, 16, 16, 3)
+    assert all(image.std() > 0 for image in result.images)
+    assert not np.array_equal(result.images[0], result.images[1])
+    if family == "gray_cnn":
+        assert (result.images == result.images[..., :1]).all()  # grey: R = G = B
+    if family == "six_band_cnn":
+        other = tb_microscope.render(
+            run, 1, node.name, [0], size=16, iterations=6, device="cpu", bands=(3, 4, 5)
+        )
+        assert not np.array_equal(other.images[0], result.images[0])
+        with pytest.raises(ValueError, match="bands must be three channel indexes from 0 to 5"):
+            tb_microscope.render(run, 1, node.name, [0], size=16, iterations=1, bands=(0, 1, 6))
+
+
+@pytest.mark.parametrize("family", ["tv_vit", "timm_vit", "hf_vit"])
+def test_token_nodes_have_neuron_and_class_token_views(logged, family):
+    logdir, _ = logged
+    run = tb_microscope.open_run(logdir / family)
+    node = _find(run, next(iter(FAMILIES[family])))
+    for technique in ("neuron", "class_token"):
+        result = tb_microscope.render(
+            run, 1, node.name, [3], technique, size=16, iterations=6, device="cpu"
+        )
+        assert result.images[0].std() > 0
+    conv = _find(run, [n.name for n in run.nodes if n.layout == CF])
+    with pytest.raises(tb_microscope.MicroscopeError, match="needs a node of tokens"):
+        tb_microscope.render(run, 1, conv.name, [0], "class_token", size=16, iterations=1)
+
+
+@pytest.mark.parametrize(
+    "shape, size, shape2, size2, expected",
+    [
+        ((64, 56, 56), (224, 224), (64, 64, 72), (256, 288), (CF, 64, 0)),
+        ((56, 56, 96), (224, 224), (64, 72, 96), (256, 288), (CL, 96, 0)),
+        ((197, 768), (224, 224), (1 + 16 * 18, 768), (256, 288), (TOKENS, 768, 1)),
+        ((12, 197, 64), (224, 224), (12, 289, 64), (256, 288), None),  # per head
+        ((12, 197, 197), (224, 224), (12, 289, 289), (256, 288), None),  # attention map
+        ((256, 1, 1), (224, 224), (256, 1, 1), (256, 288), (CF, 256, 0)),  # pooled
+        ((14, 14, 96), (224, 224), None, None, (CL, 96, 0)),  # a fixed-size model
+        ((12, 197, 64), (224, 224), None, None, None),
+        ((261, 384), (224, 224), None, None, (TOKENS, 384, 5)),  # class + 4 registers
+        ((10,), (224, 224), None, None, (VECTOR, 10, 0)),
+    ],
+)
+def test_layouts_follow_the_input_size_not_the_shape(shape, size, shape2, size2, expected):
+    assert layout_of(shape, size, shape2, size2) == expected
