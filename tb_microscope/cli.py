@@ -132,6 +132,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     import torch
 
     from .rendering import get_technique
+    from .rendering.engine import display_bands
 
     logdir = Path(args.logdir)
     runs = find_runs(logdir)
@@ -150,6 +151,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not 8 <= args.size <= 1024 or not 1 <= args.iterations <= 100_000:
         raise MicroscopeError("--size must be from 8 to 1024 and --iterations from 1 to 100000")
     device = torch.device(args.device) if args.device else None
+    bands = None
+    if args.bands:
+        try:
+            bands = tuple(int(b) for b in args.bands.split(","))
+        except ValueError:
+            raise MicroscopeError(
+                f"--bands takes three channel numbers like 3,2,1; got {args.bands!r}"
+            ) from None
     opened = []
     for path in runs:  # one broken run does not stop the others
         try:
@@ -165,6 +174,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise MicroscopeError(f"no run under '{logdir}' can be rendered (see above)")
     jobs = []  # (run, step, node, units)
     for run in opened:
+        display_bands(run.input_spec.channels, bands)  # wrong bands: said before any work
         logged = run.steps  # one listing of the snapshot folder
         steps = logged
         if args.steps != "all" and logged:
@@ -192,6 +202,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         device=device,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
+        bands=bands,
     )
     total = sum(len(j[3]) for j in jobs)
     if interrupted:
@@ -210,6 +221,7 @@ def render_jobs(
     device,
     batch_size: int,
     cache_dir: str | None,
+    bands: tuple[int, ...] | None = None,
 ) -> tuple[int, bool]:
     """Render (run, step, node, units) jobs into the cache with a progress bar.
 
@@ -240,7 +252,7 @@ def render_jobs(
             todo = [
                 u
                 for u in units
-                if RenderKey(step, version, node, u, technique, **options) not in cache
+                if RenderKey(step, version, node, u, technique, **options, bands=bands) not in cache
             ]
             progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
             if not todo:
@@ -258,6 +270,7 @@ def render_jobs(
                     device=device,
                     batch_size=batch_size,
                     model=model,
+                    bands=bands,
                     should_stop=stop.is_set,
                     **options,
                 )
@@ -382,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--size", type=int, default=128, help="image size in px (default 128)")
     render.add_argument("--iterations", type=int, default=512, help="default 512")
     render.add_argument("--seed", type=int, default=0)
+    render.add_argument(
+        "--bands",
+        help="for models of more than three input channels: the three shown as RGB, e.g. "
+        "3,2,1 (default: the first three)",
+    )
     render.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     render.add_argument("--batch-size", type=int, default=32, help="units per optimization")
     render.add_argument("--cache-dir", help="cache root (default: in each run, else ~/.cache)")

@@ -41,7 +41,8 @@ _TOUCH_EVERY_S = 60.0  # how often a used file's mtime is brought up to date (it
 @dataclass(frozen=True)
 class RenderKey:
     """Everything that changes a rendered image; `version` is the snapshot's (see
-    `Run.snapshot_version`), `image` numbers a unit's diversity images."""
+    `Run.snapshot_version`), `image` numbers a unit's diversity images, `bands` are the
+    channels shown as RGB (None: the model's own colours)."""
 
     step: int
     version: str
@@ -52,6 +53,7 @@ class RenderKey:
     iterations: int
     seed: int
     image: int = 0
+    bands: tuple[int, ...] | None = None
 
     def digest(self, run_id: str) -> str:
         fields = {"run": run_id, "engine": ENGINE_VERSION, **asdict(self)}
@@ -269,6 +271,7 @@ def render_cached(
     device=None,
     batch_size: int | None = None,
     model=None,
+    bands: tuple[int, ...] | None = None,
     progress=None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[int, list[CachedImage]]:
@@ -288,7 +291,7 @@ def render_cached(
 
     def keys(unit: int) -> list[RenderKey]:
         return [
-            RenderKey(step, version, node, unit, technique, size, iterations, seed, k)
+            RenderKey(step, version, node, unit, technique, size, iterations, seed, k, bands)
             for k in range(per_unit)
         ]
 
@@ -307,6 +310,7 @@ def render_cached(
             device=device,
             batch_size=batch_size,
             model=model,
+            bands=bands,
             progress=progress,
             should_stop=should_stop,
         )

@@ -33,7 +33,7 @@ from ..errors import (
     StepNotFoundError,
 )
 from ..rendering import TECHNIQUES, get_technique
-from ..rendering.engine import check_units
+from ..rendering.engine import check_technique, check_units, display_bands
 from ..rendering.weights import default_source
 from ..runstore import PLUGIN_NAME
 from .service import DONE, FAILED, Analysis, Group, QueueFullError, RenderService, Work
@@ -238,6 +238,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                 "image": t.objective is not None,
                 "images_per_unit": t.images_per_unit,
                 "whole_node": t.whole_node,
+                "class_token": t.class_token,
             }
             for t in TECHNIQUES.values()
         ]
@@ -262,10 +263,31 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "edges": [list(e) for e in run.edges],
         }
 
+    @staticmethod
+    def _bands(run, args) -> tuple[int, ...] | None:
+        """`bands`: three channels shown as RGB ("3,2,1" in a query, a list in a body)."""
+        raw = args.get("bands")
+        if raw in (None, ""):
+            return None
+        if isinstance(raw, str):
+            try:
+                raw = [int(b) for b in raw.split(",")]
+            except ValueError:
+                raise errors.InvalidArgumentError(
+                    f"bands must be three channel numbers like 3,2,1, got {raw!r}"
+                ) from None
+        if not isinstance(raw, list):
+            raise errors.InvalidArgumentError("bands must be a list of three channel numbers")
+        channels = run.input_spec.channels
+        with _public_errors():
+            chosen = display_bands(channels, raw)
+        return None if chosen == display_bands(channels, None) else tuple(chosen)
+
     def _group(self, run, step, node, args) -> Group:
         with _public_errors():
             technique = get_technique(args.get("technique", "channel"))
             version = run.snapshot_version(step)
+            check_technique(technique, node)
         if technique.objective is None:
             raise errors.InvalidArgumentError(
                 f"technique {technique.name!r} is not an image: use the {technique.name} route"
@@ -280,6 +302,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             _int(args, "size", self._size, 8, 1024),
             _int(args, "iterations", self._iterations, 1, 100_000),
             _int(args, "seed", 0),
+            self._bands(run, args),
         )
 
     def _request(self, work: Work, units: list[int]) -> dict[int, dict]:

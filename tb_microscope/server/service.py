@@ -70,6 +70,7 @@ class Group:
     size: int
     iterations: int
     seed: int
+    bands: tuple[int, ...] | None = None  # channels shown as RGB, for more than three
 
     def key(self, unit: int, image: int = 0) -> RenderKey:
         return RenderKey(
@@ -82,6 +83,7 @@ class Group:
             self.iterations,
             self.seed,
             image,
+            self.bands,
         )
 
     def keys(self, unit: int) -> list[RenderKey]:
@@ -466,6 +468,7 @@ class RenderService:
                 seed=work.seed,
                 device=models.device,
                 model=models.get(run, work.step),
+                bands=work.bands,
                 progress=lambda fraction: setattr(job, "progress", fraction),
                 should_stop=should_stop,
             )
