@@ -259,6 +259,7 @@ class RenderService:
         self._runs: LRU[Run] = LRU(max_items=256)
         self._caches: LRU[RenderCache] = LRU(max_items=256)
         self._counter = itertools.count()
+        self._finished = 0  # jobs that have left the running table, to spot one ending mid-request
         self._lock = threading.Condition()
         self.stats = {
             "renders": 0,
@@ -307,6 +308,7 @@ class RenderService:
         """Ask for units' images (a Group) or a unit's result (an Analysis, its one unit).
         Returns each unit's status; `done` once it is in the cache."""
         statuses, wanted = {}, []
+        finished = self._finished
         for unit in units:
             if self._done(work, unit):
                 statuses[unit] = {"status": DONE}
@@ -316,6 +318,12 @@ class RenderService:
             return statuses
         now = time.monotonic()
         with self._lock:
+            if self._finished != finished:  # a job ended since the cache was looked at
+                for unit in [u for u in wanted if self._done(work, u)]:
+                    wanted.remove(unit)
+                    statuses[unit] = {"status": DONE}
+                if not wanted:
+                    return statuses
             running = self._running.get(work)
             job = self._queued.get(work)
             for unit in wanted:
@@ -447,6 +455,7 @@ class RenderService:
                         self._failed.put((work, unit), (message, time.monotonic()))
             with self._lock:
                 del self._running[work]
+                self._finished += 1
 
     def _execute(self, run: Run, job: _Job, models: _Models) -> None:
         work = job.work
