@@ -30,6 +30,8 @@ MODELS = {
     "hf_vit": "transformers.ViTForImageClassification(transformers.ViTConfig())",
     "hf_convnext": "transformers.ConvNextForImageClassification(transformers.ConvNextConfig())",
     "hf_swin": "transformers.SwinForImageClassification(transformers.SwinConfig())",
+    "hf_dinov2": "transformers.Dinov2ForImageClassification(transformers.Dinov2Config())",
+    "hf_resnet": "transformers.ResNetForImageClassification(transformers.ResNetConfig())",
 }
 
 CHILD = """

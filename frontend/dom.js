@@ -17,6 +17,19 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+const LAYOUTS = {
+  channels_first: 'C×H×W',
+  channels_last: 'H×W×C',
+  tokens: 'tokens',
+  vector: 'vector',
+};
+
+// How a node's output is laid out, in a few characters ("tokens +1": one leading token).
+export function layoutText(node) {
+  if (node.layout === 'tokens' && node.prefix) return `tokens +${node.prefix}`;
+  return LAYOUTS[node.layout] || node.layout || node.kind;
+}
+
 export function errorBox(message) {
   return h('div', {class: 'error', role: 'alert', text: message});
 }

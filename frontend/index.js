@@ -33,10 +33,11 @@ class App {
     this.compareButton = h('button', {id: 'compare', text: 'compare',
       title: 'show this node or unit side by side at another step or in another run',
       onclick: () => this.navigate({compare: !this.state.compare})});
+    this.bands = h('span', {class: 'control bands', hidden: true});
     this.header = h('header', {},
       h('strong', {class: 'brand', text: 'Microscope'}),
       h('label', {class: 'control'}, 'run ', this.runSelect),
-      this.crumbs, this.slider.el, this.compareButton,
+      this.crumbs, this.slider.el, this.bands, this.compareButton,
       h('span', {class: 'keys muted', text: '←→ step  ↑↓ unit  Esc up  Space play'}));
     this.main = h('main', {});
     root.append(this.header, this.main);
@@ -66,8 +67,27 @@ class App {
     return this.nodeLists.get(run);
   }
 
-  unitImageTechniques() {
-    return Object.values(this.techniques).filter((t) => t.image && !t.whole_node);
+  // The techniques that draw a unit's image on `node` (class token: a node of tokens with one).
+  unitImageTechniques(node) {
+    return Object.values(this.techniques).filter((t) => t.image && !t.whole_node
+      && (!t.class_token || (node?.layout === 'tokens' && node.prefix > 0)));
+  }
+
+  // What names one render group: run, step, node and technique, and for a run of more than
+  // three input channels the three shown as RGB.
+  group(run, step, node, technique) {
+    const group = {run, step, node, technique};
+    if (this.channels(run) > 3 && this.state?.bands) group.bands = this.state.bands;
+    return group;
+  }
+
+  channels(run) {
+    return this.runInfo(run)?.input.shape[0] ?? 3;
+  }
+
+  validBands(run, bands) {
+    const parts = String(bands).split(',');
+    return parts.length === 3 && parts.every((b) => /^\d+$/.test(b) && Number(b) < this.channels(run));
   }
 
   // Why `node` and `unit` cannot be shown in `run`, or null when they can.
@@ -123,16 +143,21 @@ class App {
       throw new Error(`step ${state.step} is not logged in run '${state.run}'; steps: `
         + `${listNames(run.steps.map(String), 20)}`);
     }
-    const technique = this.techniques[state.technique];
-    const shown = [...this.unitImageTechniques().map((t) => t.name), 'examples', 'weights'];
-    if (!technique || !shown.includes(state.technique)) {
-      throw new Error(`technique '${state.technique}' is not one the tab shows; techniques: `
-        + `${shown.join(', ')}`);
-    }
-    if (!technique.image && state.unit === undefined) state.technique = 'channel';  // grids draw
     const {nodes, edges} = await this.nodesOf(state.run);
     const message = this.checkUnit(state.run, nodes, state.node, state.unit);
     if (message) throw new Error(message);
+    const technique = this.techniques[state.technique];
+    const node = nodes.find((n) => n.name === state.node);
+    const shown = [...this.unitImageTechniques(node).map((t) => t.name), 'examples', 'weights'];
+    if (!technique || !shown.includes(state.technique)) {
+      throw new Error(`technique '${state.technique}' is not one the tab shows`
+        + `${node ? ` for node '${node.name}'` : ''}; techniques: ${shown.join(', ')}`);
+    }
+    if (!technique.image && state.unit === undefined) state.technique = 'channel';  // grids draw
+    if (state.bands !== undefined && !this.validBands(state.run, state.bands)) {
+      throw new Error(`bands '${state.bands}' are not three of run '${state.run}'s `
+        + `${this.channels(state.run)} input channels (0 to ${this.channels(state.run) - 1})`);
+    }
     if (state.compare) {
       if (state.node === undefined) throw new Error('pick a node or a unit to compare');
       if (!technique.image) state.technique = 'channel';  // the panes draw
@@ -173,9 +198,10 @@ class App {
     Object.assign(this, {state, run, nodes, edges, rendered});
     writeState(state, true);  // the URL names the defaults it was given, so a link is exact
     this.showHeader();
-    const key = state.compare ? `compare|${state.node}|${state.unit}|${state.technique}`
+    const key = (state.compare ? `compare|${state.node}|${state.unit}|${state.technique}`
       : state.unit !== undefined ? `unit|${state.run}|${state.node}|${state.unit}`
-        : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`;
+        : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`)
+      + `|${state.bands ?? ''}`;
     if (this.view?.key === key && this.view.update(state)) return;
     this.view?.destroy();
     const node = nodes.find((n) => n.name === state.node);
@@ -195,6 +221,7 @@ class App {
     const run = usable.includes(wanted.run) ? wanted.run : usable[0];
     this.showRuns(this.runInfo(wanted.run) ? wanted.run : run);  // a broken run stays picked
     this.slider.el.hidden = true;
+    this.bands.hidden = true;
     this.compareButton.hidden = true;
     this.crumbs.replaceChildren();
     const back = run === undefined ? null : h('p', {}, h('a', {
@@ -217,9 +244,26 @@ class App {
     this.runSelect.value = current ?? '';
   }
 
+  // For a run of more than three input channels: which three are shown as red, green, blue.
+  showBands() {
+    const channels = this.channels(this.state.run);
+    this.bands.hidden = channels <= 3;
+    if (channels <= 3) return;
+    const chosen = (this.state.bands || '0,1,2').split(',').map(Number);
+    const options = [...Array(channels).keys()].map((c) => [String(c), `band ${c}`]);
+    const pickers = ['R', 'G', 'B'].map((colour, i) => h('label', {}, ` ${colour} `,
+      select(options, String(chosen[i]), (value) => {
+        const next = [...chosen];
+        next[i] = Number(value);
+        this.navigate({bands: next.join(',') === '0,1,2' ? null : next.join(',')});
+      }, {'aria-label': `band shown as ${colour}`})));
+    this.bands.replaceChildren(h('span', {class: 'muted', text: 'bands'}), ...pickers);
+  }
+
   showHeader() {
     const {state} = this;
     this.showRuns(state.run);
+    this.showBands();
     this.slider.el.hidden = false;
     this.slider.set(this.run.steps, state.step);
     const crumb = (text, patch, current) => (current ? h('span', {class: 'address', text})

@@ -2,7 +2,7 @@
 // the node's DeepDream. Moving the step keeps the grid and swaps the images in place.
 
 import {watchUnits} from './api.js';
-import {errorBox, h, select, UnitCell} from './dom.js';
+import {errorBox, h, layoutText, select, UnitCell} from './dom.js';
 
 // The units of one node at one step, each cell asking for its image once it is on screen.
 export class NodeGrid {
@@ -64,7 +64,7 @@ export class NodeGrid {
     const units = [...this.visible].filter((unit) => !this.requested.has(unit)).sort((a, b) => a - b);
     if (!units.length) return;
     units.forEach((unit) => this.requested.add(unit));
-    const group = {run: this.run, step: this.step, node: this.node.name, technique: this.technique};
+    const group = this.app.group(this.run, this.step, this.node.name, this.technique);
     watchUnits(group, units, 1, (unit, state) => this.update(unit, state), this.controller.signal);
   }
 
@@ -77,7 +77,8 @@ export class NodeGrid {
 export class NodeView {
   constructor(app, state, node) {
     this.app = app;
-    const techniques = app.unitImageTechniques().map((t) => [t.name, t.name.replace('_', ' ')]);
+    const techniques = app.unitImageTechniques(node)
+      .map((t) => [t.name, t.name.replace('_', ' ')]);
     this.techniqueSelect = select(techniques, state.technique,
       (technique) => app.navigate({technique}), {id: 'technique', 'aria-label': 'technique'});
     this.grid = new NodeGrid(app, state.run, node, state.technique, state.step);
@@ -86,7 +87,8 @@ export class NodeView {
       h('div', {class: 'view-head'},
         h('h2', {}, h('span', {class: 'address', text: node.name})),
         h('span', {class: 'muted',
-          text: `${node.module} · ${node.units} units · ${node.shape.join('×')}`}),
+          text: `${node.module} · ${node.units} units · ${layoutText(node)} `
+            + `${node.shape.join('×')}`}),
         h('label', {class: 'control'}, 'technique ', this.techniqueSelect)),
       h('div', {class: 'node-body'}, h('aside', {}, this.dream.el), this.grid.el));
     this.showDream(state.step);
@@ -96,7 +98,7 @@ export class NodeView {
     this.dreamController?.abort();
     this.dreamController = new AbortController();
     this.dream.reset();
-    const group = {run: this.grid.run, step, node: this.grid.node.name, technique: 'deepdream'};
+    const group = this.app.group(this.grid.run, step, this.grid.node.name, 'deepdream');
     watchUnits(group, [0], 1, (unit, state) => this.dream.update(state),
       this.dreamController.signal);
   }

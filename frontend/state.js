@@ -4,7 +4,7 @@
 // opened on its own, it uses its own URL.
 
 const PREFIX = 'p.tb_microscope.';
-const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2'];
+const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2', 'bands'];
 const NUMBERS = new Set(['step', 'unit', 'step2']);
 
 function hostWindow() {

@@ -38,7 +38,7 @@ class Filmstrip {
       h('div', {class: 'filmstrip'}, this.frames.map((frame) => frame.el)));
     this.urls = new Array(this.steps.length).fill(null);
     this.steps.forEach((step, i) => {
-      const group = {run: state.run, step, node: state.node, technique};
+      const group = app.group(state.run, step, state.node, technique);
       watchUnits(group, [state.unit], 1, (unit, frameState) => {
         this.frames[i].update(frameState);
         if (frameState.status === 'done') {
@@ -185,7 +185,7 @@ function weightsPanel(app, state, signal) {
         h('span', {class: 'bar-track'}, bar), h('span', {class: 'value',
           text: c.strength.toFixed(3)}));
     });
-    watchUnits({run: state.run, step: state.step, node: data.source, technique: 'channel'},
+    watchUnits(app.group(state.run, state.step, data.source, 'channel'),
       [...thumbs.keys()], 1, (unit, thumbState) => thumbs.get(unit).update(thumbState), signal);
     panel.replaceChildren(
       h('p', {}, 'strongest inputs from ', picker,
@@ -207,7 +207,7 @@ function weightsPanel(app, state, signal) {
 // One unit's image (or diversity's four) at a step of a run.
 export class UnitImage {
   constructor(app, run, node, unit, technique, step) {
-    Object.assign(this, {run, node, unit, technique});
+    Object.assign(this, {app, run, node, unit, technique});
     this.count = app.techniques[technique].images_per_unit;
     this.cell = new UnitCell(null, {className: 'big', full: true});
     this.el = this.cell.el;
@@ -218,7 +218,7 @@ export class UnitImage {
     this.controller?.abort();
     this.controller = new AbortController();
     this.cell.reset();
-    watchUnits({run: this.run, step, node: this.node, technique: this.technique}, [this.unit],
+    watchUnits(this.app.group(this.run, step, this.node, this.technique), [this.unit],
       this.count, (unit, state) => this.cell.update(state), this.controller.signal);
   }
 
@@ -231,7 +231,7 @@ export class UnitView {
   constructor(app, state, node) {
     this.app = app;
     this.node = node;
-    const tabs = [...app.unitImageTechniques().map((t) => t.name), 'examples', 'weights'];
+    const tabs = [...app.unitImageTechniques(node).map((t) => t.name), 'examples', 'weights'];
     this.tabs = h('nav', {class: 'tabs', role: 'tablist'}, tabs.map((name) => h('button', {
       role: 'tab', dataset: {technique: name}, text: name.replace('_', ' '),
       onclick: () => app.navigate({technique: name}),

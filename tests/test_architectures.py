@@ -50,6 +50,14 @@ FAMILIES = {
         "swin.encoder.layers.0.blocks.0": (TOKENS, 16, 0),
         "swin.encoder.layers.1.blocks.0": (TOKENS, 32, 0),
     },
+    "hf_dinov2": {
+        ("dinov2.encoder.layer.0", "dinov2.layers.0"): (TOKENS, 32, 1),
+        ("dinov2.encoder.layer.0.mlp.fc1", "dinov2.layers.0.mlp.fc1"): (TOKENS, 64, 1),
+    },
+    "hf_resnet": {
+        "resnet.encoder.stages.0.layers.0": (CF, 16, 0),
+        "resnet.encoder.stages.1.layers.0": (CF, 32, 0),
+    },
     "gray_cnn": {"0": (CF, 8, 0), "2": (CF, 16, 0)},
     "six_band_cnn": {"0": (CF, 8, 0), "2": (CF, 16, 0)},
 }

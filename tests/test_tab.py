@@ -411,3 +411,60 @@ def test_the_tab_follows_tensorboards_dark_mode(served, browser):
         )
     finally:
         context.close()
+
+
+def test_a_model_of_many_nodes_is_grouped_collapsible_and_filtered(served, page):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    base, logdir = served
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=5)
+    with tb_microscope.Logger(logdir / "resnet", model, torch.rand(2, 3, 32, 32)) as logger:
+        logger.log(0)
+    wait_for_run(base, "resnet")
+    nodes = tb_microscope.open_run(logdir / "resnet").nodes
+    frame = open_tab(page, base, run="resnet")
+    rows = frame.locator(".nodes .node")
+    expect(frame.locator(".model-tools")).to_contain_text(f"{len(nodes)} nodes")
+    assert rows.count() < len(nodes)  # deep groups start collapsed
+    group = frame.locator(".nodes .node", has=frame.locator("a[data-node='layer3']"))
+    toggle = group.locator("button.toggle")
+    before = rows.count()
+    toggle.click()  # open or close layer3's group: its blocks appear or go
+    expect(rows).not_to_have_count(before)
+    toggle.click()
+    expect(rows).to_have_count(before)
+
+    frame.locator("#node-filter").fill("layer3.1.conv")
+    matching = [n.name for n in nodes if "layer3.1.conv" in n.name]
+    expect(frame.locator(".model-tools")).to_contain_text(
+        f"{len(matching)} of {len(nodes)} nodes match"
+    )
+    for name in matching:  # with the groups that hold them, open
+        expect(frame.locator(f".nodes a[data-node='{name}']")).to_be_visible()
+    conv = frame.locator(".nodes .node", has=frame.locator("a[data-node='layer3.1.conv2']"))
+    expect(conv).to_contain_text("C×H×W")
+    expect(conv).to_contain_text(f"{model.layer3[1].conv2.out_channels} units")
+    shoot(page, "model-filtered")
+    conv.click()
+    expect(frame.locator(".grid .cell")).to_have_count(model.layer3[1].conv2.out_channels)
+    assert url_state(page)["node"] == "layer3.1.conv2"
+
+
+def test_a_multispectral_run_shows_the_bands_picked(served, page):
+    base, logdir = served
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)
+    )
+    with tb_microscope.Logger(logdir / "bands", model, torch.rand(2, 6, 32, 32)) as logger:
+        logger.log(0)
+    wait_for_run(base, "bands")
+    frame = open_tab(page, base, run="bands", node="0")
+    first = wait_rendered(frame, ".grid", 8)
+    assert_real_images(first)
+    pickers = frame.locator(".bands select")
+    expect(pickers).to_have_count(3)
+    pickers.nth(0).select_option("5")  # band 5 shown as red
+    page.wait_for_function("() => location.hash.includes('bands=5%2C1%2C2')")
+    again = wait_rendered(frame, ".grid", 8)
+    shoot(page, "bands")
+    assert [i["hash"] for i in again] != [i["hash"] for i in first]

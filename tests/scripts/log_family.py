@@ -89,6 +89,22 @@ def build(family: str) -> tuple[nn.Module, torch.Tensor]:
                 num_labels=5,
             )
             return hf.SwinForImageClassification(config), x
+        if family == "hf_dinov2":
+            config = hf.Dinov2Config(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                mlp_ratio=2,
+                num_labels=5,
+            )
+            return hf.Dinov2ForImageClassification(config), x
+        if family == "hf_resnet":
+            config = hf.ResNetConfig(
+                embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5
+            )
+            return hf.ResNetForImageClassification(config), x
     if family == "gray_cnn":
         return tiny_cnn(1), torch.rand(4, 1, 32, 32)
     if family == "six_band_cnn":
