@@ -23,7 +23,8 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import PAD, InputSpace, default_device
+from tb_microscope.rendering.engine import default_device
+from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 
 

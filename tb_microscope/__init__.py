@@ -53,7 +53,7 @@ _RENDERING = {
 
 def __getattr__(name: str):
     """The rendering API loads on first use, so a training script importing the Logger stays
-    light (no lucent, kornia or PIL)."""
+    light (no image or optimization code)."""
     if name in _RENDERING:
         from . import rendering
 

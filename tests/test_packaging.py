@@ -1,5 +1,6 @@
 """What `pip install .` gets: every package, and the tab's files, with no build step."""
 
+import re
 import subprocess
 import sys
 import zipfile
@@ -24,3 +25,25 @@ def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
     assert len(tab) >= 8
     for path in tab:
         assert f"tb_microscope/static/{path.relative_to(ROOT / 'frontend').as_posix()}" in names
+
+    # A plain install brings what renders and serves, no test tooling; the rest are extras.
+    metadata = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+        .decode()
+    )
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    plain = {re.split(r"[ <>=!;\[]", r)[0].lower() for r in requires if "extra ==" not in r}
+    assert "torch" in plain and "tensorboard" in plain, plain
+    for tool in ("pytest", "torch-lucent", "kornia", "coverage", "ipython", "ruff", "playwright"):
+        assert tool not in plain, f"{tool} in a plain install: {sorted(plain)}"
+    extras = {
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Provides-Extra:")
+    }
+    assert {"lightning", "mlflow", "ray", "test", "bench"} <= extras, extras

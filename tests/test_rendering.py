@@ -13,7 +13,7 @@ import tb_microscope
 from conftest import run_python
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
-from tb_microscope.rendering.engine import InputSpace
+from tb_microscope.rendering.param import InputSpace
 from tb_microscope.rendering.probe import probe_activations
 from tb_microscope.rendering.tap import NodeTap
 

@@ -17,7 +17,6 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,21 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lucent.optvis.param.color import color_correlation_normalized
-from lucent.optvis.param.spatial import rfft2d_freqs
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import TOKENS, Node
-from .tap import NodeTap
+from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .tap import NodeTap, frozen
 from .techniques import Technique, channel, class_token, get_technique
 
-ENGINE_VERSION = 2  # 2: redirected ReLU gradients
-PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
-SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)])
-ANGLES = torch.tensor(list(range(-10, 11)) + [0] * 5, dtype=torch.float32)
+ENGINE_VERSION = 3  # 2: redirected ReLU gradients; 3: our own frequency grid (odd sizes)
 LEARNING_RATE = 0.05
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 
@@ -103,142 +98,6 @@ def unit_seed(seed: int, node: str, unit: int, image: int, stream: str) -> int:
     """A 63-bit seed that depends only on what identifies one image of one unit."""
     digest = hashlib.sha256(f"{seed}\0{node}\0{unit}\0{image}\0{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-class InputSpace:
-    """Maps images in [0, 1] to what the model was fed in training (value range, mean/std)."""
-
-    def __init__(self, spec: dict, device: torch.device):
-        lo, hi = spec.value_range
-        self.lo, self.span = lo, hi - lo
-        self.channels = spec.channels
-        norm = spec.normalize
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(norm["mean"], device=device).view(shape) if norm else None
-        self.std = torch.tensor(norm["std"], device=device).view(shape) if norm else None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.lo + self.span * images
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
-
-
-class FourierImages:
-    """lucid's image parameterization for a batch: one spectrum per image, seeded per image."""
-
-    def __init__(self, seeds: Sequence[int], channels: int, size: int, device: torch.device):
-        freqs = rfft2d_freqs(size, size)
-        shape = (channels, *freqs.shape, 2)
-        spectra = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(s)) * 0.01 for s in seeds
-        ]
-        self.spectrum = torch.stack(spectra).to(device).requires_grad_(True)
-        scale = 1.0 / np.maximum(freqs, 1.0 / size)
-        self.scale = torch.tensor(scale, dtype=torch.float32, device=device)[None, None, ..., None]
-        self.size = size
-        self.colour = (
-            torch.tensor(color_correlation_normalized.T, device=device) if channels == 3 else None
-        )
-
-    def __call__(self) -> torch.Tensor:
-        spectrum = torch.view_as_complex(self.scale * self.spectrum)
-        image = torch.fft.irfftn(spectrum, s=(self.size, self.size), norm="ortho") / 4.0
-        if self.colour is not None:
-            image = torch.einsum("nchw,cd->ndhw", image, self.colour)
-        return torch.sigmoid(image)
-
-
-class RandomTransforms:
-    """lucid's standard transforms as one affine warp per sample, drawn from per-image seeds.
-
-    Every random number a sample sees at every iteration is drawn up front from its own
-    generator. The output canvas (height, width) holds the image in its middle, grey around it.
-    """
-
-    def __init__(
-        self,
-        seeds: Sequence[int],
-        iterations: int,
-        size: int,
-        canvas: tuple[int, int],
-        device: torch.device,
-    ):
-        draws = []
-        for s in seeds:
-            g = torch.Generator().manual_seed(s)
-            first = torch.randint(0, 8, (iterations, 2), generator=g) - 4
-            second = torch.randint(0, 4, (iterations, 2), generator=g) - 2
-            scale = SCALES[torch.randint(0, len(SCALES), (iterations,), generator=g)]
-            angle = ANGLES[torch.randint(0, len(ANGLES), (iterations,), generator=g)]
-            draws.append(torch.cat([first, second, scale[:, None], angle[:, None]], 1))
-        self.draws = torch.stack(draws, 1).float().to(device)  # iterations x N x 6
-        self.size, self.canvas = size, canvas
-
-    def theta(self, iteration: int) -> torch.Tensor:
-        """Affine maps from canvas coordinates to image coordinates (both normalized)."""
-        d = self.draws[iteration]
-        t1, t2, s, a = d[:, 0:2], d[:, 2:4], d[:, 4], d[:, 5] * (math.pi / 180)
-        cos, sin = torch.cos(a), torch.sin(a)
-        rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
-        height, width = self.canvas
-        span = torch.tensor([width, height], dtype=s.dtype, device=s.device)  # x, then y
-        linear = rot_inv * span[None, None, :] / (self.size * s)[:, None, None]
-        shift = -(2 / self.size) * (torch.einsum("nij,nj->ni", rot_inv, t2) / s[:, None] + t1)
-        return torch.cat([linear, shift[:, :, None]], 2)
-
-    def __call__(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
-        n, c = images.shape[:2]
-        grid = F.affine_grid(self.theta(iteration), [n, c, *self.canvas], align_corners=False)
-        warped = F.grid_sample(
-            images - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        return warped + 0.5
-
-
-def centred(images: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
-    """Images placed in the middle of a grey canvas (height, width), no random transform."""
-    (height, width), size = canvas, images.shape[-1]
-    top, left = (height - size) // 2, (width - size) // 2
-    return F.pad(images, [left, width - size - left, top, height - size - top], value=0.5)
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@dataclass(frozen=True)
-class Canvas:
-    """Where a render happens: the model's input (height, width), and the side of the square
-    image optimized in its middle. A model that takes any size gets the requested size padded
-    by PAD; one that takes only some sizes gets the nearest it takes, and the image is shown at
-    the requested size afterwards. `padded`: the final image is measured in its canvas (the
-    model does not take the image alone)."""
-
-    input: tuple[int, int]
-    image: int
-    padded: bool
-
-
-def canvas_for(run: Run, size: int) -> Canvas:
-    height, width = run.input_spec.dim("height"), run.input_spec.dim("width")
-    if height is None or width is None:
-        raise MicroscopeError(f"run '{run.name}' has no image input (N x C x H x W)")
-    if height["size"] is not None or width["size"] is not None:  # runs at one size only
-        return _fixed_canvas((height["size"] or height["min"], width["size"] or width["min"]))
-    least = max(height["min"] or 1, width["min"] or 1)
-    most = min(height["max"] or 1 << 30, width["max"] or 1 << 30)
-    side = min(max(size + 2 * PAD, least), most)  # the sizes the model takes
-    if side != size + 2 * PAD:
-        return _fixed_canvas((side, side))
-    return Canvas((side, side), size, size < least)
-
-
-def _fixed_canvas(input_size: tuple[int, int]) -> Canvas:
-    side = min(input_size)
-    return Canvas(input_size, side - 2 * PAD if side - 2 * PAD >= 8 else side, True)
 
 
 def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | None:
@@ -470,7 +329,7 @@ def render(
     display_bands(run.input_spec.channels, bands)  # refuses bad bands before any work
     canvas_for(run, size)  # and sizes the model cannot take
     device = torch.device(device) if device is not None else default_device()
-    model = _frozen(model if model is not None else run.load_model(step, device))
+    model = frozen(model if model is not None else run.load_model(step, device))
     batch = batch_size or (32 if device.type == "cuda" else 16)
     batch = max(1, batch // spec.images_per_unit)
     results, start = [], 0

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ..run import Run
-from .engine import InputSpace, _frozen, check_units, default_device
+from .engine import check_units, default_device
+from .param import InputSpace
 from .probe import probe_activations, probe_images
-from .tap import NodeTap
+from .tap import NodeTap, frozen
 
 
 @dataclass
@@ -68,7 +69,7 @@ def dataset_examples(
     target = run.node(node)
     units = check_units(target, units)
     device = torch.device(device) if device is not None else default_device()
-    model = _frozen(model if model is not None else run.load_model(step, device))
+    model = frozen(model if model is not None else run.load_model(step, device))
     images = probe_images(run)
     act = probe_activations(run, model, target, device)
     sign = -1.0 if negative else 1.0

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..run import Run
-from .engine import RenderCancelled, _frozen, check_units, default_device
+from .engine import RenderCancelled, check_units, default_device
 from .probe import probe_activations
+from .tap import frozen
 from .weights import _predecessors
 
 
@@ -72,7 +73,7 @@ def unit_history(
             "weight_norm": None,
             "mean_activation": None,
         }
-        model = _frozen(run.load_model(step, device)) if has_probe else None
+        model = frozen(run.load_model(step, device)) if has_probe else None
         if key is not None:
             state = model.state_dict() if model is not None else run.load_state_dict(step)
             weight = state[key][unit].flatten().float().cpu()

@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import Node
-from .engine import InputSpace
+from .param import InputSpace
 from .tap import NodeTap
 
 

@@ -104,3 +104,10 @@ class NodeTap:
         if self._output is None:
             raise MicroscopeError(f"node {self.node.name!r} was not reached in the forward pass")
         return node_view(self._output, self.node)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """The model with no parameter asking for gradients: only the input image is optimized."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -22,8 +22,9 @@ from torch.overrides import TorchFunctionMode
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import Node
-from .engine import InputSpace, _frozen, check_units, default_device
-from .tap import NodeTap, node_tensor, node_view, replace_tensor
+from .engine import check_units, default_device
+from .param import InputSpace
+from .tap import NodeTap, frozen, node_tensor, node_view, replace_tensor
 
 # Modules that act on each unit separately: a unit's weights come from before them.
 ELEMENTWISE = {
@@ -173,7 +174,7 @@ def unit_weights(
     if source_node.name == target.name:
         raise MicroscopeError("source= must be an earlier node than the unit's own")
     device = torch.device(device) if device is not None else default_device()
-    model = _frozen(model if model is not None else run.load_model(step, device))
+    model = frozen(model if model is not None else run.load_model(step, device))
     spec = run.input_spec
     size = max(spec.shape[1:] + [d["min"] for d in spec.dims if d["name"] != "batch"])
     grey = torch.full((1, spec.channels, size, size), 0.5, device=device)
