@@ -30,11 +30,13 @@ checked before it is deserialized, and anything outside these rules is refused:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -96,8 +98,15 @@ def refusal(path: Path, what: str) -> UnsafeProgramError:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Write `program` to `path` without its weights (see the module's doc)."""
+def program_archive(program: torch.export.ExportedProgram) -> bytes:
+    """`program` as the bytes of its archive, without its weights (see the module's doc)."""
+    buffer = io.BytesIO()
+    save_program(program, buffer)
+    return buffer.getvalue()
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path | BinaryIO) -> None:
+    """Write `program` to `path` (or a binary file) without its weights (see the module's doc)."""
     from safetensors.torch import save as save_tensors
     from torch._export.serde.serialize import serialize
 

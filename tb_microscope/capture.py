@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils import _pytree
 from torch.utils._sympy.numbers import int_oo
 
+from .architecture import program_archive
 from .errors import NodeNotFoundError, PickleNotAllowedError, summarize
 from .runstore import CHANNELS_FIRST, CHANNELS_LAST, EXPORT, PICKLE, TOKENS, VECTOR, Node
 
@@ -306,7 +307,7 @@ def select_nodes(nodes: list[Node], wanted: list[str] | None) -> list[Node]:
 @dataclass
 class Capture:
     kind: str  # EXPORT, PICKLE or NONE
-    program: torch.export.ExportedProgram | None
+    archive: bytes | None  # the exported program's archive (`architecture.program_archive`)
     pickled: bytes | None
     dims: list[dict]  # per input dimension: {"name", "size", "min", "max"}; max None = unbounded
     edges: list[tuple[str, str]]
@@ -571,6 +572,11 @@ def capture(
             except Exception as e:  # export raises many types; each means "try the next way"
                 notes.append(f"{what} failed ({_first_line(e)})")
                 continue
+            try:
+                archive = program_archive(ep)
+            except Exception as e:  # a constant the archive cannot hold without a pickle
+                notes.append(f"{what}: the program cannot be stored ({_first_line(e)})")
+                continue
             dims = _input_dims(ep)
             sizes = {d["name"]: d["size"] for d in dims}
             if example.dim() == 4 and sizes.get("height") is None:
@@ -578,7 +584,7 @@ def capture(
                     dims = _fix_sizes(dims, example)
                     notes.append("the program runs at the example's height and width only")
             return Capture(
-                EXPORT, ep, None, dims, exported_edges(ep, names), "; ".join(notes) or None
+                EXPORT, archive, None, dims, exported_edges(ep, names), "; ".join(notes) or None
             )
     dims = [
         {"name": name, "size": size, "min": size, "max": size}
@@ -594,6 +600,74 @@ def capture(
         eager_edges,
         "torch.export " + "; ".join(notes),
     )
+
+
+class CaptureProcessError(RuntimeError):
+    """The process capturing the architecture ended without a result."""
+
+
+def _can_fork() -> bool:
+    # macOS's system libraries are not safe in a forked child of a threaded process.
+    return hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this (child) process when the thread that forked it ends: a training
+    process that exits mid-capture leaves no exporter behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except Exception:  # not Linux's libc: the child still ends with its export
+        pass
+
+
+def capture_in_child(
+    model: nn.Module, example: torch.Tensor, nodes: list[Node], eager_edges: list
+) -> Capture:
+    """`capture()` in a forked child process, for a caller that trains on meanwhile.
+
+    torch.export switches oneDNN, NNPACK and cuDNN off for the whole process while it traces
+    (torch/export/_trace.py, `_ignore_backend_decomps`): on a thread, the training loop's
+    convolutions would run without them (slower, and with other numerics) until the export
+    ended. A forked child has the model (a CPU copy) without pickling or importing anything,
+    and sends back only the archive's bytes, dims, edges and notes. Where fork is not safe, it
+    runs here."""
+    if not _can_fork():
+        return capture(model, example, nodes, eager_edges)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        try:
+            os.close(read)
+            _die_with_parent()
+            torch.set_num_threads(1)  # a thread pool forked mid-use is not safe to grow
+            try:
+                answer = ("ok", capture(model, example, nodes, eager_edges))
+            except BaseException as e:  # noqa: BLE001 - reported to the parent, which decides
+                answer = ("error", f"{type(e).__name__}: {_first_line(e)}")
+            with os.fdopen(write, "wb") as out:
+                out.write(pickle.dumps(answer))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as source:
+        data = source.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        how = (
+            f"signal {os.WTERMSIG(status)}"
+            if os.WIFSIGNALED(status)
+            else f"exit code {os.WEXITSTATUS(status)}"
+        )
+        raise CaptureProcessError(f"the capture process ended ({how}) without a result")
+    # Our own child's answer, through a pipe only the two processes hold.
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise CaptureProcessError(value)
+    return value
 
 
 # --- pickle fallback -----------------------------------------------------------------------------

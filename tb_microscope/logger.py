@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .architecture import save_program
-from .capture import Capture, capture, discover_nodes, select_nodes, unwrap
+from .capture import Capture, capture_in_child, discover_nodes, select_nodes, unwrap
 from .errors import IncompatibleRunError, summarize
 from .runstore import (
     EXPORT,
@@ -42,7 +41,6 @@ from .runstore import (
     ModelInfo,
     ProbeSpec,
     RunStore,
-    atomic_write,
     new_run_id,
     write_bytes_atomic,
 )
@@ -345,7 +343,7 @@ class Logger:
     def _capture(self, model: nn.Module, example: torch.Tensor) -> None:
         name = type(self._model).__name__
         try:
-            result = capture(model, example, self.nodes, self._eager_edges)
+            result = capture_in_child(model, example, self.nodes, self._eager_edges)
         except Exception as e:
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             self._policy.fail(
@@ -375,7 +373,7 @@ class Logger:
         def write(store: RunStore) -> None:
             if result.kind == EXPORT:
                 path = store.root / EXPORTED_ARCHITECTURE
-                atomic_write(path, lambda temp: save_program(result.program, temp))
+                write_bytes_atomic(path, result.archive)
             elif result.kind == PICKLE:
                 write_bytes_atomic(store.root / PICKLED_ARCHITECTURE, result.pickled)
             if self._probe is not None:

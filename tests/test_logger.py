@@ -1,6 +1,7 @@
 """The Logger in-process: schedules, what lands on disk, and what it leaves alone."""
 
 import json
+import threading
 import warnings
 
 import pytest
@@ -350,3 +351,24 @@ def test_unfinished_snapshots_are_flushed_at_interpreter_exit(tmp_path):
     )
     run_python("-c", script)
     assert tb_microscope.open_run(tmp_path).steps == [0, 1, 2, 3, 4]
+
+
+def test_the_training_thread_keeps_its_convolution_backends_during_capture(tmp_path):
+    """torch.export switches oneDNN and NNPACK off for its whole process while it traces; the
+    capture runs in a child process, so the training loop's convolutions never lose them."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)
+    logger = tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 32, 32))
+    logger.log(0)
+    flusher = threading.Thread(target=logger.flush)  # returns once the capture is written
+    flusher.start()
+    seen = set()
+    samples = 0
+    while flusher.is_alive():
+        seen.add((torch._C._get_mkldnn_enabled(), torch._C._get_nnpack_enabled()))
+        samples += 1
+    logger.close()
+    assert samples > 1000  # the capture took a while, and was watched throughout
+    assert seen == {(True, True)}
+    assert tb_microscope.open_run(tmp_path).architecture == "export"

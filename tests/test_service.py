@@ -93,3 +93,26 @@ def test_models_and_programs_share_one_memory_bound(run_dir, tmp_path):
     assert models.get(run, 0) is not first
     kinds = [key[0] for key, _ in service.memory.items()]
     assert kinds.count("model") == 1
+
+
+def test_threads_opening_a_runs_cache_at_once_all_find_it_next_to_the_run(run_dir):
+    """The cache folder's writability check must not trip over another thread's check (two
+    probes of one name: one thread removed the other's and sent its renders to ~/.cache)."""
+    import threading
+
+    from tb_microscope.rendering.cache import CACHE, RenderCache
+    from tb_microscope.run import Run
+
+    run = Run(run_dir)
+    roots, start = [], threading.Barrier(16)
+
+    def open_cache():
+        start.wait()
+        roots.append(RenderCache(run).root)
+
+    threads = [threading.Thread(target=open_cache) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(roots) == {run.store.root / CACHE}

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -89,11 +90,13 @@ def _user_cache_root() -> Path:
 
 
 def _writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing). The probe file has a name of
+    its own, so that two threads checking at once cannot remove each other's."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
         return True
     except OSError:
         return False

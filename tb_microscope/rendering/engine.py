@@ -156,23 +156,47 @@ class RedirectedReLUs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def _numerics(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA. On the CPU, PyTorch's own convolutions instead of oneDNN's, whose
-    kernels change with the batch size (measured: a unit alone and in a batch of three came out
-    up to 3/255 apart after 12 iterations); the native ones compute each sample alike, so a
-    unit's pixels do not depend on its batch-mates."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yield
-    else:
+@dataclass(frozen=True)
+class Numerics:
+    """How the engine computes, per device (`benchmarks/numerics.py` measures each choice for
+    speed and for batch invariance: a unit's picture alone and among others must agree).
+
+    `onednn`: the CPU's convolutions from oneDNN rather than PyTorch's own; `channels_last`: the
+    input in N x H x W x C memory order; `autocast`: a lower-precision dtype on CUDA (bf16);
+    `tf32`: TF32 matrix products on CUDA."""
+
+    onednn: bool = False
+    channels_last: bool = False
+    autocast: torch.dtype | None = None
+    tf32: bool = False
+
+    @contextmanager
+    def applied(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+            try:
+                with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
+                    yield
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            return
         # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
         # switch, which makes this CPU build print a warning about Intel GPUs.
-        previous = torch.backends.mkldnn.set_flags(False, _fp32_precision=None)
+        previous = torch.backends.mkldnn.set_flags(self.onednn, _fp32_precision=None)
         try:
             yield
         finally:
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
+
+
+def default_numerics(device: torch.device) -> Numerics:
+    """The fastest choice that keeps pictures batch-invariant, as measured (see the README's
+    numerics table). On the CPU, PyTorch's own convolutions: oneDNN's kernels change with the
+    batch size, so a unit's pixels would depend on its batch-mates."""
+    if device.type == "cuda":
+        return Numerics(channels_last=True, autocast=torch.bfloat16)
+    return Numerics()
 
 
 def check_technique(technique: Technique, node: Node) -> None:
@@ -209,6 +233,7 @@ def optimize(
     seed: int,
     device: torch.device,
     bands: Sequence[int] | None = None,
+    numerics: Numerics | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
@@ -230,7 +255,8 @@ def optimize(
     tap = NodeTap(model, node)
     unit_index = torch.tensor(targets, device=device)
     optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)
-    channels_last = device.type == "cuda" and node.kind == "spatial"
+    numerics = numerics or default_numerics(device)
+    channels_last = numerics.channels_last and node.kind == "spatial"
     with StopChecks(model, should_stop) as stop:
         for iteration in range(iterations):
             stop.check()
@@ -241,12 +267,12 @@ def optimize(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
-            with _numerics(device), redirect:
+            with numerics.applied(device), redirect:
                 act = tap(x).float()
                 loss = -technique.value(act, unit_index).sum()
                 loss.backward()
             optimizer.step()
-    with torch.no_grad(), _numerics(device):
+    with torch.no_grad(), numerics.applied(device):
         images = param()
         shown = centred(images, canvas.input) if canvas.padded else images
         act = tap(space(shown)).float()
@@ -296,6 +322,7 @@ def render(
     batch_size: int | None = None,
     model: nn.Module | None = None,
     bands: Sequence[int] | None = None,
+    numerics: Numerics | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RenderResult:
@@ -308,7 +335,8 @@ def render(
     `diversity` gives several images per unit (consecutive); `deepdream` one image for the whole
     node (units are ignored). Units are optimized together in batches of `batch_size` (32 on
     CUDA, 16 on the CPU); a CUDA out-of-memory error halves the batch and retries. `model` may
-    pass a model already loaded for this step; `progress` is called now and then with the
+    pass a model already loaded for this step; `numerics` overrides the device's default
+    (`default_numerics`); `progress` is called now and then with the
     fraction of the work done; `should_stop` is asked often, and `RenderCancelled` raised once
     it returns True.
     """
@@ -348,6 +376,7 @@ def render(
                     seed=seed,
                     device=device,
                     bands=bands,
+                    numerics=numerics,
                     progress=_scaled(progress, start, len(chunk), len(units)),
                     should_stop=should_stop,
                 )

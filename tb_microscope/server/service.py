@@ -436,14 +436,17 @@ class RenderService:
                     raise RunChangedError(
                         f"run '{run.name}' was logged again while this waited; ask again"
                     )
-                self._execute(run, job, models)
-                with self._lock:
-                    if isinstance(work, Group):
-                        self.stats["renders"] += 1
-                        self.stats["units_rendered"] += len(units)
-                    else:
-                        self.stats["analyses"] += 1
-                    self.recent.append((work, units, time.monotonic() - job.started))
+                # Nothing to do when the cache got them meanwhile (from another process sharing
+                # it, say); only real work is counted.
+                if not all(self._done(work, unit) for unit in units):
+                    self._execute(run, job, models)
+                    with self._lock:
+                        if isinstance(work, Group):
+                            self.stats["renders"] += 1
+                            self.stats["units_rendered"] += len(units)
+                        else:
+                            self.stats["analyses"] += 1
+                        self.recent.append((work, units, time.monotonic() - job.started))
             except RenderCancelled:
                 with self._lock:
                     self.stats["cancelled"] += 1
