@@ -120,8 +120,11 @@ function cancel(group, units) {
 // Asks the render service for `units` of one group (run, step, node, technique) and reports each
 // unit's state to onUpdate(unit, state) until it is rendered or failed: {status: 'queued',
 // position}, {status: 'running', progress}, {status: 'done', urls}, {status: 'failed', error}.
+// While a unit waits for its full render, the server may have its preview (`preview: true`):
+// the waiting states then carry `previewUrls`.
 // One POST per poll covers all the pending units; the service renders them in one optimization.
 export async function watchUnits(group, units, count, onUpdate, signal) {
+  const previews = new Map();  // unit -> its preview's image URLs, once shown
   let pending = [];
   for (const unit of units) {
     const urls = known(group, unit, count);
@@ -149,7 +152,18 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
     await Promise.all(pending.map(async (unit) => {
       const state = statuses[unit];
       if (state.status !== 'done') {
-        onUpdate(unit, state);
+        if (state.preview && !previews.has(unit)) {  // a first look while the full render runs
+          try {
+            const urls = [];
+            for (let image = 0; image < count; image++) {
+              urls.push(await loadImage({...group, unit, image, quality: 'preview'}, signal));
+            }
+            previews.set(unit, urls);
+          } catch (error) {
+            if (signal.aborted) return;  // else: the preview went (evicted); the full one comes
+          }
+        }
+        onUpdate(unit, previews.has(unit) ? {...state, previewUrls: previews.get(unit)} : state);
         if (state.status !== 'failed') next.push(unit);
         return;
       }

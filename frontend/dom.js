@@ -75,10 +75,13 @@ function failureKind(error) {
 
 function stateText(state, full) {
   if (state.status === 'queued') {
-    return state.position === null || state.position === undefined ? 'queued'
-      : `queued #${state.position + 1}`;
+    return (state.previewUrls ? 'preview · ' : '')
+      + (state.position === null || state.position === undefined ? 'queued'
+        : `queued #${state.position + 1}`);
   }
-  if (state.status === 'running') return `rendering ${Math.round(100 * (state.progress || 0))}%`;
+  if (state.status === 'running') {
+    return `${state.previewUrls ? 'preview · ' : ''}rendering ${Math.round(100 * (state.progress || 0))}%`;
+  }
   if (state.status === 'failed') return `failed: ${full ? state.error : failureKind(state.error)}`;
   return '';
 }
@@ -97,17 +100,24 @@ export class UnitCell {
     this.el.dataset.status = 'waiting';
   }
 
+  // A preview (state.previewUrls, while the full render is queued or running) is shown with a
+  // "preview" mark until the full image replaces it.
   update(state) {
     this.el.dataset.status = state.status;
     this.el.title = state.status === 'failed' ? state.error : '';
     this.state.textContent = stateText(state, this.full);
-    if (state.status === 'done') {
-      this.images.replaceChildren(...state.urls.map((src) => h('img', {src, alt: ''})));
+    const urls = state.status === 'done' ? state.urls : state.previewUrls;
+    if (urls) {
+      this.images.replaceChildren(...urls.map((src) => h('img', {src, alt: ''})));
+      this.el.dataset.quality = state.status === 'done' ? 'full' : 'preview';
+      if (state.status !== 'done') this.el.dataset.previewed = 'true';
     }
   }
 
   reset() {
     this.el.dataset.status = this.images.children.length ? 'stale' : 'waiting';
+    delete this.el.dataset.quality;
+    delete this.el.dataset.previewed;
     this.state.textContent = '';
   }
 }

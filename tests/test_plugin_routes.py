@@ -295,3 +295,35 @@ def test_a_same_origin_json_post_is_taken(client):
     assert response.status_code == 200, response.data
     cancelled = http.post(f"{BASE}/cancel", data=GOOD, headers=headers)
     assert cancelled.status_code == 200 and json.loads(cancelled.data)["cancelled"] in (0, 1)
+
+
+def test_a_preview_comes_first_and_the_full_render_replaces_it(logdir):
+    plugin, http = make_plugin(
+        logdir,
+        microscope_size=32,
+        microscope_iterations=400,
+        microscope_preview_size=16,
+        microscope_preview_iterations=2,
+    )
+    settings = json.loads(http.get(f"{BASE}/settings").data)
+    assert settings == {"size": 32, "iterations": 400, "preview": {"size": 16, "iterations": 2}}
+    body = {"run": "demo", "step": 5, "node": "conv1", "units": [0, 1, 2, 3]}
+    deadline = time.monotonic() + 120
+    while True:  # the previews arrive while the full render is still to come
+        statuses = json.loads(post(http, "render", body).data)["units"]
+        assert {s["status"] for s in statuses.values()} <= {"queued", "running"}, statuses
+        if all(s.get("preview") for s in statuses.values()):
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.05)
+    preview = http.get(f"{BASE}/image?run=demo&step=5&node=conv1&unit=2&quality=preview")
+    assert preview.status_code == 200
+    assert Image.open(io.BytesIO(preview.data)).size == (16, 16)
+    full = wait_for_png(http, "run=demo&step=5&node=conv1&unit=2")
+    assert full.shape == (32, 32, 3)
+    wait_until_idle(plugin)
+    done = [(work.preview, units) for work, units, _ in plugin.service.recent]
+    assert done[0] == (True, [0, 1, 2, 3])  # the preview went first, in one optimization
+    assert (False, [0, 1, 2, 3]) in done
+    bad = http.get(f"{BASE}/image?run=demo&step=5&node=conv1&unit=2&quality=best")
+    assert bad.status_code == 400 and b"quality must be one of full, preview" in bad.data

@@ -1,5 +1,6 @@
 """The rendering engine on a CNN trained on generated stripes and blobs."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -281,6 +282,23 @@ def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, 
     for path in done:
         with Image.open(path) as png:
             assert png.size == (24, 24) and "tb_microscope" in png.text
+
+
+def test_render_command_quality_preview_renders_the_tabs_previews(trained, tmp_path):
+    from PIL import Image
+
+    from tb_microscope.rendering.engine import QUALITIES
+
+    args = ["-m", "tb_microscope.cli", "render", trained.path.parent, "--steps", "150"]
+    args += ["--nodes", "conv1", "--units", "0-1", "--cache-dir", tmp_path]
+    run_python(*args, "--quality", "preview", "--iterations", "4")
+    (first, second) = sorted(tmp_path.rglob("*.png"))
+    for path in (first, second):
+        with Image.open(path) as png:
+            assert png.size == (QUALITIES["preview"].size,) * 2
+            assert json.loads(png.text["tb_microscope"])["key"]["iterations"] == 4
+    refused = run_python(*args, "--quality", "best", check=False)
+    assert refused.returncode == 2 and "invalid choice: 'best'" in refused.stderr
 
 
 @pytest.mark.parametrize(

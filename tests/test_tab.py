@@ -468,3 +468,21 @@ def test_a_multispectral_run_shows_the_bands_picked(served, page):
     again = wait_rendered(frame, ".grid", 8)
     shoot(page, "bands")
     assert [i["hash"] for i in again] != [i["hash"] for i in first]
+
+
+def test_previews_show_first_marked_then_the_full_renders_replace_them(served, page):
+    _, logdir = served
+    flags = ["--microscope_size", "32", "--microscope_iterations", "300"]
+    flags += ["--microscope_preview_size", "16", "--microscope_preview_iterations", "4"]
+    with tensorboard(logdir, *flags) as base:
+        frame = open_tab(page, base, run="other", node="conv1", step=5)
+        cells = frame.locator(".grid .cell")
+        expect(cells).to_have_count(16)
+        previews = frame.locator(".grid .cell[data-quality='preview']")
+        expect(previews.first).to_be_visible(timeout=WAIT_MS)
+        expect(previews.first).to_contain_text("preview")
+        shoot(page, "node-preview")
+        expect(frame.locator(".grid .cell[data-quality='full']")).to_have_count(16, timeout=WAIT_MS)
+        assert frame.locator(".grid .cell[data-previewed='true']").count() == 16
+        images = frame.evaluate(IMAGES_JS, ".grid .cell img")
+        assert all(i["decoded"] and i["width"] == 32 for i in images), images

@@ -300,8 +300,17 @@ def render_cached(
 
     found = {u: [cache.get(k) for k in keys(u)] for u in dict.fromkeys(units)}
     missing = [u for u, images in found.items() if any(i is None for i in images)]
+
+    def store(result) -> None:  # each batch as soon as it is done, so the first show early
+        for i, unit in enumerate(result.units):
+            k = i % per_unit
+            cache.put(keys(unit)[k], result.images[i], result.objective[i], result.activation[i])
+            found[unit][k] = CachedImage(
+                result.images[i], float(result.objective[i]), float(result.activation[i])
+            )
+
     if missing:
-        result = render(
+        render(
             run,
             step,
             node,
@@ -316,11 +325,6 @@ def render_cached(
             bands=bands,
             progress=progress,
             should_stop=should_stop,
+            on_chunk=store,
         )
-        for i, unit in enumerate(result.units):
-            k = i % per_unit
-            cache.put(keys(unit)[k], result.images[i], result.objective[i], result.activation[i])
-            found[unit][k] = CachedImage(
-                result.images[i], float(result.objective[i]), float(result.activation[i])
-            )
     return found

@@ -39,6 +39,19 @@ LEARNING_RATE = 0.05
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 
 
+@dataclass(frozen=True)
+class Quality:
+    """An image size and a number of iterations: `full` is what a unit looks like; `preview` a
+    first look at a fraction of the cost (about 1/20th of full on a CPU), shown until the full
+    render replaces it."""
+
+    size: int
+    iterations: int
+
+
+QUALITIES = {"full": Quality(128, 512), "preview": Quality(48, 48)}
+
+
 class UnitIndexError(MicroscopeError, IndexError):
     """A unit index outside the node's units."""
 
@@ -325,6 +338,7 @@ def render(
     numerics: Numerics | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_chunk: Callable[[RenderResult], None] | None = None,
 ) -> RenderResult:
     """Feature visualizations of `units` of `node` at `step`.
 
@@ -338,7 +352,7 @@ def render(
     pass a model already loaded for this step; `numerics` overrides the device's default
     (`default_numerics`); `progress` is called now and then with the
     fraction of the work done; `should_stop` is asked often, and `RenderCancelled` raised once
-    it returns True.
+    it returns True; `on_chunk` hears each batch's result as soon as it is done.
     """
     spec = get_technique(technique)
     if spec.objective is None:
@@ -364,22 +378,20 @@ def render(
     while start < len(units):
         chunk = units[start : start + batch]
         try:
-            results.append(
-                optimize(
-                    model,
-                    run,
-                    target,
-                    chunk,
-                    spec,
-                    size=size,
-                    iterations=iterations,
-                    seed=seed,
-                    device=device,
-                    bands=bands,
-                    numerics=numerics,
-                    progress=_scaled(progress, start, len(chunk), len(units)),
-                    should_stop=should_stop,
-                )
+            result = optimize(
+                model,
+                run,
+                target,
+                chunk,
+                spec,
+                size=size,
+                iterations=iterations,
+                seed=seed,
+                device=device,
+                bands=bands,
+                numerics=numerics,
+                progress=_scaled(progress, start, len(chunk), len(units)),
+                should_stop=should_stop,
             )
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_out_of_memory(e) or batch == 1:
@@ -388,6 +400,9 @@ def render(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
+        results.append(result)
+        if on_chunk is not None:
+            on_chunk(result)
         start += len(chunk)
     return RenderResult(
         images=np.concatenate([r.images for r in results]),

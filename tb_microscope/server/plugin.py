@@ -33,10 +33,20 @@ from ..errors import (
     StepNotFoundError,
 )
 from ..rendering import TECHNIQUES, get_technique
-from ..rendering.engine import check_technique, check_units, display_bands
+from ..rendering.engine import QUALITIES, Quality, check_technique, check_units, display_bands
 from ..rendering.weights import default_source
 from ..runstore import PLUGIN_NAME
-from .service import DONE, FAILED, Analysis, Group, QueueFullError, RenderService, Work
+from .service import (
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Analysis,
+    Group,
+    QueueFullError,
+    RenderService,
+    Work,
+)
 
 _MAX_INT = 2**62
 # What the tab's static files may be, and how they are served.
@@ -126,8 +136,16 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         self._provider = context.data_provider
         self._logdir = os.path.normpath(context.logdir or ".")
         flags = context.flags
-        self._size = getattr(flags, "microscope_size", 128)
-        self._iterations = getattr(flags, "microscope_iterations", 512)
+        full, preview = QUALITIES["full"], QUALITIES["preview"]
+        self._size = getattr(flags, "microscope_size", full.size)
+        self._iterations = getattr(flags, "microscope_iterations", full.iterations)
+        # A preview is a smaller, shorter render shown first; none when it would not be cheaper.
+        size = min(getattr(flags, "microscope_preview_size", preview.size), self._size)
+        iterations = min(
+            getattr(flags, "microscope_preview_iterations", preview.iterations), self._iterations
+        )
+        cheaper = 0 < size * size * iterations < self._size * self._size * self._iterations
+        self._preview = Quality(size, iterations) if size > 0 and cheaper else None
         cache_mb = getattr(flags, "microscope_cache_max_mb", DEFAULT_CACHE_MB)
         memory_mb = getattr(flags, "microscope_memory_mb", DEFAULT_MEMORY_MB)
         self.service = RenderService(
@@ -143,6 +161,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/static/*": self._serve_static,
             "/runs": self._serve_runs,
             "/techniques": self._serve_techniques,
+            "/settings": self._serve_settings,
             "/nodes": self._serve_nodes,
             "/image": self._serve_image,
             "/render": self._serve_render,
@@ -283,7 +302,23 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             chosen = display_bands(channels, raw)
         return None if chosen == display_bands(channels, None) else tuple(chosen)
 
+    def settings_impl(self) -> dict:
+        """What a render is (size, iterations) at full quality and as a preview (None: no
+        previews), so that the tab asks for the preview first."""
+        preview = self._preview
+        return {
+            "size": self._size,
+            "iterations": self._iterations,
+            "preview": None if preview is None else dataclasses.asdict(preview),
+        }
+
     def _group(self, run, step, node, args) -> Group:
+        quality = args.get("quality", "full")
+        if quality not in QUALITIES:
+            raise errors.InvalidArgumentError(
+                f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}"
+            )
+        preview = quality == "preview" and self._preview is not None
         with _public_errors():
             technique = get_technique(args.get("technique", "channel"))
             version = run.snapshot_version(step)
@@ -299,17 +334,37 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             version,
             node.name,
             technique.name,
-            _int(args, "size", self._size, 8, 1024),
-            _int(args, "iterations", self._iterations, 1, 100_000),
+            self._preview.size if preview else _int(args, "size", self._size, 8, 1024),
+            self._preview.iterations
+            if preview
+            else _int(args, "iterations", self._iterations, 1, 100_000),
             _int(args, "seed", 0),
             self._bands(run, args),
+            preview,
         )
 
     def _request(self, work: Work, units: list[int]) -> dict[int, dict]:
         try:
+            if isinstance(work, Group) and not work.preview and self._preview is not None:
+                return self._with_previews(work, units)
             return self.service.request(work, units)
         except QueueFullError as e:
             raise UnavailableError(str(e)) from e
+
+    def _with_previews(self, group: Group, units: list[int]) -> dict[int, dict]:
+        """The full render's statuses; a unit not rendered yet is also asked for as a preview
+        (first, so that the service takes it first), and once that is there, its status says
+        `preview: true` (the image route gives it with `quality=preview`)."""
+        missing = [u for u in units if not self.service.done(group, u)]
+        preview = dataclasses.replace(
+            group, size=self._preview.size, iterations=self._preview.iterations, preview=True
+        )
+        previews = self.service.request(preview, missing) if missing else {}
+        statuses = self.service.request(group, units)
+        for unit, status in previews.items():
+            if status["status"] == DONE and statuses[unit]["status"] in (QUEUED, RUNNING):
+                statuses[unit] = {**statuses[unit], "preview": True}
+        return statuses
 
     def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
         """(200, PNG bytes) when rendered, else (202, status) while the service works on it.
@@ -466,6 +521,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return self._json_or_pending(request, self.history_impl)
 
     @wrappers.Request.application
+    def _serve_settings(self, request):
+        return http_util.Respond(request, self.settings_impl(), "application/json")
+
+    @wrappers.Request.application
     def _serve_status(self, request):
         return http_util.Respond(request, self.service.snapshot(), "application/json")
 
@@ -497,6 +556,20 @@ class MicroscopeLoader(base_plugin.TBLoader):
             type=int,
             default=512,
             help="optimization steps per render (default 512)",
+        )
+        group.add_argument(
+            "--microscope_preview_size",
+            type=int,
+            default=QUALITIES["preview"].size,
+            help="size in px of the preview drawn before each full render "
+            f"(default {QUALITIES['preview'].size}; 0: no previews)",
+        )
+        group.add_argument(
+            "--microscope_preview_iterations",
+            type=int,
+            default=QUALITIES["preview"].iterations,
+            help="optimization steps of a preview "
+            f"(default {QUALITIES['preview'].iterations}; 0: no previews)",
         )
         group.add_argument(
             "--microscope_cache_max_mb",

@@ -71,6 +71,7 @@ class Group:
     iterations: int
     seed: int
     bands: tuple[int, ...] | None = None  # channels shown as RGB, for more than three
+    preview: bool = False  # a first look (small, few iterations): goes before full renders
 
     def key(self, unit: int, image: int = 0) -> RenderKey:
         return RenderKey(
@@ -132,6 +133,12 @@ class _Job:
     def ask(self, unit: int, now: float) -> None:
         self.asked[unit] = now
         self.touched = max(self.touched, now)
+
+
+def _priority(job: _Job) -> tuple:
+    """Which queued job a free worker takes: previews first (the first look at what is on
+    screen), then what was asked about most recently, then the oldest."""
+    return (getattr(job.work, "preview", False), job.touched, -job.order)
 
 
 def service_devices(device: str | None) -> list[torch.device]:
@@ -298,7 +305,8 @@ class RenderService:
             run.id, lambda: (RenderCache(run, self.cache_dir, self.budget), 0)
         )
 
-    def _done(self, work: Work, unit: int) -> bool:
+    def done(self, work: Work, unit: int) -> bool:
+        """Whether the unit's images (or result) are in the cache."""
         cache = self.cache(self.run(work.run))
         if isinstance(work, Group):
             return all(key in cache for key in work.keys(unit))
@@ -310,7 +318,7 @@ class RenderService:
         statuses, wanted = {}, []
         finished = self._finished
         for unit in units:
-            if self._done(work, unit):
+            if self.done(work, unit):
                 statuses[unit] = {"status": DONE}
             else:
                 wanted.append(unit)
@@ -319,7 +327,7 @@ class RenderService:
         now = time.monotonic()
         with self._lock:
             if self._finished != finished:  # a job ended since the cache was looked at
-                for unit in [u for u in wanted if self._done(work, u)]:
+                for unit in [u for u in wanted if self.done(work, u)]:
                     wanted.remove(unit)
                     statuses[unit] = {"status": DONE}
                 if not wanted:
@@ -375,7 +383,7 @@ class RenderService:
                 "units": len(job.asked),
                 "elapsed_s": round(time.monotonic() - (job.started or 0), 1),
             }
-        ahead = sorted(self._queued.values(), key=lambda j: (-j.touched, j.order))
+        ahead = sorted(self._queued.values(), key=_priority, reverse=True)
         return {
             "status": QUEUED,
             "position": ahead.index(job) + len(self._running),
@@ -415,7 +423,7 @@ class RenderService:
                 if self._queued:
                     break
                 self._lock.wait(timeout=self.abandon_after)
-            job = max(self._queued.values(), key=lambda j: (j.touched, -j.order))
+            job = max(self._queued.values(), key=_priority)
             del self._queued[job.work]
             self._running[job.work] = job
             job.started = time.monotonic()
@@ -438,7 +446,7 @@ class RenderService:
                     )
                 # Nothing to do when the cache got them meanwhile (from another process sharing
                 # it, say); only real work is counted.
-                if not all(self._done(work, unit) for unit in units):
+                if not all(self.done(work, unit) for unit in units):
                     self._execute(run, job, models)
                     with self._lock:
                         if isinstance(work, Group):
