@@ -1,14 +1,15 @@
 """Render throughput: our engine versus lucent's `render_vis` one unit at a time, side by side.
 
-    python benchmarks/render_throughput.py                       # CPU defaults
+    python benchmarks/render_throughput.py          # GoogLeNet inception4a, ResNet-50 layer3
     python benchmarks/render_throughput.py --device cuda --size 224 --iterations 512 --units 64
 
-Both render the same units of the same node of the same model (torchvision resnet18, random
-weights, logged with the Logger and rebuilt with open_run), at the same image size, iterations,
-learning rate and lucid transforms; lucent gets `fixed_image_size` equal to our padded canvas so
-both feed the model the same resolution. Prints units per second for each and their ratio, the
-ratio of the mean target activation reached (each measured the same way, on the final images),
-and the achieved FLOP rate of our engine against the FLOPs of forward + backward up to the node.
+Both render the same units of the same node of the same model (torchvision GoogLeNet and
+ResNet-50 by default, random weights, logged with the Logger and rebuilt with open_run), at the
+same image size, iterations, learning rate and lucid transforms; lucent gets `fixed_image_size`
+equal to our padded canvas so both feed the model the same resolution. Prints units per second
+for each and their ratio, the ratio of the mean target activation reached (each measured the
+same way, on the final images), the engine's efficiency (a bare forward + backward to the node
+at the engine's batch and canvas, over one engine iteration) and its achieved FLOP rate.
 """
 
 import argparse
@@ -23,7 +24,7 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import default_device
+from tb_microscope.rendering.engine import default_device, default_numerics
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 
@@ -71,61 +72,85 @@ def flops_per_iteration(run, model, node, batch, size, device) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--node", default="layer2.1.conv2")
-    parser.add_argument("--units", type=int, default=8)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--iterations", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of our engine")
-    args = parser.parse_args()
-    device = torch.device(args.device) if args.device else default_device()
+MODELS = {
+    "googlenet": (
+        lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),
+        "inception4a",
+    ),
+    "resnet50": (torchvision.models.resnet50, "layer3"),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), "layer2.1.conv2"),
+}
 
+
+def raw_iteration(run, model, node, batch, size, device, numerics, repeats=5) -> float:
+    """Seconds for a bare forward + backward to the node at the engine's batch and canvas,
+    under the same numerics: what an engine iteration cannot be faster than."""
+    x = torch.rand(batch, 3, size + 2 * PAD, size + 2 * PAD, device=device, requires_grad=True)
+    tap, space = NodeTap(model, run.node(node)), InputSpace(run.input_spec, device)
+    times = []
+    with numerics.applied(device):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            x.grad = None
+            tap(space(x)).maps.float()[:, 0].mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def compare(name, args, device) -> None:
+    build, node = MODELS[name]
+    node = args.node or node
     with tempfile.TemporaryDirectory() as logdir:
         torch.manual_seed(0)
-        net = torchvision.models.resnet18(num_classes=10)
-        with tb_microscope.Logger(logdir, net, torch.rand(2, 3, args.size, args.size)) as logger:
+        net = build()
+        x = torch.rand(2, 3, args.size + 2 * PAD, args.size + 2 * PAD)
+        with tb_microscope.Logger(logdir, net, x, nodes=[node], steps=[0]) as logger:
             logger.log(0)
         run = tb_microscope.open_run(logdir)
         model = run.load_model(0, device)
         for p in model.parameters():
             p.requires_grad_(False)
         units = list(range(args.units))
+        batch = min(len(units), args.batch_size or (32 if device.type == "cuda" else 16))
         options = dict(
             size=args.size,
             iterations=args.iterations,
             device=device,
-            batch_size=args.batch_size,
+            batch_size=batch,
             model=model,
         )
-
-        tb_microscope.render(run, 0, args.node, units[:2], **{**options, "iterations": 2})
+        tb_microscope.render(run, 0, node, units[:2], **{**options, "iterations": 2})
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            ours = tb_microscope.render(run, 0, args.node, units, **options)
+            ours = tb_microscope.render(run, 0, node, units, **options)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         ours_s = statistics.median(times)
+        raw_s = raw_iteration(run, model, node, batch, args.size, device, default_numerics(device))
         lucent_s, lucent_images = lucent_one_at_a_time(
-            run, model, args.node, units, args.size, args.iterations, device
+            run, model, node, units, args.size, args.iterations, device
         )
-        ours_act = mean_activation(run, model, args.node, units, ours.images, device)
-        lucent_act = mean_activation(run, model, args.node, units, lucent_images, device)
-        batch = min(len(units), args.batch_size or (32 if device.type == "cuda" else 16))
-        flops = flops_per_iteration(run, model, args.node, batch, args.size, device)
+        ours_act = mean_activation(run, model, node, units, ours.images, device)
+        lucent_act = mean_activation(run, model, node, units, lucent_images, device)
+        flops = flops_per_iteration(run, model, node, batch, args.size, device)
 
+    iteration_s = ours_s / (args.iterations * -(-len(units) // batch))
     total_flops = flops * args.iterations * len(units) / batch
     print(
-        f"resnet18 {args.node}, {len(units)} units, {args.size}px (canvas "
-        f"{args.size + 2 * PAD}px), {args.iterations} iterations, {device}"
+        f"\n{name} {node}, {len(units)} units, {args.size}px (canvas {args.size + 2 * PAD}px), "
+        f"{args.iterations} iterations, {device}"
     )
     print(f"ours:   {len(units) / ours_s:8.3f} units/s  ({ours_s:.1f} s)")
     print(f"lucent: {len(units) / lucent_s:8.3f} units/s  ({lucent_s:.1f} s, one unit at a time)")
     print(f"speed-up: {lucent_s / ours_s:.2f}x")
+    print(
+        f"efficiency: {raw_s / iteration_s:.2f} (a bare forward + backward to the node, batch "
+        f"{batch}: {raw_s * 1000:.0f} ms; an engine iteration: {iteration_s * 1000:.0f} ms)"
+    )
     print(
         f"mean target activation: ours {ours_act.mean():.4f}, lucent {lucent_act.mean():.4f}, "
         f"ratio {ours_act.mean() / lucent_act.mean():.3f}"
@@ -135,6 +160,22 @@ def main() -> None:
         f"({flops / 1e9:.2f} GFLOP per iteration of a batch of {batch}, forward + backward "
         "up to the node)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["googlenet", "resnet50"], choices=MODELS)
+    parser.add_argument("--node", default=None, help="default: each model's own")
+    parser.add_argument("--units", type=int, default=16)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--iterations", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of our engine")
+    args = parser.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
+    for name in args.models:
+        compare(name, args, device)
 
 
 if __name__ == "__main__":

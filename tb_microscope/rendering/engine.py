@@ -139,12 +139,12 @@ class _RedirectedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        relu_grad = torch.where(x > 0, grad, zero)
-        # The loss is minimized, so a negative gradient is the one that raises the input.
-        redirected = torch.where((x <= 0) & (grad > 0), zero, grad)
-        blocked = relu_grad.flatten(1).abs().amax(1) == 0
-        return torch.where(blocked.view(-1, *[1] * (x.dim() - 1)), redirected, relu_grad)
+        positive = x > 0
+        # A sample is blocked when no positive input carries gradient; then its negative inputs
+        # pass the gradient that raises them too (the loss is minimized: a negative gradient).
+        blocked = ~(positive & (grad != 0)).flatten(1).any(1)
+        keep = positive | (blocked.view(-1, *[1] * (x.dim() - 1)) & (grad <= 0))
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 _RELUS = {

@@ -437,6 +437,7 @@ class RenderService:
         while True:
             job = self._next()
             work, units = job.work, job.units
+            outcome, message = "skipped", None
             try:
                 run = self.run(work.run)
                 current = [(step, run.snapshot_version(step)) for step, _ in work.snapshots]
@@ -448,23 +449,21 @@ class RenderService:
                 # it, say); only real work is counted.
                 if not all(self.done(work, unit) for unit in units):
                     self._execute(run, job, models)
-                    with self._lock:
-                        if isinstance(work, Group):
-                            self.stats["renders"] += 1
-                            self.stats["units_rendered"] += len(units)
-                        else:
-                            self.stats["analyses"] += 1
-                        self.recent.append((work, units, time.monotonic() - job.started))
+                    outcome = "renders" if isinstance(work, Group) else "analyses"
             except RenderCancelled:
-                with self._lock:
-                    self.stats["cancelled"] += 1
+                outcome = "cancelled"
             except Exception as e:  # reported to the pollers; the worker goes on
-                message = f"{type(e).__name__}: {e}"
-                with self._lock:
-                    self.stats["failed"] += 1
+                outcome, message = "failed", f"{type(e).__name__}: {e}"
+            with self._lock:  # the outcome is counted as the job leaves the running table
+                if outcome != "skipped":
+                    self.stats[outcome] += 1
+                if outcome == "renders":
+                    self.stats["units_rendered"] += len(units)
+                if outcome in ("renders", "analyses"):
+                    self.recent.append((work, units, time.monotonic() - job.started))
+                if outcome == "failed":
                     for unit in units:
                         self._failed.put((work, unit), (message, time.monotonic()))
-            with self._lock:
                 del self._running[work]
                 self._finished += 1
 
