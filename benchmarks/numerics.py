@@ -3,7 +3,8 @@
     python benchmarks/numerics.py                                  # CPU: oneDNN x channels-last
     python benchmarks/numerics.py --device cuda --size 224 --iterations 128 --batches 1 4 16 64
 
-For each option (on the CPU: oneDNN's convolutions on or off, channels-last input or not; on
+For each option (on the CPU: oneDNN's or PyTorch's own convolutions, NNPACK's for batches of 16
+and more or not, channels-last input or not; on
 CUDA: fp32, TF32, bf16 autocast, bf16 with channels-last) and each model (random weights, logged
 with the Logger and rebuilt with open_run), renders the node's first units:
 - speed: seconds for one batch of the largest size, and the units per second that gives;
@@ -45,6 +46,7 @@ def options(device: torch.device) -> dict[str, Numerics]:
         }
     return {
         "native": Numerics(),
+        "native + NNPACK": Numerics(nnpack=True),
         "native + channels-last": Numerics(channels_last=True),
         "oneDNN": Numerics(onednn=True),
         "oneDNN + channels-last": Numerics(onednn=True, channels_last=True),
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--check", type=int, default=4, help="units compared with renders alone")
+    parser.add_argument("--options", nargs="+", help="only these options (by their label)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = default_numerics(device)
@@ -117,6 +120,8 @@ def main() -> None:
                 + "  repeats"
             )
             for label, numerics in options(device).items():
+                if args.options and label not in args.options:
+                    continue
                 r = measure(run, model, node, numerics, args, device)
                 cells = "  ".join(f"{m:6.2f} / {x:3d}" for m, x in r["differences"].values())
                 mark = " (default)" if numerics == chosen else ""

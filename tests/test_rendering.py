@@ -67,6 +67,39 @@ def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
     assert all(image.std() > 20 for image in result.images)
 
 
+def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size():
+    """By default PyTorch switches CPU convolutions to NNPACK's for batches of 16 and more,
+    whose results differ (about 1e-5) from the same sample's alone; an optimization amplifies
+    that into different pictures. Under the engine's numerics a sample's forward and input
+    gradient are bitwise the same alone and in batches of 16 and 64."""
+    from tb_microscope.rendering.engine import default_numerics
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(64, 64, 8, 8)
+
+    def first_sample(batch):
+        xs = x[:batch].clone().requires_grad_(True)
+        y = conv(xs)
+        (grad,) = torch.autograd.grad((y * y).sum(), xs)
+        return y[0].detach(), grad[0]
+
+    device = torch.device("cpu")
+    with default_numerics(device).applied(device):
+        alone = first_sample(1)
+        for batch in (16, 64):
+            for got, want in zip(first_sample(batch), alone):
+                assert torch.equal(got, want), batch
+    assert torch._C._get_nnpack_enabled()  # put back as it was
+
+
+def test_a_unit_alone_and_in_a_batch_of_sixteen_gives_the_same_image(trained):
+    options = dict(size=16, iterations=6, device="cpu")
+    alone = tb_microscope.render(trained, STEPS, "conv1", [5], **options)
+    batch = tb_microscope.render(trained, STEPS, "conv1", list(range(16)), **options, batch_size=16)
+    np.testing.assert_array_equal(alone.images[0], batch.images[5])
+
+
 def test_trained_units_differ_from_their_step_zero_noise(trained):
     early = tb_microscope.render(trained, 0, "conv2", [0, 1], size=32, iterations=48)
     late = tb_microscope.render(trained, STEPS, "conv2", [0, 1], size=32, iterations=48)

@@ -34,7 +34,7 @@ from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, cent
 from .tap import NodeTap, frozen
 from .techniques import Technique, channel, class_token, get_technique
 
-ENGINE_VERSION = 3  # 2: redirected ReLU gradients; 3: our own frequency grid (odd sizes)
+ENGINE_VERSION = 3  # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK
 LEARNING_RATE = 0.05
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 
@@ -174,11 +174,13 @@ class Numerics:
     """How the engine computes, per device (`benchmarks/numerics.py` measures each choice for
     speed and for batch invariance: a unit's picture alone and among others must agree).
 
-    `onednn`: the CPU's convolutions from oneDNN rather than PyTorch's own; `channels_last`: the
+    `onednn`: the CPU's convolutions from oneDNN rather than PyTorch's own; `nnpack`: NNPACK's
+    for batches of 16 and more (PyTorch's default when oneDNN is off); `channels_last`: the
     input in N x H x W x C memory order; `autocast`: a lower-precision dtype on CUDA (bf16);
     `tf32`: TF32 matrix products on CUDA."""
 
     onednn: bool = False
+    nnpack: bool = False
     channels_last: bool = False
     autocast: torch.dtype | None = None
     tf32: bool = False
@@ -197,16 +199,23 @@ class Numerics:
         # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
         # switch, which makes this CPU build print a warning about Intel GPUs.
         previous = torch.backends.mkldnn.set_flags(self.onednn, _fp32_precision=None)
+        nnpack = torch.backends.nnpack.set_flags(self.nnpack)
         try:
             yield
         finally:
+            torch.backends.nnpack.set_flags(*nnpack)
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
 
 
 def default_numerics(device: torch.device) -> Numerics:
-    """The fastest choice that keeps pictures batch-invariant, as measured (see the README's
-    numerics table). On the CPU, PyTorch's own convolutions: oneDNN's kernels change with the
-    batch size, so a unit's pixels would depend on its batch-mates."""
+    """The fastest choice that keeps pictures batch-invariant, as measured by
+    benchmarks/numerics.py (the README's numerics table). On the CPU: PyTorch's own
+    convolutions without NNPACK. oneDNN's kernels, and NNPACK's (PyTorch's choice for batches
+    of 16 and more when oneDNN is off), compute a sample differently by batch size (1e-5
+    apart), which 32 iterations amplify to pictures 4 to 9 levels apart on average; PyTorch's
+    own compute each sample alike, and were the fastest of the invariant choices (1.1x slower
+    than oneDNN, 2.0x to 2.3x faster than with NNPACK). On CUDA (not measured yet): bf16
+    autocast and channels-last."""
     if device.type == "cuda":
         return Numerics(channels_last=True, autocast=torch.bfloat16)
     return Numerics()
