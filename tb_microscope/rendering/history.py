@@ -16,13 +16,13 @@ from ..run import Run
 from .engine import RenderCancelled, check_units, default_device
 from .probe import probe_activations
 from .tap import frozen
-from .weights import _predecessors
+from .weights import predecessors
 
 
 def incoming_weight_key(run: Run, node: str) -> str | None:
     """The state-dict key of the weight whose rows are `node`'s units' incoming weights."""
     shapes = run.manifest.model.weights
-    preds = _predecessors(run)
+    preds = predecessors(run)
     todo, seen = [node], set()
     while todo:
         name = todo.pop(0)

@@ -108,7 +108,8 @@ class Connection:
     strength: float  # signed: positive excites, negative inhibits
 
 
-def _predecessors(run: Run) -> dict[str, list[str]]:
+def predecessors(run: Run) -> dict[str, list[str]]:
+    """Per node, the nodes whose output feeds it (the run's edges, reversed)."""
     preds: dict[str, list[str]] = {}
     for a, b in run.edges:
         preds.setdefault(b, []).append(a)
@@ -117,7 +118,7 @@ def _predecessors(run: Run) -> dict[str, list[str]]:
 
 def default_source(run: Run, node: str) -> str:
     """The nearest earlier node whose units feed `node`'s, skipping per-unit layers."""
-    preds = _predecessors(run)
+    preds = predecessors(run)
     current = run.node(node)
     while current.module in ELEMENTWISE and preds.get(current.name, ["input"])[0] != "input":
         current = run.node(preds[current.name][0])
