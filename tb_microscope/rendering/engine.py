@@ -42,14 +42,14 @@ REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first
 @dataclass(frozen=True)
 class Quality:
     """An image size and a number of iterations: `full` is what a unit looks like; `preview` a
-    first look at a fraction of the cost (about 1/20th of full on a CPU), shown until the full
-    render replaces it."""
+    first look at about a hundredth of the cost (benchmarks/preview_latency.py), shown until
+    the full render replaces it."""
 
     size: int
     iterations: int
 
 
-QUALITIES = {"full": Quality(128, 512), "preview": Quality(48, 48)}
+QUALITIES = {"full": Quality(128, 512), "preview": Quality(32, 32)}
 
 
 class UnitIndexError(MicroscopeError, IndexError):
