@@ -548,14 +548,14 @@ class MicroscopeLoader(base_plugin.TBLoader):
         group.add_argument(
             "--microscope_size",
             type=int,
-            default=128,
-            help="rendered image size in px (default 128)",
+            default=QUALITIES["full"].size,
+            help=f"rendered image size in px (default {QUALITIES['full'].size})",
         )
         group.add_argument(
             "--microscope_iterations",
             type=int,
-            default=512,
-            help="optimization steps per render (default 512)",
+            default=QUALITIES["full"].iterations,
+            help=f"optimization steps per render (default {QUALITIES['full'].iterations})",
         )
         group.add_argument(
             "--microscope_preview_size",
