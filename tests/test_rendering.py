@@ -14,9 +14,10 @@ import tb_microscope
 from conftest import run_python
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
-from tb_microscope.rendering.param import InputSpace
+from tb_microscope.rendering.engine import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
+from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.probe import probe_activations
-from tb_microscope.rendering.tap import NodeTap
+from tb_microscope.rendering.tap import NodeTap, frozen
 
 STEPS = 150
 
@@ -98,6 +99,17 @@ def test_a_unit_alone_and_in_a_batch_of_sixteen_gives_the_same_image(trained):
     alone = tb_microscope.render(trained, STEPS, "conv1", [5], **options)
     batch = tb_microscope.render(trained, STEPS, "conv1", list(range(16)), **options, batch_size=16)
     np.testing.assert_array_equal(alone.images[0], batch.images[5])
+
+
+def test_batches_are_sized_by_the_devices_free_memory(trained):
+    cpu = torch.device("cpu")
+    model, node = frozen(trained.load_model(STEPS)), trained.node("conv3")
+    small, large = (sample_bytes(model, trained, node, size, cpu) for size in (16, 64))
+    pixels = ((64 + PAD * 2) / (16 + PAD * 2)) ** 2  # the canvas's area grows by this much
+    assert 0.7 * pixels < large / small < 1.3 * pixels
+    assert batch_size_for(model, trained, node, 16, cpu, free=int(3.5 * small / MEMORY_SHARE)) == 3
+    assert batch_size_for(model, trained, node, 16, cpu, free=1) == 1
+    assert batch_size_for(model, trained, node, 16, cpu, free=1 << 40) == BATCH_CAPS["cpu"]
 
 
 def test_trained_units_differ_from_their_step_zero_noise(trained):

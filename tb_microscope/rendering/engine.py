@@ -17,6 +17,7 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -133,18 +134,23 @@ class _RedirectedReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        positive = x > 0
-        # A sample is blocked when no positive input carries gradient; then its negative inputs
-        # pass the gradient that raises them too (the loss is minimized: a negative gradient).
-        blocked = ~(positive & (grad != 0)).flatten(1).any(1)
-        keep = positive | (blocked.view(-1, *[1] * (x.dim() - 1)) & (grad <= 0))
-        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        (out,) = ctx.saved_tensors
+        passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
+        # A sample is blocked when none of its gradient passes; then its negative inputs pass
+        # the gradient that raises them too (the loss is minimized: a negative gradient).
+        # abs().amax() is the cheapest per-sample test on the CPU (boolean reductions are
+        # several times slower); there, the rare blocked case is only computed when it occurs.
+        blocked = passed.flatten(1).abs().amax(1) == 0
+        if grad.device.type == "cpu" and not bool(blocked.any()):
+            return passed
+        redirect = blocked.view(-1, *[1] * (grad.dim() - 1)) & (grad <= 0)
+        return torch.where(redirect, grad, passed)
 
 
 _RELUS = {
@@ -317,6 +323,83 @@ def optimize(
     )
 
 
+BATCH_CAPS = {"cuda": 32, "cpu": 16}  # the most units per optimization, per device type
+MEMORY_SHARE = 0.5  # of the device's free memory, one optimization may plan to use
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: CUDA's free memory plus what PyTorch holds unused;
+    on the CPU, Linux's MemAvailable. None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+_SAMPLE_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sample_bytes(
+    model: nn.Module,
+    run: Run,
+    node: Node,
+    size: int,
+    device: torch.device,
+    numerics: Numerics | None = None,
+) -> int:
+    """Memory one image takes in an optimization of `node` at `size`: what the forward pass to
+    the node keeps for the backward (measured on one image, with the numerics the engine uses;
+    the model's weights are not counted), twice over for the gradients the backward makes.
+    Remembered per model, node and size."""
+    numerics = numerics or default_numerics(device)
+    key = (node.name, node.calls, size, str(device), numerics)
+    known = _SAMPLE_BYTES.setdefault(model, {})
+    if key not in known:
+        canvas = canvas_for(run, size)
+        x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
+        x.requires_grad_(True)
+        storages: dict[int, int] = {}
+        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:  # the same for any batch: not per image
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with numerics.applied(device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            maps = NodeTap(model, node)(InputSpace(run.input_spec, device)(x)).maps
+        known[key] = 2 * (sum(storages.values()) + maps.numel() * maps.element_size())
+    return known[key]
+
+
+def batch_size_for(
+    model: nn.Module,
+    run: Run,
+    node: Node,
+    size: int,
+    device: torch.device,
+    numerics: Numerics | None = None,
+    free: int | None = None,
+) -> int:
+    """How many images one optimization takes on `device`: as many as fit in MEMORY_SHARE of
+    its free memory (`free` bytes, by default `free_memory(device)`), at most BATCH_CAPS's
+    (beyond which the first pictures only come later), at least one."""
+    cap = BATCH_CAPS.get(device.type, BATCH_CAPS["cpu"])
+    free = free_memory(device) if free is None else free
+    if free is None:
+        return cap
+    fits = int(free * MEMORY_SHARE) // sample_bytes(model, run, node, size, device, numerics)
+    return max(1, min(cap, fits))
+
+
 def _scaled(progress, done: int, chunk: int, total: int):
     """A chunk's progress callback, reporting the fraction of the whole render."""
     if progress is None:
@@ -356,8 +439,9 @@ def render(
     than three shows `bands` (three channel indexes; by default the first three) as RGB. A
     model that takes only its training size is rendered at that size and shown at `size`.
     `diversity` gives several images per unit (consecutive); `deepdream` one image for the whole
-    node (units are ignored). Units are optimized together in batches of `batch_size` (32 on
-    CUDA, 16 on the CPU); a CUDA out-of-memory error halves the batch and retries. `model` may
+    node (units are ignored). Units are optimized together in batches of `batch_size` images (by
+    default as many as the device's free memory holds, at most 32 on CUDA and 16 on the CPU:
+    `batch_size_for`); an out-of-memory error halves the batch and retries. `model` may
     pass a model already loaded for this step; `numerics` overrides the device's default
     (`default_numerics`); `progress` is called now and then with the
     fraction of the work done; `should_stop` is asked often, and `RenderCancelled` raised once
@@ -381,8 +465,9 @@ def render(
     canvas_for(run, size)  # and sizes the model cannot take
     device = torch.device(device) if device is not None else default_device()
     model = frozen(model if model is not None else run.load_model(step, device))
-    batch = batch_size or (32 if device.type == "cuda" else 16)
-    batch = max(1, batch // spec.images_per_unit)
+    if batch_size is None:
+        batch_size = batch_size_for(model, run, target, size, device, numerics)
+    batch = max(1, batch_size // spec.images_per_unit)
     results, start = [], 0
     while start < len(units):
         chunk = units[start : start + batch]
