@@ -3,7 +3,8 @@
 `Logger` saves a model's weights at chosen steps into a run directory; `open_run` reads a run back
 (steps, nodes, edges) and rebuilds the model at any logged step without the training script;
 `render` draws feature visualizations of its units, `dataset_examples`, `unit_weights` and
-`unit_history` the other views of a unit.
+`unit_history` the other views of a unit; `node_dynamics`, `model_dynamics` and `align_units`
+show how nodes and units change over training and match units across runs.
 """
 
 __version__ = "0.1.0"
@@ -33,8 +34,11 @@ __all__ = [
     "SnapshotWriteError",
     "StepNotFoundError",
     "UnitIndexError",
+    "align_units",
     "dataset_examples",
     "find_runs",
+    "model_dynamics",
+    "node_dynamics",
     "open_run",
     "render",
     "unit_history",
@@ -44,7 +48,10 @@ __all__ = [
 _RENDERING = {
     "RenderCache",
     "UnitIndexError",
+    "align_units",
     "dataset_examples",
+    "model_dynamics",
+    "node_dynamics",
     "render",
     "unit_history",
     "unit_weights",

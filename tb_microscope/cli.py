@@ -2,11 +2,16 @@
 
 tb-microscope info LOGDIR       runs, steps and nodes
 tb-microscope render LOGDIR     render feature visualizations ahead of time into the cache
+tb-microscope dynamics RUN      how nodes and units changed over training
+tb-microscope align A@S B@S     match a node's units across two runs or steps
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import os
 import shlex
 import signal
@@ -15,8 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import MicroscopeError
 from .run import Run, find_runs
+from .runstore import write_bytes_atomic
 
 
 def _steps_line(steps: list[int]) -> str:
@@ -222,7 +230,7 @@ def render_jobs(
     iterations: int,
     seed: int,
     device,
-    batch_size: int,
+    batch_size: int | None,
     cache_dir: str | None,
     bands: tuple[int, ...] | None = None,
 ) -> tuple[int, bool]:
@@ -232,8 +240,9 @@ def render_jobs(
     to stop at its next check, never in the middle of writing a file; a second Ctrl-C stops at
     once (files stay whole then too: they are written to a temporary name first).
     """
-    from .rendering import RenderCache, RenderKey, render_cached
-    from .rendering.engine import RenderCancelled
+    from .rendering import RenderCache, RenderKey, get_technique, render_cached
+    from .rendering.engine import RenderCancelled, batch_size_for
+    from .rendering.tap import frozen
 
     progress = Progress(sum(len(j[3]) for j in jobs))
     rendered = 0
@@ -260,9 +269,12 @@ def render_jobs(
             progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
             if not todo:
                 continue
-            model = run.load_model(step, device or _default_device())
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
+            on = device or _default_device()
+            model = frozen(run.load_model(step, on))
+            batch = batch_size or batch_size_for(model, run, run.node(node), size, on)
+            batch = max(1, batch // get_technique(technique).images_per_unit)
+            for start in range(0, len(todo), batch):
+                chunk = todo[start : start + batch]
                 render_cached(
                     cache,
                     run,
@@ -291,6 +303,175 @@ def render_jobs(
         signal.signal(signal.SIGINT, previous)
     progress.close()
     return rendered, False
+
+
+def open_one_run(text: str, allow_pickle: bool) -> Run:
+    """A run directory, or a log directory holding exactly one run."""
+    path = Path(text)
+    runs = find_runs(path)
+    if not runs:
+        raise MicroscopeError(
+            f"no tb_microscope run at '{path}' (looked for plugins/tb_microscope/manifest.json)"
+        )
+    if len(runs) > 1:
+        names = ", ".join(str(r.relative_to(path)) for r in runs[:6])
+        raise MicroscopeError(
+            f"'{path}' holds {len(runs)} runs ({names}{', …' if len(runs) > 6 else ''}); "
+            "name one run directory"
+        )
+    return Run(runs[0], allow_pickle=allow_pickle)
+
+
+def _number(value) -> str:
+    return "" if value is None or value != value else f"{value:.4f}"
+
+
+def _write_output(text: str, output: str | None) -> None:
+    if output:
+        write_bytes_atomic(Path(output), text.encode())
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "table")
+
+
+def cmd_dynamics(args: argparse.Namespace) -> int:
+    from .rendering.dynamics import model_dynamics, node_dynamics
+
+    run = open_one_run(args.run, args.allow_pickle)
+    steps = None
+    if args.steps != "all" and run.steps:
+        steps = [
+            s for s in run.steps if s in set(parse_indexes(args.steps, run.steps[-1] + 1, "steps"))
+        ]
+    options = dict(steps=steps, device=args.device, cache_dir=args.cache_dir)
+    found = (
+        node_dynamics(run, args.node, **options) if args.node else model_dynamics(run, **options)
+    )
+    form = _output_format(args)
+    if form == "json":
+        _write_output(json.dumps(found.to_dict(), indent=1) + "\n", args.output)
+        return 0
+    rows = []  # long format: measure, node, unit, step, value
+    if args.node:
+        for i, step in enumerate(found.steps):
+            rows.append(("cka_to_final", found.node, "", step, found.cka_to_final[i]))
+            rows.append(("cka_to_previous", found.node, "", step, found.cka_to_previous[i]))
+        for unit, row in enumerate(found.unit_correlation):
+            for step, value in zip(found.steps, row):
+                rows.append(("unit_correlation", found.node, unit, step, value))
+        for unit, formed in enumerate(found.formed_step):
+            rows.append(("formed_step", found.node, unit, "", formed))
+    else:
+        for n, node in enumerate(found.nodes):
+            for i, step in enumerate(found.steps):
+                rows.append(("cka_to_final", node, "", step, found.cka_to_final[n, i]))
+                rows.append(("cka_to_previous", node, "", step, found.cka_to_previous[n, i]))
+    if form == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["measure", "node", "unit", "step", "value"])
+        for measure, node, unit, step, value in rows:
+            text = value if isinstance(value, int) else _number(value)
+            writer.writerow([measure, node, unit, step, text])
+        _write_output(buffer.getvalue(), args.output)
+        return 0
+    _write_output(_dynamics_table(run, found, bool(args.node)), args.output)
+    return 0
+
+
+def _dynamics_table(run: Run, found, one_node: bool) -> str:
+    steps = found.steps
+    lines = [f"run {run.name}: {len(steps)} steps ({_steps_line(steps)})"]
+    if not one_node:
+        width = max(len(n) for n in found.nodes)
+        lines.append("linear CKA to the last step, per node (1 = its final form):")
+        lines.append(f"  {'node':<{width}}  " + "  ".join(f"{s:>7}" for s in steps))
+        for name, row in zip(found.nodes, found.cka_to_final):
+            lines.append(f"  {name:<{width}}  " + "  ".join(f"{_number(v):>7}" for v in row))
+        return "\n".join(lines) + "\n"
+    lines.append(f"node {found.node}:")
+    lines.append(f"  {'step':>8}  {'CKA to final':>12}  {'CKA to previous':>15}  units formed")
+    formed = [s for s in found.formed_step if s is not None]
+    for i, step in enumerate(steps):
+        count = sum(1 for s in formed if s <= step)
+        lines.append(
+            f"  {step:>8}  {_number(found.cka_to_final[i]):>12}  "
+            f"{_number(found.cka_to_previous[i]):>15}  {count:>5} / {len(found.formed_step)}"
+        )
+    order = sorted(
+        range(len(found.formed_step)),
+        key=lambda u: (found.formed_step[u] is None, found.formed_step[u] or 0),
+    )
+    lines.append(
+        f"units by the step they formed (correlation with their last form stays >= "
+        f"{found.threshold}):"
+    )
+    shown = [f"{u}@{found.formed_step[u]}" for u in order if found.formed_step[u] is not None]
+    never = [str(u) for u in order if found.formed_step[u] is None]
+    lines.append("  " + (" ".join(shown) or "none"))
+    if never:
+        lines.append(f"  never (dead at the last step, or not settled): {' '.join(never)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_run_step(text: str, allow_pickle: bool) -> tuple[Run, int]:
+    path, at, step = text.rpartition("@")
+    if not at or not step.isdigit():
+        raise MicroscopeError(
+            f"expected RUN@STEP (a run directory and a logged step, like runs/seed1@3000); "
+            f"got {text!r}"
+        )
+    return open_one_run(path, allow_pickle), int(step)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from .rendering.dynamics import align_units
+
+    run_a, step_a = parse_run_step(args.a, args.allow_pickle)
+    run_b, step_b = parse_run_step(args.b, args.allow_pickle)
+    found = align_units(run_a, step_a, run_b, step_b, args.node, device=args.device)
+    form = _output_format(args)
+    if form == "json":
+        _write_output(json.dumps(found.to_dict(), indent=1) + "\n", args.output)
+        return 0
+    order = sorted(
+        range(len(found.unit_b)),
+        key=lambda u: -found.correlation[u] if found.correlation[u] == found.correlation[u] else 2,
+    )
+    if form == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["unit_a", "unit_b", "correlation", "same_unit_correlation"])
+        for u in order:
+            b = int(found.unit_b[u])
+            writer.writerow(
+                [u, "" if b < 0 else b, _number(found.correlation[u]), _number(found.same_unit[u])]
+            )
+        _write_output(buffer.getvalue(), args.output)
+        return 0
+    matched = found.correlation[~np.isnan(found.correlation)]
+    mean = _number(matched.mean() if len(matched) else None)
+    lines = [
+        f"{found.node}: {run_a.name}@{step_a} -> {run_b.name}@{step_b}, "
+        f"{len(found.unit_b)} units; matched pairs' correlation: mean {mean}, "
+        f"{int((matched >= 0.9).sum())} at 0.9 or more",
+        f"  {'unit A':>6}  {'unit B':>6}  {'correlation':>11}  {'same unit':>9}",
+    ]
+    for u in order:
+        b = int(found.unit_b[u])
+        lines.append(
+            f"  {u:>6}  {'-' if b < 0 else b:>6}  {_number(found.correlation[u]):>11}  "
+            f"{_number(found.same_unit[u]):>9}"
+        )
+    _write_output("\n".join(lines) + "\n", args.output)
+    return 0
 
 
 DEMO_SIZE = 48  # what the demo renders ahead and serves: quick on a CPU
@@ -412,7 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
         "3,2,1 (default: the first three)",
     )
     render.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
-    render.add_argument("--batch-size", type=int, default=32, help="units per optimization")
+    render.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per optimization (default: as many as half the device's free memory "
+        "holds, at most 32 on CUDA and 16 on the CPU)",
+    )
     render.add_argument("--cache-dir", help="cache root (default: in each run, else ~/.cache)")
     render.add_argument(
         "--allow-pickle",
@@ -421,6 +608,49 @@ def build_parser() -> argparse.ArgumentParser:
         "they are (this can run code from the log directory)",
     )
     render.set_defaults(func=cmd_render)
+
+    def output_options(command) -> None:
+        command.add_argument(
+            "--format",
+            choices=["table", "csv", "json"],
+            help="default: from --output's suffix, else a table",
+        )
+        command.add_argument("--output", "-o", help="write to this file instead of stdout")
+        command.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+        command.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="trust the log directory (see render --allow-pickle)",
+        )
+
+    dynamics = sub.add_parser(
+        "dynamics",
+        help="how nodes and units changed over training (CKA, unit correlations, formation)",
+        description="From the run's snapshots and probe images: per step, each node's linear "
+        "CKA to its last logged form; with --node, also each unit's correlation with its final "
+        "form and the step it formed (from which that stays >= 0.9). Cached with the run's "
+        "renders: asking again after new snapshots computes only those.",
+    )
+    dynamics.add_argument("run", help="a run directory (or a log directory with one run)")
+    dynamics.add_argument("--node", help="one node's units (default: every node's CKA)")
+    dynamics.add_argument("--steps", default="all", help="e.g. 0-1000,5000 (default: all)")
+    dynamics.add_argument("--cache-dir", help="cache root (default: in the run, else ~/.cache)")
+    output_options(dynamics)
+    dynamics.set_defaults(func=cmd_dynamics)
+
+    align = sub.add_parser(
+        "align",
+        help="match the units of a node across two runs (or two steps) one to one",
+        description="Pairs every unit of NODE in A with a unit of the same node in B: the "
+        "one-to-one assignment with the largest total correlation of their activations on A's "
+        "probe images. Prints each pair's correlation and each unit's correlation with the "
+        "unit of the same number (for two steps of one run: how much it changed).",
+    )
+    align.add_argument("a", metavar="RUN_A@STEP")
+    align.add_argument("b", metavar="RUN_B@STEP")
+    align.add_argument("--node", required=True)
+    output_options(align)
+    align.set_defaults(func=cmd_align)
 
     demo = sub.add_parser(
         "demo",

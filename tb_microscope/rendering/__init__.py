@@ -5,6 +5,14 @@ unambiguously the function.)
 """
 
 from .cache import DiskBudget, RenderCache, RenderKey, ResultKey, render_cached
+from .dynamics import (
+    Alignment,
+    ModelDynamics,
+    NodeDynamics,
+    align_units,
+    model_dynamics,
+    node_dynamics,
+)
 from .engine import ENGINE_VERSION, RenderResult, UnitIndexError, render
 from .examples import Example, dataset_examples
 from .history import unit_history
@@ -13,6 +21,12 @@ from .weights import Connection, unit_weights
 
 __all__ = [
     "ENGINE_VERSION",
+    "Alignment",
+    "ModelDynamics",
+    "NodeDynamics",
+    "align_units",
+    "model_dynamics",
+    "node_dynamics",
     "TECHNIQUES",
     "Connection",
     "DiskBudget",

@@ -22,6 +22,7 @@ import os
 import tempfile
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -258,6 +259,26 @@ class RenderCache:
 
     def put_result(self, key: ResultKey, result: dict) -> Path:
         return self._write(self.result_path(key), json.dumps(result).encode())
+
+    def arrays_path(self, key: ResultKey) -> Path:
+        return self.root / RESULTS / f"{key.digest(self.run_id)}.npz"
+
+    def get_arrays(self, key: ResultKey) -> dict[str, np.ndarray] | None:
+        """Named arrays stored by `put_arrays` (read without pickle), or None when missing or
+        unreadable."""
+        data = self.read(self.arrays_path(key))
+        if data is None:
+            return None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+                return {name: stored[name] for name in stored.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+
+    def put_arrays(self, key: ResultKey, arrays: dict[str, np.ndarray]) -> Path:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return self._write(self.arrays_path(key), buffer.getvalue())
 
 
 def render_cached(

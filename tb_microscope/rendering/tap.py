@@ -76,34 +76,54 @@ class _Stop(Exception):
     pass
 
 
-class NodeTap:
-    """Captures a node's output (its last call of a forward) and stops the forward pass there."""
+class NodesTap:
+    """Captures nodes' outputs (each node's last call of a forward) in one forward pass, which
+    stops as soon as the last of them is captured."""
 
-    def __init__(self, model: nn.Module, node: Node):
+    def __init__(self, model: nn.Module, nodes: list[Node]):
         self.model = model
-        self.node = node
-        self.module = model.get_submodule(node.name)
-        self._count = 0
-        self._output: torch.Tensor | None = None
+        self.nodes = {node.name: node for node in nodes}
+        self.modules = {name: model.get_submodule(name) for name in self.nodes}
 
-    def _hook(self, module, args, output):
-        self._count += 1
-        if self._count == self.node.calls:
-            self._output = node_tensor(output, self.node)
-            raise _Stop
+    def __call__(self, x: torch.Tensor) -> dict[str, NodeActivations]:
+        counts = dict.fromkeys(self.nodes, 0)
+        found: dict[str, torch.Tensor] = {}
 
-    def __call__(self, x: torch.Tensor) -> NodeActivations:
-        self._count, self._output = 0, None
-        handle = self.module.register_forward_hook(self._hook)
+        def hook_of(node: Node):
+            def hook(module, args, output):
+                counts[node.name] += 1
+                if counts[node.name] == node.calls:
+                    found[node.name] = node_tensor(output, node)
+                    if len(found) == len(self.nodes):
+                        raise _Stop
+
+            return hook
+
+        handles = [
+            self.modules[n].register_forward_hook(hook_of(node)) for n, node in self.nodes.items()
+        ]
         try:
             self.model(x)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if self._output is None:
-            raise MicroscopeError(f"node {self.node.name!r} was not reached in the forward pass")
-        return node_view(self._output, self.node)
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in self.nodes if name not in found]
+        if missing:
+            raise MicroscopeError(f"node {missing[0]!r} was not reached in the forward pass")
+        return {name: node_view(found[name], self.nodes[name]) for name in self.nodes}
+
+
+class NodeTap:
+    """Captures one node's output (its last call of a forward) and stops the forward there."""
+
+    def __init__(self, model: nn.Module, node: Node):
+        self.node = node
+        self.tap = NodesTap(model, [node])
+
+    def __call__(self, x: torch.Tensor) -> NodeActivations:
+        return self.tap(x)[self.node.name]
 
 
 def frozen(model: nn.Module) -> nn.Module:
