@@ -202,6 +202,34 @@ def test_examples_weights_and_history_routes(client):
     assert plugin.service.stats["analyses"] == 3
 
 
+def test_dynamics_and_align_routes_compute_on_a_worker_once(client, logdir):
+    plugin, http = client
+    whole = wait_for_json(http, "dynamics?run=demo")
+    run = tb_microscope.open_run(logdir / "demo")
+    assert whole["nodes"] == [n.name for n in run.nodes] and whole["steps"] == run.steps
+    assert all(row[-1] == pytest.approx(1.0) for row in whole["cka_to_final"])
+    node = wait_for_json(http, "dynamics?run=demo&node=conv2")
+    assert len(node["unit_correlation"]) == 32 and len(node["formed_step"]) == 32
+    assert node["cka_to_final"] == whole["cka_to_final"][whole["nodes"].index("conv2")]
+    aligned = wait_for_json(http, "align?run=demo&step=10&node=conv2&run2=demo&step2=10")
+    assert aligned["unit_b"] == list(range(32))  # a step matched with itself: the identity
+    assert min(c for c in aligned["correlation"] if c is not None) > 0.9999
+    changed = wait_for_json(http, "align?run=demo&step=0&node=conv2&run2=demo&step2=10")
+    assert changed["b"] == {"run": "demo", "step": 10} and len(changed["same_unit"]) == 32
+    wait_until_idle(plugin)
+    assert plugin.service.stats["analyses"] == 4
+    assert http.get(f"{BASE}/dynamics?run=demo&node=conv2").status_code == 200  # cached
+    for bad, code in [
+        ("dynamics?run=demo&node=nope", 404),
+        ("align?run=demo&step=10&node=conv2&run2=demo&step2=4", 404),
+        ("align?run=demo&step=10&node=conv2&run2=demo", 400),
+        ("align?run=demo&step=10&node=conv2&run2=other&step2=0", 404),
+    ]:
+        response = http.get(f"{BASE}/{bad}")
+        assert response.status_code == code, (bad, response.data)
+    assert plugin.service.stats["analyses"] == 4
+
+
 def test_a_failed_render_reports_its_error_and_the_worker_goes_on(logdir, tmp_path):
     broken = tmp_path / "logdir"
     train(broken / "demo", steps=3, log=lambda *_: None)

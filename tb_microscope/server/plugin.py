@@ -169,6 +169,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/examples": self._serve_examples,
             "/weights": self._serve_weights,
             "/history": self._serve_history,
+            "/dynamics": self._serve_dynamics,
+            "/align": self._serve_align,
             "/status": self._serve_status,
         }
 
@@ -209,8 +211,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         with _public_errors():
             return self._open(name)
 
-    def _step(self, run, args) -> int:
-        step = _int(args, "step")
+    def _step(self, run, args, name: str = "step") -> int:
+        step = _int(args, name)
         with _public_errors():
             if step not in run.steps:
                 raise StepNotFoundError(run.store.missing_step_message(step))
@@ -412,7 +414,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return {"cancelled": self.service.cancel(group, self._units(node, body))}
 
     def _analysis(self, ctx, experiment: str, args, kind: str, options: dict, steps=None):
-        """(200, result) when computed, else (202, status) while a worker computes it."""
+        """A unit's computed view: (200, result) when computed, else (202, status) while a
+        worker computes it."""
         run = self._run(ctx, experiment, args.get("run", ""))
         if steps is None:
             steps = [self._step(run, args)]
@@ -421,9 +424,13 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             node = run.node(args.get("node", ""))
             unit = _int(args, "unit")
             check_units(node, [unit])
+        return self._computed(run, kind, node.name, unit, options, steps)
+
+    def _computed(self, run, kind: str, node: str, unit: int, options: dict, steps):
+        with _public_errors():
             snapshots = tuple((s, run.snapshot_version(s)) for s in steps)
         work = Analysis(
-            str(run.path), run.id, kind, node.name, unit, tuple(sorted(options.items())), snapshots
+            str(run.path), run.id, kind, node, unit, tuple(sorted(options.items())), snapshots
         )
         status = self._request(work, [unit])[unit]
         if status["status"] == DONE:
@@ -434,6 +441,42 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if status["status"] == FAILED:
             raise errors.InvalidArgumentError(status["error"])
         return 202, status
+
+    def _probe_needed(self, run) -> None:
+        if run.manifest.probe is None:
+            raise errors.InvalidArgumentError(
+                f"run '{run.name}' has no probe images, which dynamics and unit matching are "
+                "computed on; log it with tb_microscope.Logger(..., probe=images) (a few "
+                "hundred training inputs)"
+            )
+
+    def dynamics_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        """A node's dynamics over every logged step, or with no `node` every node's CKA."""
+        run = self._run(ctx, experiment, args.get("run", ""))
+        self._probe_needed(run)
+        node = ""
+        if args.get("node"):
+            with _public_errors():
+                node = run.node(args["node"]).name
+        if not run.steps:
+            raise errors.InvalidArgumentError(f"run '{run.name}' has no snapshots yet")
+        return self._computed(run, "dynamics", node, 0, {}, run.steps)
+
+    def align_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        """A node's units at `run`@`step` matched one to one with those at `run2`@`step2`."""
+        run, step, node = self._unit_args(ctx, experiment, args)
+        self._probe_needed(run)
+        other = self._run(ctx, experiment, args.get("run2", ""))
+        step2 = self._step(other, args, "step2")
+        with _public_errors():
+            other.node(node.name)
+            options = {
+                "other": str(other.path),
+                "other_id": other.id,
+                "other_step": step2,
+                "other_version": other.snapshot_version(step2),
+            }
+        return self._computed(run, "align", node.name, 0, options, [step])
 
     def examples_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
         count = _int(args, "count", 8, 1, 64)
@@ -519,6 +562,14 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_history(self, request):
         return self._json_or_pending(request, self.history_impl)
+
+    @wrappers.Request.application
+    def _serve_dynamics(self, request):
+        return self._json_or_pending(request, self.dynamics_impl)
+
+    @wrappers.Request.application
+    def _serve_align(self, request):
+        return self._json_or_pending(request, self.align_impl)
 
     @wrappers.Request.application
     def _serve_settings(self, request):

@@ -4,7 +4,9 @@ Two kinds of work, both keyed by the run's id and the versions of the snapshots 
 by the run's path:
 - a `Group`: units of one (run, step, node, technique, size, iterations, seed), rendered in one
   optimization; a request for more units of a queued group joins it, identical requests share it;
-- an `Analysis`: one computed view of one unit (its dataset examples, weights or history).
+- an `Analysis`: one computed view of one unit (its dataset examples, weights or history), of
+  a node over training (its dynamics; every node's, without a node) or of a node's units
+  matched with another run's (align).
 
 The work asked about most recently goes first. Whatever nobody has asked about for
 `abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
@@ -37,8 +39,11 @@ from ..rendering import (
     RenderCache,
     RenderKey,
     ResultKey,
+    align_units,
     dataset_examples,
     get_technique,
+    model_dynamics,
+    node_dynamics,
     render_cached,
     unit_history,
     unit_weights,
@@ -98,7 +103,8 @@ class Group:
 
 @dataclass(frozen=True)
 class Analysis:
-    """One computed view of one unit: `kind` is examples, weights or history."""
+    """One computed view: `kind` is examples, weights or history (of one unit), dynamics (of a
+    node, or of every node when `node` is empty) or align (a node's units; unit 0)."""
 
     run: str
     run_id: str
@@ -176,7 +182,7 @@ def _png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _examples(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _examples(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     step = work.option("step")
     found = dataset_examples(
         run,
@@ -203,7 +209,7 @@ def _examples(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     }
 
 
-def _weights(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _weights(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     step = work.option("step")
     source, connections, _ = unit_weights(
         run,
@@ -224,7 +230,7 @@ def _weights(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     }
 
 
-def _history(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _history(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     steps = [step for step, _ in work.snapshots]
     history = unit_history(
         run, work.node, work.unit, steps=steps, device=models.device, should_stop=should_stop
@@ -232,10 +238,46 @@ def _history(run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     return {"unit": work.unit, "history": history}
 
 
-ANALYSES: dict[str, Callable[[Run, Analysis, _Models, Callable[[], bool]], dict]] = {
+def _dynamics(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    """A node's dynamics (`work.node`), or every node's CKA (no node), over the work's steps."""
+    options = dict(
+        steps=[step for step, _ in work.snapshots],
+        device=models.device,
+        cache_dir=service.cache(run),
+        should_stop=should_stop,
+    )
+    if work.node:
+        return node_dynamics(run, work.node, **options).to_dict()
+    return model_dynamics(run, **options).to_dict()
+
+
+def _align(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    """The node's units at the work's step matched with those of the other run at its step."""
+    other = service.run(work.option("other"))
+    if other.id != work.option("other_id") or other.snapshot_version(
+        work.option("other_step")
+    ) != work.option("other_version"):
+        raise RunChangedError(f"run '{other.name}' was logged again while this waited; ask again")
+    ((step, _),) = work.snapshots
+    found = align_units(
+        run,
+        step,
+        other,
+        work.option("other_step"),
+        work.node,
+        device=models.device,
+        should_stop=should_stop,
+    )
+    return found.to_dict()
+
+
+Analyze = Callable[["RenderService", Run, Analysis, _Models, Callable[[], bool]], dict]
+ANALYSES: dict[str, Analyze] = {
     "examples": _examples,
     "weights": _weights,
     "history": _history,
+    "dynamics": _dynamics,
+    "align": _align,
 }
 
 
@@ -492,5 +534,5 @@ class RenderService:
                 should_stop=should_stop,
             )
         else:
-            result = ANALYSES[work.kind](run, work, models, should_stop)
+            result = ANALYSES[work.kind](self, run, work, models, should_stop)
             cache.put_result(work.result_key, result)
