@@ -180,7 +180,7 @@ class App {
     if (!isOurTab()) return;  // another TensorBoard tab is showing; its URL is not ours
     const seq = ++this.seq;
     const wanted = readState();
-    if (!Object.keys(wanted).some((key) => key !== 'compare') && this.state) {
+    if (!Object.keys(wanted).some((key) => !['compare', 'align'].includes(key)) && this.state) {
       writeState(this.state, true);  // back on our tab with a bare #tb_microscope: stay put
       return;
     }

@@ -4,6 +4,7 @@
 // rows shown (a skip connection is an arc; an edge into a collapsed group ends at the group).
 
 import {h, layoutText} from './dom.js';
+import {ModelDynamics} from './dynamics.js';
 
 const ROW = 36;  // px per row
 const SKIP = 9;  // px further out per row an arc skips, up to MAX_SKIP rows
@@ -162,6 +163,7 @@ export function modelView(app, state) {
   }
 
   draw();
+  const dynamics = info.probe ? new ModelDynamics(app, state.run) : null;
   const model = info.model;
   const probe = info.probe ? `${info.probe.count} probe images` : 'no probe images';
   const channels = info.input.shape[0];
@@ -175,9 +177,10 @@ export function modelView(app, state) {
       h('p', {class: 'muted', text: 'Pick a node to see its units. Nodes are grouped by the '
         + 'module that holds them (▸ opens a group); edges come from the exported graph, and an '
         + 'arc is a connection that skips nodes.'}),
+      dynamics?.el,
       h('div', {class: 'model-tools'}, filter, shownCount),
       graph),
     update: () => true,
-    destroy: () => {},
+    destroy: () => dynamics?.destroy(),
   };
 }

@@ -3,18 +3,21 @@
 
 import {watchUnits} from './api.js';
 import {errorBox, h, layoutText, select, UnitCell} from './dom.js';
+import {NodeDynamics} from './dynamics.js';
 
 // The units of one node at one step, each cell asking for its image once it is on screen.
+// `order`: the units to show, in this order (default: all, by number); `caption(unit)`: a cell's
+// caption (default: its number).
 export class NodeGrid {
-  constructor(app, run, node, technique, step) {
+  constructor(app, run, node, technique, step, {order, caption} = {}) {
     Object.assign(this, {app, run, node, technique});
-    this.cells = [];
+    this.cells = new Map();
     this.visible = new Set();
     this.grid = h('div', {class: 'grid'});
     this.failures = h('div', {class: 'failures'});
     this.el = h('div', {class: 'node-grid'}, this.failures, this.grid);
-    for (let unit = 0; unit < node.units; unit++) {
-      const cell = new UnitCell(String(unit), {
+    for (const unit of order ?? [...Array(node.units).keys()]) {
+      const cell = new UnitCell(caption ? caption(unit) : String(unit), {
         href: app.link({run, node: node.name, unit}),
         onclick: (event) => {
           event.preventDefault();
@@ -22,7 +25,7 @@ export class NodeGrid {
         },
       });
       cell.el.dataset.unit = unit;
-      this.cells.push(cell);
+      this.cells.set(unit, cell);
       this.grid.append(cell.el);
     }
     this.observer = new IntersectionObserver((entries) => {
@@ -51,7 +54,7 @@ export class NodeGrid {
   // Failures are said once above the grid (the cells say only their kind): often every unit of
   // a step fails for one reason, a corrupt snapshot say.
   update(unit, state) {
-    this.cells[unit].update(state);
+    this.cells.get(unit).update(state);
     if (state.status !== 'failed') return;
     this.failed.set(state.error, [...(this.failed.get(state.error) || []), unit]);
     this.failures.replaceChildren(...[...this.failed].map(([message, units]) => errorBox(
@@ -83,6 +86,7 @@ export class NodeView {
       (technique) => app.navigate({technique}), {id: 'technique', 'aria-label': 'technique'});
     this.grid = new NodeGrid(app, state.run, node, state.technique, state.step);
     this.dream = new UnitCell('DeepDream of the node', {className: 'dream'});
+    this.dynamics = app.run.probe ? new NodeDynamics(app, state.run, node, state.sort) : null;
     this.el = h('section', {class: 'node-view'},
       h('div', {class: 'view-head'},
         h('h2', {}, h('span', {class: 'address', text: node.name})),
@@ -90,7 +94,8 @@ export class NodeView {
           text: `${node.module} · ${node.units} units · ${layoutText(node)} `
             + `${node.shape.join('×')}`}),
         h('label', {class: 'control'}, 'technique ', this.techniqueSelect)),
-      h('div', {class: 'node-body'}, h('aside', {}, this.dream.el), this.grid.el));
+      h('div', {class: 'node-body'}, h('aside', {}, this.dream.el, this.dynamics?.el),
+        this.grid.el));
     this.showDream(state.step);
   }
 
@@ -105,6 +110,7 @@ export class NodeView {
 
   update(state) {
     this.techniqueSelect.value = state.technique;
+    this.dynamics?.update(state.sort);
     if (state.step !== this.grid.step) this.showDream(state.step);
     if (state.step !== this.grid.step || state.technique !== this.grid.technique) {
       this.grid.show(state.step, state.technique);
@@ -114,6 +120,7 @@ export class NodeView {
 
   destroy() {
     this.grid.destroy();
+    this.dynamics?.destroy();
     this.dreamController.abort();
   }
 }

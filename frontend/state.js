@@ -4,7 +4,8 @@
 // opened on its own, it uses its own URL.
 
 const PREFIX = 'p.tb_microscope.';
-const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2', 'bands'];
+const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2', 'bands', 'sort',
+  'align'];
 const NUMBERS = new Set(['step', 'unit', 'step2']);
 
 function hostWindow() {
@@ -40,6 +41,7 @@ export function readState() {
     state[name] = NUMBERS.has(name) ? (/^\d+$/.test(text) ? Number(text) : text) : text;
   }
   state.compare = state.compare === '1';
+  state.align = state.align === '1';
   return state;
 }
 
@@ -48,7 +50,7 @@ export function stateHash(state) {
   if (!kept.length) kept.push('tb_microscope');
   for (const key of KEYS) {
     let value = state[key];
-    if (key === 'compare') value = value ? '1' : null;
+    if (key === 'compare' || key === 'align') value = value ? '1' : null;
     if (value === undefined || value === null || value === '') continue;
     kept.push(`${PREFIX}${key}=${encodeURIComponent(value)}`);
   }

@@ -77,7 +77,15 @@ def main() -> None:
             shoot(page, unit, "unit", ".filmstrip", steps)
             compare = f"{base}&p.tb_microscope.node=conv2&p.tb_microscope.compare=1"
             shoot(page, f"{compare}&p.tb_microscope.step2=0", "compare", ".pane", 64)
-            shoot(page, base, "model")
+            nodes = len(tb_microscope.open_run(Path(args.logdir) / "demo").nodes)
+            page.goto(base)  # the model page, once its dynamics heatmap is there
+            rows = page.frame_locator("iframe[src*='tb_microscope']").locator(
+                ".model-dynamics .dyn-row[data-node]"
+            )
+            expect(rows).to_have_count(nodes, timeout=300_000)
+            page.wait_for_timeout(1000)  # the first units' thumbnails
+            page.screenshot(path=str(DOCS / "dynamics.png"))
+            print("saved", DOCS / "dynamics.png")
             browser.close()
     finally:
         proc.terminate()

@@ -161,7 +161,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     args.iterations = quality.iterations if args.iterations is None else args.iterations
     if not 8 <= args.size <= 1024 or not 1 <= args.iterations <= 100_000:
         raise MicroscopeError("--size must be from 8 to 1024 and --iterations from 1 to 100000")
-    device = torch.device(args.device) if args.device else None
+    devices = None
+    if args.device:
+        try:
+            devices = [torch.device(d.strip()) for d in args.device.split(",")]
+        except RuntimeError as e:
+            raise MicroscopeError(f"--device {args.device!r}: {e}") from None
     bands = None
     if args.bands:
         try:
@@ -210,7 +215,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         size=args.size,
         iterations=args.iterations,
         seed=args.seed,
-        device=device,
+        devices=devices,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
         bands=bands,
@@ -229,25 +234,80 @@ def render_jobs(
     size: int,
     iterations: int,
     seed: int,
-    device,
+    devices,
     batch_size: int | None,
     cache_dir: str | None,
     bands: tuple[int, ...] | None = None,
 ) -> tuple[int, bool]:
-    """Render (run, step, node, units) jobs into the cache with a progress bar.
+    """Render (run, step, node, units) jobs into the cache with a progress bar, one worker per
+    device in `devices` (None: every CUDA device, else the CPU), each taking the next job.
 
     Returns how many units were rendered and whether Ctrl-C stopped it. Ctrl-C asks the render
     to stop at its next check, never in the middle of writing a file; a second Ctrl-C stops at
     once (files stay whole then too: they are written to a temporary name first).
     """
     from .rendering import RenderCache, RenderKey, get_technique, render_cached
-    from .rendering.engine import RenderCancelled, batch_size_for
+    from .rendering.engine import RenderCancelled, available_devices, batch_size_for
     from .rendering.tap import frozen
 
+    devices = list(devices or available_devices())
     progress = Progress(sum(len(j[3]) for j in jobs))
-    rendered = 0
+    per_device = [0] * len(devices)
     options = dict(size=size, iterations=iterations, seed=seed)
     stop = threading.Event()
+    lock = threading.Lock()
+    pending = list(reversed(jobs))
+    failures: list[BaseException] = []
+
+    def render_job(worker: int, run, step: int, node: str, units: list[int]) -> None:
+        device = devices[worker]
+        cache = RenderCache(run, cache_dir)
+        version = run.snapshot_version(step)
+        todo = [
+            u
+            for u in units
+            if RenderKey(step, version, node, u, technique, **options, bands=bands) not in cache
+        ]
+        with lock:
+            progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
+        if not todo:
+            return
+        model = frozen(run.load_model(step, device))
+        batch = batch_size or batch_size_for(model, run, run.node(node), size, device)
+        batch = max(1, batch // get_technique(technique).images_per_unit)
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            render_cached(
+                cache,
+                run,
+                step,
+                node,
+                chunk,
+                technique,
+                device=device,
+                batch_size=batch_size,
+                model=model,
+                bands=bands,
+                should_stop=stop.is_set,
+                **options,
+            )
+            with lock:
+                per_device[worker] += len(chunk)
+                progress.advance(len(chunk), True, f"{run.name}@{step}/{node}")
+
+    def work(worker: int) -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    if not pending:
+                        return
+                    job = pending.pop()
+                render_job(worker, *job)
+        except RenderCancelled:
+            pass
+        except BaseException as e:  # said by the main thread; the other workers stop
+            failures.append(e)
+            stop.set()
 
     def on_interrupt(signum, frame):
         if stop.is_set():
@@ -255,53 +315,39 @@ def render_jobs(
         stop.set()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
+    workers = [
+        threading.Thread(target=work, args=(i,), daemon=True, name=f"render-{d}")
+        for i, d in enumerate(devices)
+    ]
     try:
-        for run, step, node, units in jobs:
-            if stop.is_set():
-                raise RenderCancelled("interrupted")
-            cache = RenderCache(run, cache_dir)
-            version = run.snapshot_version(step)
-            todo = [
-                u
-                for u in units
-                if RenderKey(step, version, node, u, technique, **options, bands=bands) not in cache
-            ]
-            progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
-            if not todo:
-                continue
-            on = device or _default_device()
-            model = frozen(run.load_model(step, on))
-            batch = batch_size or batch_size_for(model, run, run.node(node), size, on)
-            batch = max(1, batch // get_technique(technique).images_per_unit)
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                render_cached(
-                    cache,
-                    run,
-                    step,
-                    node,
-                    chunk,
-                    technique,
-                    device=device,
-                    batch_size=batch_size,
-                    model=model,
-                    bands=bands,
-                    should_stop=stop.is_set,
-                    **options,
-                )
-                rendered += len(chunk)
-                progress.advance(len(chunk), True, f"{run.name}@{step}/{node}")
-    except (KeyboardInterrupt, RenderCancelled):
-        progress.close()
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers):
+            for worker in workers:
+                worker.join(0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    progress.close()
+    if failures:
+        raise failures[0]
+    rendered = sum(per_device)
+    if len(devices) > 1:
+        print(
+            "rendered on "
+            + ", ".join(
+                f"{d} (worker {i + 1}): {n}" for i, (d, n) in enumerate(zip(devices, per_device))
+            ),
+            file=sys.stderr,
+        )
+    if stop.is_set():
         print(
             f"interrupted: {rendered} units rendered and cached; run the same command again "
             "to resume",
             file=sys.stderr,
         )
         return rendered, True
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    progress.close()
     return rendered, False
 
 
@@ -507,7 +553,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             size=DEMO_SIZE,
             iterations=args.iterations,
             seed=0,
-            device=None,
+            devices=None,
             batch_size=64,
             cache_dir=None,
         )
@@ -538,12 +584,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     os.execv(sys.executable, serve)  # TensorBoard takes this process over, signals included
-
-
-def _default_device():
-    from .rendering.engine import default_device
-
-    return default_device()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -592,7 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="for models of more than three input channels: the three shown as RGB, e.g. "
         "3,2,1 (default: the first three)",
     )
-    render.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    render.add_argument(
+        "--device",
+        help="cuda, cuda:1, cpu, or several at once: cuda:0,cuda:1 (default: every CUDA "
+        "device, else the CPU)",
+    )
     render.add_argument(
         "--batch-size",
         type=int,

@@ -230,6 +230,23 @@ def test_dynamics_and_align_routes_compute_on_a_worker_once(client, logdir):
     assert plugin.service.stats["analyses"] == 4
 
 
+def test_thumbnails_name_the_latest_step_whose_first_units_are_cached(logdir, tmp_path):
+    plugin, http = make_plugin(logdir, microscope_cache_dir=str(tmp_path))
+    assert json.loads(http.get(f"{BASE}/thumbnails?run=demo").data) == {}
+    wait_for_png(http, "run=demo&step=3&node=conv1&unit=0")
+    assert json.loads(http.get(f"{BASE}/thumbnails?run=demo&count=1").data) == {
+        "conv1": {"step": 3, "quality": "full", "units": [0]}
+    }
+    for unit in (0, 1):
+        wait_for_png(http, f"run=demo&step=7&node=conv1&unit={unit}")
+    found = json.loads(http.get(f"{BASE}/thumbnails?run=demo&count=2").data)
+    assert found == {"conv1": {"step": 7, "quality": "full", "units": [0, 1]}}
+    wait_until_idle(plugin)
+    renders = plugin.service.stats["renders"]
+    http.get(f"{BASE}/thumbnails?run=demo&count=16")
+    assert plugin.service.idle() and plugin.service.stats["renders"] == renders  # none asked
+
+
 def test_a_failed_render_reports_its_error_and_the_worker_goes_on(logdir, tmp_path):
     broken = tmp_path / "logdir"
     train(broken / "demo", steps=3, log=lambda *_: None)

@@ -1,6 +1,7 @@
 """The rendering engine on a CNN trained on generated stripes and blobs."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -295,6 +296,18 @@ def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, 
     assert "units/s" in first.stderr
     again = run_python(*args)
     assert "8 units: 0 rendered, 8 were already cached" in again.stdout
+    # two workers (as on two GPUs), each taking the next (step, node): the same files, bytes
+    two = run_python(*args[:-1], tmp_path / "two", "--device", "cpu,cpu")
+    assert "8 units: 8 rendered" in two.stdout
+    counts = re.search(r"cpu \(worker 1\): (\d+), cpu \(worker 2\): (\d+)", two.stderr)
+    assert counts and int(counts[1]) + int(counts[2]) == 8, two.stderr
+    files = {
+        p.relative_to(tmp_path / "cache"): p.read_bytes()
+        for p in (tmp_path / "cache").rglob("*.png")
+    }
+    assert files == {
+        p.relative_to(tmp_path / "two"): p.read_bytes() for p in (tmp_path / "two").rglob("*.png")
+    }
 
     slow = [str(a) for a in args[:-1]] + [
         str(tmp_path / "slow"),

@@ -486,3 +486,91 @@ def test_previews_show_first_marked_then_the_full_renders_replace_them(served, p
         assert frame.locator(".grid .cell[data-previewed='true']").count() == 16
         images = frame.evaluate(IMAGES_JS, ".grid .cell img")
         assert all(i["decoded"] and i["width"] == 32 for i in images), images
+
+
+def canvas_cell(canvas, row, column) -> dict:
+    """Where cell (row, column) of a heatmap canvas is, for a click."""
+    data = canvas.evaluate(
+        "(c) => ({w: Number(c.dataset.cellWidth), h: Number(c.dataset.cellHeight)})"
+    )
+    return {"x": column * data["w"] + data["w"] / 2, "y": row * data["h"] + data["h"] / 2}
+
+
+def test_dynamics_heatmaps_open_a_node_then_a_unit_at_a_step(served, page):
+    base, logdir = served
+    run = tb_microscope.open_run(logdir / "demo")
+    steps = run.steps
+    for _ in range(600):  # conv1's first units rendered at the last step: its row's thumbnails
+        units = post_render(base, run="demo", step=steps[-1], node="conv1", units=[0, 1, 2, 3])
+        if all(s["status"] == "done" for s in units["units"].values()):
+            break
+        time.sleep(0.2)
+    frame = open_tab(page, base, run="demo")
+    rows = frame.locator(".model-dynamics .dyn-row[data-node]")
+    expect(rows).to_have_count(len(run.nodes), timeout=WAIT_MS)
+    thumbs = frame.locator(".dyn-row[data-node='conv1'] img.dyn-thumb")
+    expect(thumbs).to_have_count(4)
+    frame.wait_for_function(
+        "() => [...document.querySelectorAll('.dyn-row[data-node=conv1] img')]"
+        ".every((i) => i.complete && i.naturalWidth > 0)",
+        timeout=WAIT_MS,
+    )
+    shoot(page, "dynamics_model")
+    conv2 = frame.locator(".dyn-row[data-node='conv2'] canvas")
+    conv2.click(position=canvas_cell(conv2, 0, 2))
+    expect(frame.locator(".node-view")).to_be_visible()
+    assert url_state(page)["node"] == "conv2" and url_state(page)["step"] == str(steps[2])
+
+    dynamics = tb_microscope.node_dynamics(run, "conv2", cache_dir=logdir / "dynamics-check")
+    heat = frame.locator(".node-dynamics canvas.units-heat")
+    expect(heat).to_have_attribute("data-rows", "32", timeout=WAIT_MS)
+    expect(heat).to_have_attribute("data-order", ",".join(map(str, range(32))))
+    frame.locator("#dynamics-sort").select_option("formed")
+    never = steps[-1] + 1
+    formed = sorted(
+        range(32),
+        key=lambda u: (never if dynamics.formed_step[u] is None else dynamics.formed_step[u], u),
+    )
+    expect(heat).to_have_attribute("data-order", ",".join(map(str, formed)))
+    assert url_state(page)["sort"] == "formed"
+    shoot(page, "dynamics_node")
+    heat.click(position=canvas_cell(heat, 3, 1))
+    expect(frame.locator(".unit-view")).to_be_visible()
+    state = url_state(page)
+    assert state["unit"] == str(formed[3]) and state["step"] == str(steps[1])
+    expect(frame.locator(".unit-view .address").first).to_have_text(
+        f"demo@{steps[1]}/conv2:{formed[3]}"
+    )
+
+
+def test_aligned_compare_pairs_each_unit_with_its_match_in_the_other_run(served, page):
+    base, logdir = served
+    demo, other = (tb_microscope.open_run(logdir / name) for name in ("demo", "other"))
+    step, step2 = demo.steps[-1], other.steps[-1]
+    found = tb_microscope.align_units(demo, step, other, step2, "conv1")
+    frame = open_tab(
+        page,
+        base,
+        run="demo",
+        step=step,
+        node="conv1",
+        compare=1,
+        run2="other",
+        step2=step2,
+        align=1,
+    )
+    expect(frame.locator(".align-info[data-ready='true']")).to_contain_text(
+        "best matched first", timeout=WAIT_MS
+    )
+    best = max(range(16), key=lambda u: (found.correlation[u], -u))
+    left = frame.locator(".pane.left .cell").first
+    right = frame.locator(".pane.right .cell").first
+    expect(left).to_have_attribute("data-unit", str(best))
+    expect(right).to_have_attribute("data-unit", str(found.unit_b[best]))
+    expect(right.locator("figcaption")).to_contain_text(f"r {found.correlation[best]:.2f}")
+    wait_rendered(frame, ".pane.left", 16)
+    wait_rendered(frame, ".pane.right", 16)
+    shoot(page, "compare_aligned")
+    frame.locator("#align").click()  # off: units in their own order again
+    expect(frame.locator(".pane.right .cell").first).to_have_attribute("data-unit", "0")
+    assert "align" not in url_state(page)

@@ -17,6 +17,7 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -108,6 +109,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_devices() -> list[torch.device]:
+    """Every CUDA device, else the CPU: where work runs when no device is named."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
 def unit_seed(seed: int, node: str, unit: int, image: int, stream: str) -> int:
     """A 63-bit seed that depends only on what identifies one image of one unit."""
     digest = hashlib.sha256(f"{seed}\0{node}\0{unit}\0{image}\0{stream}".encode()).digest()
@@ -191,26 +199,60 @@ class Numerics:
     autocast: torch.dtype | None = None
     tf32: bool = False
 
-    @contextmanager
-    def applied(self, device: torch.device) -> Iterator[None]:
+    def _switch(self, device: torch.device) -> Callable[[], None]:
+        """Sets the process-wide switches these numerics need on `device`; returns what puts
+        them back."""
         if device.type == "cuda":
             tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-            try:
-                with torch.autocast("cuda", dtype=self.autocast, enabled=self.autocast is not None):
-                    yield
-            finally:
+
+            def restore() -> None:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-            return
+
+            return restore
         # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
         # switch, which makes this CPU build print a warning about Intel GPUs.
         previous = torch.backends.mkldnn.set_flags(self.onednn, _fp32_precision=None)
         nnpack = torch.backends.nnpack.set_flags(self.nnpack)
-        try:
-            yield
-        finally:
+
+        def restore() -> None:
             torch.backends.nnpack.set_flags(*nnpack)
             torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
+
+        return restore
+
+    def _switches(self, device: torch.device) -> tuple:
+        return (self.tf32,) if device.type == "cuda" else (self.onednn, self.nnpack)
+
+    @contextmanager
+    def applied(self, device: torch.device) -> Iterator[None]:
+        """These numerics while the block runs. The switches are process-wide, so workers on
+        several devices share them: the first to enter sets them, the last to leave puts them
+        back, and one that needs other switches waits until nobody uses the current ones."""
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        switches = self._switches(device)
+        with _SWITCHES:
+            while _IN_USE[kind]["count"] and _IN_USE[kind]["switches"] != switches:
+                _SWITCHES.wait()
+            if not _IN_USE[kind]["count"]:
+                _IN_USE[kind].update(switches=switches, restore=self._switch(device))
+            _IN_USE[kind]["count"] += 1
+        try:
+            if kind == "cuda":  # autocast is per thread
+                with torch.autocast("cuda", dtype=self.autocast, enabled=bool(self.autocast)):
+                    yield
+            else:
+                yield
+        finally:
+            with _SWITCHES:
+                _IN_USE[kind]["count"] -= 1
+                if not _IN_USE[kind]["count"]:
+                    _IN_USE[kind]["restore"]()
+                    _SWITCHES.notify_all()
+
+
+_SWITCHES = threading.Condition()  # guards _IN_USE: the numerics switches in use per device kind
+_IN_USE = {kind: {"count": 0, "switches": None, "restore": None} for kind in ("cpu", "cuda")}
 
 
 def default_numerics(device: torch.device) -> Numerics:

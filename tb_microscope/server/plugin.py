@@ -170,6 +170,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/weights": self._serve_weights,
             "/history": self._serve_history,
             "/dynamics": self._serve_dynamics,
+            "/thumbnails": self._serve_thumbnails,
             "/align": self._serve_align,
             "/status": self._serve_status,
         }
@@ -390,6 +391,27 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError(f"the render failed: {status['error']}")
         return 202, status
 
+    def thumbnails_impl(self, ctx, experiment: str, args) -> dict:
+        """Per node, the latest step at which its first `count` units' channel images are in
+        the cache (full quality, else previews), without asking for any render:
+        {node: {"step": s, "quality": "full" | "preview", "units": [0, 1, ...]}}."""
+        run = self._run(ctx, experiment, args.get("run", ""))
+        count = _int(args, "count", 4, 1, 16)
+        cache = self.service.cache(run)
+        qualities = ["full", "preview"] if self._preview is not None else ["full"]
+        found = {}
+        for node in run.nodes:
+            units = list(range(min(count, node.units)))
+            for step in reversed(run.steps):
+                for quality in qualities:
+                    group = self._group(run, step, node, {"quality": quality})
+                    if all(key in cache for unit in units for key in group.keys(unit)):
+                        found[node.name] = {"step": step, "quality": quality, "units": units}
+                        break
+                if node.name in found:
+                    break
+        return found
+
     def _units(self, node, body: dict) -> list[int]:
         units = body.get("units", "all")
         if units == "all":
@@ -566,6 +588,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_dynamics(self, request):
         return self._json_or_pending(request, self.dynamics_impl)
+
+    @wrappers.Request.application
+    def _serve_thumbnails(self, request):
+        return self._json(request, self.thumbnails_impl, request.args)
 
     @wrappers.Request.application
     def _serve_align(self, request):

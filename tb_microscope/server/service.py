@@ -48,7 +48,7 @@ from ..rendering import (
     unit_history,
     unit_weights,
 )
-from ..rendering.engine import RenderCancelled
+from ..rendering.engine import RenderCancelled, available_devices
 from ..run import Run
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -149,11 +149,7 @@ def _priority(job: _Job) -> tuple:
 
 def service_devices(device: str | None) -> list[torch.device]:
     """The devices to run workers on: the one named, else every CUDA device, else the CPU."""
-    if device:
-        return [torch.device(device)]
-    if torch.cuda.is_available():
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return [torch.device("cpu")]
+    return [torch.device(device)] if device else available_devices()
 
 
 def state_bytes(model: torch.nn.Module) -> int:
