@@ -153,6 +153,16 @@ export class ModelDynamics {
         heat.readout);
     });
     this.body.replaceChildren(axis, ...rows);
+    this.steps = steps;
+  }
+
+  // The run's steps now: the heatmap is computed again (new snapshots only) when they changed.
+  refresh(steps) {
+    if (!this.steps || steps.join() === this.steps.join()) return;
+    this.steps = null;
+    this.controller.abort();
+    this.controller = new AbortController();
+    this.load();
   }
 
   destroy() {
@@ -234,6 +244,14 @@ export class NodeDynamics {
       h('div', {class: 'dyn-axis muted', style: `width:${cellWidth * steps.length}px`},
         h('span', {text: `step ${steps[0]}`}), h('span', {text: `${steps[steps.length - 1]}`})),
       heat.readout, cka.readout);
+  }
+
+  refresh(steps) {
+    if (!this.found || steps.join() === this.found.steps.join()) return;
+    this.found = null;
+    this.controller.abort();
+    this.controller = new AbortController();
+    this.load();
   }
 
   update(sort) {

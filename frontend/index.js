@@ -297,6 +297,7 @@ class App {
     this.runs = runs;
     this.run = this.runInfo(this.state?.run) || this.run;
     if (this.state) this.showHeader();
+    if (this.run) this.view?.refresh?.(this.run);  // new snapshots: summaries of all steps reload
   }
 
   // --- keys --------------------------------------------------------------------------------

@@ -181,6 +181,7 @@ export function modelView(app, state) {
       h('div', {class: 'model-tools'}, filter, shownCount),
       graph),
     update: () => true,
+    refresh: (run) => dynamics?.refresh(run.steps),
     destroy: () => dynamics?.destroy(),
   };
 }

@@ -118,6 +118,10 @@ export class NodeView {
     return true;
   }
 
+  refresh(run) {
+    this.dynamics?.refresh(run.steps);
+  }
+
   destroy() {
     this.grid.destroy();
     this.dynamics?.destroy();

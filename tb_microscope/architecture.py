@@ -34,6 +34,7 @@ import io
 import json
 import math
 import re
+import threading
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -438,6 +439,11 @@ def check_program(path: Path, *, trusted: bool = False) -> None:
     _read(path, trusted)
 
 
+# torch.export's deserializer keeps the program it is reading in a module global, so two threads
+# reading programs at once (render workers on two devices) break each other: one at a time.
+EXPORT_LOCK = threading.RLock()
+
+
 def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedProgram:
     """The exported program in `path`, its weights and buffers on the `meta` device (the caller
     puts a snapshot's tensors in their place). Untrusted, it is checked as the module's doc says
@@ -447,11 +453,13 @@ def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedP
 
     parts = _read(path, trusted)
     if parts is None:
-        return torch.export.load(str(path))
+        with EXPORT_LOCK:
+            return torch.export.load(str(path))
     program, state, constants = parts
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, program)
-        return ExportedProgramDeserializer().deserialize(serialized, state, constants, None)
+        with EXPORT_LOCK:
+            return ExportedProgramDeserializer().deserialize(serialized, state, constants, None)
     except Exception as e:  # the deserializer raises many types on malformed input
         raise ValueError(f"{path}: the program cannot be read ({type(e).__name__}: {e})") from e
 

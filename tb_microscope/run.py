@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import check_program, load_program, move_program, program_bytes
+from .architecture import (
+    EXPORT_LOCK,
+    check_program,
+    load_program,
+    move_program,
+    program_bytes,
+)
 from .capture import assign_state, load_pickled, pickle_refusal
 from .errors import (
     CorruptSnapshotError,
@@ -157,7 +163,9 @@ class Run:
                 program = move_program(program, device)
                 return program, program_bytes(program)
 
-            return torch.export.unflatten(self._memory.get_or_make(key, load))
+            program = self._memory.get_or_make(key, load)
+            with EXPORT_LOCK:  # torch.export's module globals: one thread at a time
+                return torch.export.unflatten(program)
         if spec.kind == PICKLE:
             path = self.store.root / spec.file
             return load_pickled(path.read_bytes(), self.path, self.allow_pickle)

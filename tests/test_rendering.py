@@ -1,10 +1,12 @@
 """The rendering engine on a CNN trained on generated stripes and blobs."""
 
+import concurrent.futures
 import json
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -111,6 +113,24 @@ def test_batches_are_sized_by_the_devices_free_memory(trained):
     assert batch_size_for(model, trained, node, 16, cpu, free=int(3.5 * small / MEMORY_SHARE)) == 3
     assert batch_size_for(model, trained, node, 16, cpu, free=1) == 1
     assert batch_size_for(model, trained, node, 16, cpu, free=1 << 40) == BATCH_CAPS["cpu"]
+
+
+def test_a_runs_model_loads_in_several_threads_at_once(trained):
+    """Render workers on several devices load programs at the same time (torch.export's
+    deserializer is not thread-safe on its own)."""
+    runs = [tb_microscope.open_run(trained.path) for _ in range(6)]  # each its own program cache
+    barrier = threading.Barrier(len(runs))
+
+    def load(run):
+        barrier.wait()
+        return run.load_model(STEPS)
+
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        models = list(pool.map(load, runs))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = [model(x) for model in models]
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
 
 
 def test_trained_units_differ_from_their_step_zero_noise(trained):
