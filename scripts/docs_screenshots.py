@@ -48,12 +48,15 @@ def serve_demo(logdir: str, port: int) -> subprocess.Popen:
     raise RuntimeError("the demo's TensorBoard did not start")
 
 
-def shoot(page, url: str, name: str, cells: str = "", count: int = 0) -> None:
-    """Open `url`, wait for `count` rendered cells under `cells` (or the view), photograph it."""
+def shoot(page, url: str, name: str, cells: str = "", count: int = 0, also: str = "") -> None:
+    """Open `url`, wait for `count` rendered cells under `cells` (or the view) and for `also`,
+    photograph it."""
     page.goto(url)
     frame = page.frame_locator("iframe[src*='tb_microscope']")
     done = frame.locator(f"{cells} .cell[data-status='done']" if cells else "main > section")
     expect(done).to_have_count(count or 1, timeout=300_000)
+    if also:
+        expect(frame.locator(also)).to_have_count(1, timeout=300_000)
     page.wait_for_timeout(500)
     page.screenshot(path=str(DOCS / f"{name}.png"))
     print("saved", DOCS / f"{name}.png")
@@ -71,7 +74,8 @@ def main() -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            shoot(page, f"{base}&p.tb_microscope.node=conv2", "node", ".node-body", 33)
+            node = f"{base}&p.tb_microscope.node=conv2"
+            shoot(page, node, "node", ".node-body", 33, also="canvas.units-heat")
             steps = len(tb_microscope.open_run(Path(args.logdir) / "demo").steps)
             unit = f"{base}&p.tb_microscope.node=conv2&p.tb_microscope.unit=8"
             shoot(page, unit, "unit", ".filmstrip", steps)
