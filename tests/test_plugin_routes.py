@@ -230,6 +230,17 @@ def test_dynamics_and_align_routes_compute_on_a_worker_once(client, logdir):
     assert plugin.service.stats["analyses"] == 4
 
 
+def test_dynamics_of_a_run_without_probe_images_say_how_to_get_them(tmp_path, tiny):
+    with tb_microscope.Logger(tmp_path / "plain", tiny, torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    plugin, http = make_plugin(tmp_path)
+    node = tb_microscope.open_run(tmp_path / "plain").nodes[0].name
+    for path in ("dynamics?run=plain", f"align?run=plain&step=0&node={node}&run2=plain&step2=0"):
+        response = http.get(f"{BASE}/{path}")
+        assert response.status_code == 400 and b"probe=" in response.data, response.data
+    assert plugin.service.idle()
+
+
 def test_thumbnails_name_the_latest_step_whose_first_units_are_cached(logdir, tmp_path):
     plugin, http = make_plugin(logdir, microscope_cache_dir=str(tmp_path))
     assert json.loads(http.get(f"{BASE}/thumbnails?run=demo").data) == {}
