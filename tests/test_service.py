@@ -29,26 +29,40 @@ def wait(condition, seconds=60):
         time.sleep(0.01)
 
 
-def test_newest_request_goes_first_and_unpolled_ones_are_dropped(run_dir, tmp_path):
-    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=0.5)
+def busy_service(run_dir, tmp_path, abandon_after):
+    """A service whose one worker is busy with a long render (polled once it runs)."""
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=abandon_after)
     busy = group_of(service, run_dir, 0, iterations=600)
     service.request(busy, [0])
     wait(lambda: service.request(busy, [0])[0]["progress"] > 0)  # polled: it keeps running
     status = service.request(busy, [0])[0]
     assert status["status"] == "running" and 0 < status["progress"] < 1
-    forgotten, older, newer = (group_of(service, run_dir, s) for s in (1, 2, 3))
+    return service, busy
+
+
+def test_the_newest_request_goes_first(run_dir, tmp_path):
+    service, busy = busy_service(run_dir, tmp_path, abandon_after=120)
+    older, newer = (group_of(service, run_dir, s) for s in (2, 3))
+    service.request(older, [1])
+    time.sleep(0.05)
+    service.request(newer, [1])  # both wait behind `busy`; `newer` was asked about last
+    assert service.request(busy, [0])[0]["status"] == "running"
+    wait(service.idle, seconds=180)
+    assert [g.step for g, _, _ in service.recent] == [0, 3, 2]
+
+
+def test_work_nobody_polls_is_dropped_before_it_starts(run_dir, tmp_path):
+    service, busy = busy_service(run_dir, tmp_path, abandon_after=0.5)
+    forgotten, polled = (group_of(service, run_dir, s) for s in (1, 2))
     service.request(forgotten, [1])  # asked once, never again
     deadline = time.monotonic() + 180
     while not service.idle():
         assert time.monotonic() < deadline
-        service.request(busy, [0])  # all three still on screen; `newer` was looked at last
-        service.request(older, [1])
-        service.request(newer, [1])
+        service.request(busy, [0])  # still on screen
+        service.request(polled, [1])
         time.sleep(0.1)
-    done = [g.step for g, _, _ in service.recent]
-    assert done[0] == 0
-    assert forgotten.step not in done and service.stats["dropped"] == 1
-    assert done.index(newer.step) < done.index(older.step)
+    assert [g.step for g, _, _ in service.recent] == [0, 2]
+    assert service.stats["dropped"] == 1
 
 
 def test_a_render_nobody_polls_any_more_is_cancelled_within_two_seconds(run_dir, tmp_path):
