@@ -97,8 +97,10 @@ def step_signatures(
     cache: RenderCache,
     device: torch.device,
     should_stop: Callable[[], bool] | None = None,
+    images: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every node's signature at `step`, from the cache or computed and stored in it."""
+    """Every node's signature at `step`, from the cache or computed and stored in it (on
+    `images`, the run's probe images when read already)."""
     key = _signature_key(run, step)
     stored = cache.get_arrays(key)
     names = [node.name for node in run.nodes]
@@ -106,7 +108,7 @@ def step_signatures(
         scales = stored["scales"]
         return {name: _stored(stored[f"n{i}"], scales[i]) for i, name in enumerate(names)}
     model = frozen(run.load_model(step, device))
-    found = node_signatures(run, model, run.nodes, device, should_stop=should_stop)
+    found = node_signatures(run, model, run.nodes, device, images, should_stop)
     # Stored as float16 scaled to the node's largest magnitude (and that scale): a quarter of the
     # bytes of float32, and no overflow whatever the activations' range.
     scales = np.array([float(found[n].abs().max()) or 1.0 for n in names], dtype=np.float32)
@@ -242,10 +244,10 @@ def _steps(run: Run, steps: Sequence[int] | None) -> list[int]:
 
 
 def _all_signatures(run, steps, device, cache_dir, should_stop) -> list[dict[str, torch.Tensor]]:
-    probe_images(run)  # no probe: said before any work
+    images = probe_images(run)  # read once for every step; no probe: said before any work
     device = torch.device(device) if device is not None else default_device()
     cache = cache_dir if isinstance(cache_dir, RenderCache) else RenderCache(run, cache_dir)
-    return [step_signatures(run, step, cache, device, should_stop) for step in steps]
+    return [step_signatures(run, step, cache, device, should_stop, images) for step in steps]
 
 
 def _dynamics_of(node: str, steps: list[int], signatures: list[torch.Tensor]) -> NodeDynamics:
