@@ -1,6 +1,6 @@
 """`tb-microscope`: the command line.
 
-tb-microscope info LOGDIR       runs, steps and nodes
+tb-microscope info LOGDIR       runs, steps and nodes (LOGDIR may be runs:/<MLflow run id>)
 tb-microscope render LOGDIR     render feature visualizations ahead of time into the cache
 tb-microscope dynamics RUN      how nodes and units changed over training
 tb-microscope align A@S B@S     match a node's units across two runs or steps
@@ -12,7 +12,9 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -23,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MicroscopeError
-from .run import Run, find_runs
+from .mlflow_store import is_mlflow_uri
+from .run import Run, find_runs, open_run
 from .runstore import write_bytes_atomic
 
 
@@ -40,7 +43,10 @@ def _shape(shape) -> str:
 def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
     m = run.manifest
     arch = m.model.architecture
-    rel = run.path.relative_to(logdir) if run.path != logdir else Path(".")
+    if is_mlflow_uri(run.name):
+        rel = run.name
+    else:
+        rel = run.path.relative_to(logdir) if run.path != logdir else Path(".")
     spec = run.input_spec
     lines = [
         f"{rel}  {m.model.cls}  {m.model.parameters:,} parameters  architecture: {arch.kind}",
@@ -74,6 +80,10 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if is_mlflow_uri(args.logdir):
+        run = open_run(args.logdir, allow_pickle=args.allow_pickle)
+        print(describe(run, run.path, args.all_nodes))
+        return 0
     logdir = Path(args.logdir)
     runs = find_runs(logdir)
     if not runs:
@@ -128,7 +138,7 @@ class Progress:
         minutes, seconds = divmod(int(left), 60)
         self.stream.write(
             f"\r[{bar}] {self.done}/{self.total} units  {rate:.2f} units/s  "
-            f"{minutes}m{seconds:02d}s left  {label[:40]:<40}"
+            f"{minutes}m{seconds:02d}s left  {label[-40:]:<40}"
         )
         self.stream.flush()
 
@@ -142,9 +152,15 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .rendering import get_technique
     from .rendering.engine import QUALITIES, display_bands
 
+    mlflow = is_mlflow_uri(args.logdir)
+    if args.log_to_mlflow and not mlflow:
+        raise MicroscopeError(
+            "--log-to-mlflow logs the pictures into the MLflow run they were rendered from: "
+            "give the run as runs:/<run_id>"
+        )
     logdir = Path(args.logdir)
-    runs = find_runs(logdir)
-    if args.runs:
+    runs = [args.logdir] if mlflow else find_runs(logdir)
+    if args.runs and not mlflow:
         wanted = set(args.runs)
         runs = [r for r in runs if str(r.relative_to(logdir)) in wanted or r.name in wanted]
     if not runs:
@@ -178,7 +194,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     opened = []
     for path in runs:  # one broken run does not stop the others
         try:
-            run = Run(path, allow_pickle=args.allow_pickle)
+            run = open_run(path, allow_pickle=args.allow_pickle)
             problem = run.problem()
         except MicroscopeError as e:
             problem = str(e)
@@ -209,12 +225,11 @@ def cmd_render(args: argparse.Namespace) -> int:
             f"nothing to render: --steps {args.steps} matches no logged step "
             f"(logged steps: {logged})"
         )
+    options = dict(size=args.size, iterations=args.iterations, seed=args.seed)
     rendered, interrupted = render_jobs(
         jobs,
         technique.name,
-        size=args.size,
-        iterations=args.iterations,
-        seed=args.seed,
+        **options,
         devices=devices,
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
@@ -224,7 +239,71 @@ def cmd_render(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     print(f"{total} units: {rendered} rendered, {total - rendered} were already cached")
+    if args.log_to_mlflow:
+        logged = log_to_mlflow(jobs, technique, args.cache_dir, bands, **options)
+        print(f"logged {logged} images into MLflow run {opened[0].name}")
     return 0
+
+
+def _mlflow_key(*parts: str) -> str:
+    """An MLflow image key from `parts`: characters MLflow refuses in keys become '_'."""
+    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", p) for p in parts)
+
+
+def grid(images: list, gap: int = 2):
+    """Images (uint8 H x W x 3, one size) tiled in a near-square grid on a white background."""
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    h, w = images[0].shape[:2]
+    out = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = image
+    return out
+
+
+def log_to_mlflow(jobs, technique, cache_dir, bands, *, size, iterations, seed) -> int:
+    """Log the cached pictures of (run, step, node, units) `jobs` into their MLflow run: one
+    image key per node and unit (MLflow's step slider walks it through training) and one grid
+    per node and step. Returns how many images were logged."""
+    from mlflow import MlflowClient
+
+    from .rendering import RenderCache, RenderKey
+
+    logged = 0
+    prefix = ("microscope",) if technique.name == "channel" else ("microscope", technique.name)
+    for run, step, node, units in jobs:
+        store = run.store
+        client = MlflowClient(store.uri)
+        cache = RenderCache(run, cache_dir)
+        version = run.snapshot_version(step)
+        pictures = []
+        for unit in units:
+            for image in range(technique.images_per_unit):
+                key = RenderKey(
+                    step, version, node, unit, technique.name, size, iterations, seed, image, bands
+                )
+                cached = cache.get(key)
+                if cached is None:
+                    raise MicroscopeError(
+                        f"the picture of {node} unit {unit} at step {step} is not in the cache "
+                        "(evicted meanwhile?); run the command again"
+                    )
+                suffix = f"unit_{unit:04d}" + (f"_{image}" if technique.images_per_unit > 1 else "")
+                name = "whole" if technique.whole_node else suffix
+                key = _mlflow_key(*prefix, node, name)
+                client.log_image(store.mlflow_run_id, cached.image, key=key, step=step)
+                pictures.append(cached.image)
+                logged += 1
+        if len(pictures) > 1:
+            client.log_image(
+                store.mlflow_run_id,
+                grid(pictures),
+                key=_mlflow_key(*prefix, node, "grid"),
+                step=step,
+            )
+            logged += 1
+    return logged
 
 
 def render_jobs(
@@ -352,7 +431,9 @@ def render_jobs(
 
 
 def open_one_run(text: str, allow_pickle: bool) -> Run:
-    """A run directory, or a log directory holding exactly one run."""
+    """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
+    if is_mlflow_uri(text):
+        return open_run(text, allow_pickle=allow_pickle)
     path = Path(text)
     runs = find_runs(path)
     if not runs:
@@ -590,7 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tb-microscope", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="list the runs, steps and nodes under a log directory")
-    info.add_argument("logdir", help="a TensorBoard log directory, or one run directory")
+    info.add_argument(
+        "logdir", help="a TensorBoard log directory, one run directory, or runs:/<MLflow run id>"
+    )
     info.add_argument("--all-nodes", action="store_true", help="list every node")
     info.add_argument(
         "--allow-pickle",
@@ -605,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render units into the same cache the TensorBoard tab reads. Resumable: "
         "cached units are skipped; Ctrl-C leaves no half-written file.",
     )
-    render.add_argument("logdir")
+    render.add_argument("logdir", help="a log directory, a run directory or runs:/<MLflow run id>")
     render.add_argument("--runs", nargs="+", help="run names (default: all runs)")
     render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 (default: all)")
     render.add_argument("--nodes", nargs="+", help="node names (default: every node)")
@@ -645,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
         "holds, at most 32 on CUDA and 16 on the CPU)",
     )
     render.add_argument("--cache-dir", help="cache root (default: in each run, else ~/.cache)")
+    render.add_argument(
+        "--log-to-mlflow",
+        action="store_true",
+        help="for runs:/<id>: log each picture into that MLflow run (key microscope/<node>/"
+        "unit_<n>, at its step) and one grid per node and step",
+    )
     render.add_argument(
         "--allow-pickle",
         action="store_true",

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, mlflow_store
 from .capture import Capture, capture_in_child, discover_nodes, select_nodes, unwrap
 from .errors import IncompatibleRunError, summarize
+from .mlflow_store import ArtifactUploader
 from .runstore import (
     EXPORT,
     EXPORTED_ARCHITECTURE,
@@ -121,6 +122,13 @@ class Logger:
     later (see `tb_microscope.schedule`). `nodes` narrows the recorded nodes. `normalize=(mean,
     std)` says the model is fed `(image - mean) / std` with images in `value_range`. `probe` is a
     small batch of inputs (as fed to the model, or uint8 images) kept for dataset examples.
+
+    `Logger("mlflow", ...)` logs into the active MLflow run (or the one `run_id=` names, at
+    `tracking_uri=`, default MLFLOW_TRACKING_URI) as artifacts under `tb_microscope/`: files are
+    written to a local staging directory first and uploaded by a background thread. While the
+    server is unreachable they wait there; past `backlog_mb` of waiting snapshots, due steps are
+    skipped (with a warning) until the backlog drains. `close()` waits up to `upload_timeout`
+    seconds for the uploads; what is left is uploaded by the next Logger on that run.
     """
 
     def __init__(
@@ -136,15 +144,34 @@ class Logger:
         normalize: Normalize | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
         strict: bool = False,
+        run_id: str | None = None,
+        tracking_uri: str | None = None,
+        backlog_mb: float = 4096,
+        upload_timeout: float = 60.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self._inert = _is_secondary_rank()
+        self._uploader: ArtifactUploader | None = None
+        self.mlflow_run_id: str | None = None
+        if isinstance(logdir, str) and logdir == "mlflow":
+            if not self._inert:
+                uri = mlflow_store.tracking_uri(tracking_uri)
+                self.mlflow_run_id = mlflow_store.active_run_id(run_id)
+                logdir = mlflow_store.staging_dir(uri, self.mlflow_run_id)
+        elif run_id is not None or tracking_uri is not None:
+            raise ValueError(
+                "run_id= and tracking_uri= name an MLflow run: use them with "
+                "Logger('mlflow', ...); a log directory needs neither"
+            )
+        self._backlog_bytes = int(backlog_mb * (1 << 20))
+        self._upload_timeout = upload_timeout
+        self._backlog_warned = False
         self.store = RunStore(logdir)
         self.strict = strict
         self.schedule = make_schedule(every, steps)
         self.records: list[SnapshotRecord] = []
         self._model = unwrap(model)
-        self._inert = _is_secondary_rank()
         self._closed = False
         self._policy = ErrorPolicy(self.store.run_dir, strict)
         self._capture_done = False
@@ -178,7 +205,13 @@ class Logger:
         self._fingerprint = weights_fingerprint(self._model)
         if self.store.has_manifest():
             self._resume()
-        self._writer = SnapshotWriter(self.store, self._policy)
+        if self.mlflow_run_id is not None:
+            self._uploader = ArtifactUploader(
+                self.store, self.mlflow_run_id, uri, self._run_id, _say
+            )
+        self._writer = SnapshotWriter(
+            self.store, self._policy, self._uploader.notify if self._uploader else None
+        )
         _open_loggers.add(self)
 
     # --- validation ------------------------------------------------------------------------
@@ -256,6 +289,8 @@ class Logger:
         # an architecture still pending was never captured (its Logger ended first): capture it
         self._capture_done = manifest.model.architecture.kind != PENDING
         existing = self.store.steps()
+        if self.mlflow_run_id is not None:  # uploaded snapshots leave the staging directory
+            existing = sorted(set(existing) | set(mlflow_store.uploaded_steps(self.store)))
         self._logged.update(existing)
         self._last_logged = existing[-1] if existing else None
 
@@ -275,6 +310,8 @@ class Logger:
         self._policy.raise_pending()
         if step in self._logged or not (force or self.schedule.due(step, self._last_logged)):
             return False
+        if self._uploader is not None and self._backlogged(step):
+            return False
         start = time.perf_counter()
         tensors, aliases, events = self._host_copy()
         if not self._capture_done:
@@ -285,6 +322,22 @@ class Logger:
         self.records.append(record)
         self._logged.add(step)
         self._last_logged = max(step, self._last_logged if self._last_logged is not None else step)
+        return True
+
+    def _backlogged(self, step: int) -> bool:
+        """True (said once) while more than `backlog_mb` of snapshots wait for MLflow."""
+        count, size = self._uploader.backlog()
+        if size <= self._backlog_bytes:
+            self._backlog_warned = False
+            return False
+        if not self._backlog_warned:
+            self._backlog_warned = True
+            _say(
+                f"step {step} is not logged: {count} snapshots ({size / 1e6:.0f} MB) already "
+                f"wait in {self.store.run_dir} for {self._uploader.where}, more than "
+                f"backlog_mb={self._backlog_bytes >> 20}; steps are logged again once they "
+                "are uploaded"
+            )
         return True
 
     def _host_copy(self):
@@ -415,6 +468,8 @@ class Logger:
         if not self._inert and not self._closed:
             self._wait_for_capture()
             self._writer.join()
+            if self._uploader is not None:
+                self._uploader.wait(self._upload_timeout)
             self._policy.raise_pending()
 
     def close(self, raise_errors: bool = True) -> None:
@@ -424,6 +479,8 @@ class Logger:
         self._closed = True
         self._wait_for_capture()
         self._writer.close()
+        if self._uploader is not None:
+            self._uploader.close(self._upload_timeout)
         _open_loggers.discard(self)
         if raise_errors:
             self._policy.raise_pending()

@@ -26,6 +26,7 @@ from .errors import (
     summarize,
 )
 from .lru import LRU
+from .mlflow_store import MlflowRunStore, is_mlflow_uri, parse_mlflow_uri
 from .runstore import EXPORT, MANIFEST, PENDING, PICKLE, PLUGIN_NAME, InputSpec, Node, RunStore
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
@@ -41,9 +42,14 @@ class Run:
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, allow_pickle: bool = False, memory: LRU | None = None
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        allow_pickle: bool = False,
+        memory: LRU | None = None,
+        store: RunStore | None = None,
     ):
-        self.store = RunStore(run_dir)
+        self.store = store if store is not None else RunStore(run_dir)
         self.path = self.store.run_dir
         self.allow_pickle = allow_pickle
         self.signature = self.store.manifest_signature()
@@ -60,7 +66,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The run directory's name, or `runs:/<id>` for an MLflow run."""
+        return getattr(self.store, "name", None) or self.path.name
 
     @property
     def steps(self) -> list[int]:
@@ -190,12 +197,22 @@ class Run:
         return self.store.read_probe(self.input_spec.channels)
 
 
-def open_run(run_dir: str | os.PathLike, *, allow_pickle: bool = False) -> Run:
+def open_run(
+    run_dir: str | os.PathLike, *, allow_pickle: bool = False, tracking_uri: str | None = None
+) -> Run:
     """Open the run logged into `run_dir` by `tb_microscope.Logger`.
+
+    `run_dir` may also be `runs:/<run_id>`, an MLflow run logged with `Logger("mlflow", ...)`,
+    read from the tracking server at `tracking_uri` (default: MLFLOW_TRACKING_URI) through a
+    local mirror: opening it again fetches what is new; each snapshot is fetched when first read.
 
     A pickled architecture (a model torch.export could not capture) is refused unless
     `allow_pickle=True`, because unpickling runs code from the log directory.
     """
+    if is_mlflow_uri(run_dir):
+        store = MlflowRunStore(parse_mlflow_uri(run_dir), tracking_uri)
+        store.sync()
+        return Run(store.run_dir, allow_pickle=allow_pickle, store=store)
     if not Path(run_dir).is_dir():
         raise RunNotFoundError(
             f"'{run_dir}' is not a directory; pass a run directory written by tb_microscope.Logger"

@@ -116,6 +116,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
+def user_cache_root() -> Path:
+    """Where tb_microscope keeps what it derives: `$XDG_CACHE_HOME/tb_microscope`, else
+    `~/.cache/tb_microscope`."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tb_microscope"
+
+
 def new_run_id() -> str:
     """A random id for a new run: every cache of the reading side is keyed by it, never by path."""
     return uuid.uuid4().hex
@@ -457,6 +464,12 @@ class Header:
     size: int  # the file's size in bytes
 
 
+def header_version(header: Header, fallback: str) -> str:
+    """A snapshot's version from its header: its checksum and size (`fallback` stands in for
+    the checksum of a file written without one)."""
+    return f"{header.metadata.get(_CRC_KEY) or fallback}-{header.size}"
+
+
 def read_header(path: Path, max_bytes: int | None = None) -> Header:
     """Read and check a safetensors header without reading any tensor.
 
@@ -653,8 +666,7 @@ class RunStore:
         version = self._versions.get(key)
         if version is None:
             header = self.snapshot_header(step)
-            crc = header.metadata.get(_CRC_KEY) or f"m{signature[2]}"
-            version = self._versions.put(key, f"{crc}-{header.size}")
+            version = self._versions.put(key, header_version(header, f"m{signature[2]}"))
         return version
 
     def read_snapshot(

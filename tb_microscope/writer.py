@@ -105,8 +105,10 @@ class ErrorPolicy:
 class SnapshotWriter:
     """A thread writing snapshots and the architecture into `store` (see the module's doc)."""
 
-    def __init__(self, store: RunStore, policy: ErrorPolicy):
-        self.store, self.policy = store, policy
+    def __init__(
+        self, store: RunStore, policy: ErrorPolicy, on_written: Callable[[], None] | None = None
+    ):
+        self.store, self.policy, self.on_written = store, policy, on_written
         self._events = SnapshotEvents(store.run_dir)
         self._queue: queue.Queue[SnapshotJob | ManifestJob | None] = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._loop, name="tb_microscope-writer", daemon=True)
@@ -139,6 +141,8 @@ class SnapshotWriter:
                     self._write_manifest(job)
                 else:
                     self._write_snapshot(job)
+                if self.on_written is not None:
+                    self.on_written()
             finally:
                 self._queue.task_done()
 

@@ -2,6 +2,8 @@ import contextlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,12 +34,14 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
 
 
 @contextlib.contextmanager
-def tensorboard(logdir, *flags: str):
+def tensorboard(logdir, *flags: str, env: dict | None = None):
     """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
     command += ["--host", "127.0.0.1", "--port", "0", "--reload_interval", "1"]
     command += ["--microscope_device", "cpu", *flags]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         url, seen = None, []
         deadline = time.monotonic() + 120
@@ -122,3 +126,59 @@ def read_only():
             subprocess.run(["chattr", "-i", str(path)], check=True)
         else:
             path.chmod(0o755)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend store, artifacts served from a
+    temporary folder); `stop()` kills it at once, `start()` brings it back on the same port and
+    stores."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        command += ["--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts")]
+        command += ["--workers", "1"]
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        log = (self.root / "server.log").read_text()
+        raise AssertionError(f"mlflow server did not start:\n{log[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,8 +3,9 @@
     trainer = L.Trainer(callbacks=[MicroscopeCallback(example_input=x[:8])])
 
 The run directory defaults to the trainer's logger directory (`trainer.log_dir`), so the
-Microscope tab shows up next to Lightning's own TensorBoard scalars. Steps are
-`trainer.global_step`, the number of optimizer steps taken.
+Microscope tab shows up next to Lightning's own TensorBoard scalars; when the trainer logs to
+MLflow (Lightning's `MLFlowLogger`), the snapshots go into that logger's MLflow run instead.
+Steps are `trainer.global_step`, the number of optimizer steps taken.
 """
 
 from __future__ import annotations
@@ -57,8 +58,19 @@ class MicroscopeCallback(Callback):
                 "MicroscopeCallback needs an example batch: pass example_input= or set the "
                 "LightningModule's example_input_array"
             )
-        logdir = self.logdir or trainer.log_dir or trainer.default_root_dir
-        self.logger = Logger(logdir, pl_module, example, **self.logger_options)
+        options = dict(self.logger_options)
+        logdir = self.logdir
+        if logdir is None:
+            mlflow_logger = next(
+                (lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"), None
+            )
+            if mlflow_logger is not None:  # into the trainer's MLflow run
+                logdir = "mlflow"
+                options.setdefault("run_id", mlflow_logger.run_id)
+                options.setdefault("tracking_uri", getattr(mlflow_logger, "_tracking_uri", None))
+            else:
+                logdir = trainer.log_dir or trainer.default_root_dir
+        self.logger = Logger(logdir, pl_module, example, **options)
         self.logger.log(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

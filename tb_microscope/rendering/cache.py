@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..run import Run
-from ..runstore import write_bytes_atomic
+from ..runstore import user_cache_root, write_bytes_atomic
 from .engine import ENGINE_VERSION
 
 CACHE = "cache"
@@ -83,11 +83,6 @@ class CachedImage:
     image: np.ndarray  # uint8 H x W x 3
     objective: float
     activation: float
-
-
-def _user_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tb_microscope"
 
 
 def _writable(folder: Path) -> bool:
@@ -194,7 +189,7 @@ class RenderCache:
         else:
             self.root = run.store.root / CACHE
             if not _writable(self.root):
-                self.root = _user_cache_root() / self.run_id
+                self.root = user_cache_root() / self.run_id
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget = budget
         if budget is not None:

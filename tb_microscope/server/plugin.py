@@ -36,6 +36,7 @@ from ..rendering import TECHNIQUES, get_technique
 from ..rendering.engine import QUALITIES, Quality, check_technique, check_units, display_bands
 from ..rendering.weights import default_source
 from ..runstore import PLUGIN_NAME
+from .mlflow_runs import MlflowRuns
 from .service import (
     DONE,
     FAILED,
@@ -155,6 +156,13 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             cache_bytes=int(cache_mb * (1 << 20)) if cache_mb and cache_mb > 0 else None,
             model_bytes=int(memory_mb * (1 << 20)),
         )
+        uri = getattr(flags, "microscope_mlflow_tracking_uri", "") or ""
+        experiments = getattr(flags, "microscope_mlflow_experiments", "") or ""
+        self._mlflow = (
+            MlflowRuns(uri, [e.strip() for e in experiments.split(",") if e.strip()] or None)
+            if uri
+            else None
+        )
 
     def get_plugin_apps(self):
         return {
@@ -176,7 +184,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         }
 
     def is_active(self) -> bool:
-        return False  # the data provider's run list decides, through data_plugin_names
+        # the data provider's run list decides, through data_plugin_names; MLflow runs are ours
+        return self._mlflow is not None and bool(self._mlflow.names())
 
     def data_plugin_names(self):
         return (PLUGIN_NAME,)
@@ -189,11 +198,16 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     # --- impls -------------------------------------------------------------------------------
     def _run_names(self, ctx, experiment: str) -> list[str]:
         runs = self._provider.list_tensors(ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME)
-        return sorted(runs)
+        return sorted(runs) + (self._mlflow.names() if self._mlflow is not None else [])
 
     def _open(self, name: str):
         """The run `name` (one the data provider lists), or the MicroscopeError saying why it
         cannot be shown: an unreadable manifest, or a model that cannot be loaded here."""
+        store = self._mlflow.store(name) if self._mlflow is not None else None
+        if store is not None:
+            run = self.service.run(str(store.run_dir), store=store)
+            run.check()
+            return run
         path = os.path.normpath(os.path.join(self._logdir, name))
         if path != self._logdir and not path.startswith(self._logdir + os.sep):
             raise RunNotFoundError(f"run {name!r} is outside the log directory")
@@ -668,6 +682,18 @@ class MicroscopeLoader(base_plugin.TBLoader):
             help="trust the log directory: load pickled architectures and architecture files "
             "as they are; this can run code from the log directory, so only for log "
             "directories you trust",
+        )
+        group.add_argument(
+            "--microscope_mlflow_tracking_uri",
+            default="",
+            help="also list the runs of this MLflow tracking server that hold tb_microscope "
+            "data (logged with tb_microscope.Logger('mlflow', ...)), as mlflow:<experiment>/<run>",
+        )
+        group.add_argument(
+            "--microscope_mlflow_experiments",
+            default="",
+            help="with --microscope_mlflow_tracking_uri: only these experiments (comma-separated "
+            "names or ids; default all)",
         )
 
     def load(self, context):

@@ -50,6 +50,7 @@ from ..rendering import (
 )
 from ..rendering.engine import RenderCancelled, available_devices
 from ..run import Run
+from ..runstore import RunStore
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 
@@ -328,12 +329,13 @@ class RenderService:
             worker.start()
 
     # --- for the plugin ----------------------------------------------------------------------
-    def run(self, path: str) -> Run:
-        """The run in `path`, opened again when its manifest was replaced."""
+    def run(self, path: str, store: RunStore | None = None) -> Run:
+        """The run in `path` (read through `store`, if given), opened again when its manifest
+        was replaced."""
         run = self._runs.get(path)
         if run is None or not run.is_current():
             run = self._runs.put(
-                path, Run(path, allow_pickle=self.allow_pickle, memory=self.memory)
+                path, Run(path, allow_pickle=self.allow_pickle, memory=self.memory, store=store)
             )
         return run
 

@@ -1,0 +1,325 @@
+"""MLflow, for real: runs logged into a real `mlflow server` by a training process, opened, rendered
+and logged back by others, listed and rendered by TensorBoard, and a server killed mid-training."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tb_microscope
+from conftest import SCRIPTS, MlflowServer, TinyCNN, free_port, http, run_python, tensorboard
+from tb_microscope.errors import MicroscopeError, RunNotFoundError
+from tb_microscope.mlflow_store import TAG, MlflowUnavailableError, mirror_dir, staging_dir
+from tb_microscope.rendering import RenderCache, RenderKey
+
+TRAIN = SCRIPTS / "mlflow_train.py"
+PLUGIN = "/data/plugin/tb_microscope"
+
+
+def env_for(server: MlflowServer, cache: Path, **extra) -> dict:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": server.url,
+        "XDG_CACHE_HOME": str(cache),
+        **extra,
+    }
+
+
+def train(server, tmp_path, experiment, name, steps, *extra) -> str:
+    """Train in a process of its own, logging into MLflow; returns the MLflow run id."""
+    proc = run_python(
+        TRAIN, experiment, name, steps, tmp_path / "weights", *extra,
+        env=env_for(server, tmp_path / "train-cache"),
+    )  # fmt: skip
+    return proc.stdout.split()[0]
+
+
+def cli(server, cache, *args):
+    return run_python("-m", "tb_microscope.cli", *args, env=env_for(server, cache))
+
+
+def weights_at(tmp_path, step) -> dict:
+    return torch.load(tmp_path / "weights" / f"step-{step}.pt")
+
+
+def same_weights(loaded: dict, expected: dict) -> bool:
+    return set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+@pytest.fixture
+def reader(mlflow_server, tmp_path, monkeypatch):
+    """This process reads MLflow runs from the test server, into a mirror of its own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "reader-cache"))
+    return mlflow.MlflowClient(mlflow_server.url)
+
+
+def test_a_run_logged_into_mlflow_is_opened_rendered_and_logged_back(
+    mlflow_server, tmp_path, reader, monkeypatch
+):
+    run_id = train(mlflow_server, tmp_path, "exp-a", "tiny-a", "0,3,6")
+    tag = reader.get_run(run_id).data.tags[TAG]
+    # the uploader deleted each staged snapshot once uploaded
+    staged = staging_dir(mlflow_server.url, run_id)
+    staged = tmp_path / "train-cache" / staged.relative_to(tmp_path / "reader-cache")
+    assert not list((staged / "plugins/tb_microscope/snapshots").glob("*.safetensors"))
+
+    info = cli(mlflow_server, tmp_path / "cli-cache", "info", f"runs:/{run_id}").stdout
+    assert info.startswith(f"runs:/{run_id}  conftest.TinyCNN")
+    assert "steps (3): 0 3 6" in info and "probe: 8 images of 3×16×16" in info
+    assert "conv2  spatial     16 units" in info
+
+    run = tb_microscope.open_run(f"runs:/{run_id}")
+    assert (run.name, run.id, run.steps, run.architecture) == (
+        f"runs:/{run_id}",
+        tag,
+        [0, 3, 6],
+        "export",
+    )
+    assert run.probe_images().shape == (8, 3, 16, 16)
+    for step in run.steps:
+        assert same_weights(run.load_state_dict(step), weights_at(tmp_path, step))
+    reference = TinyCNN().eval()
+    reference.load_state_dict(weights_at(tmp_path, 6))
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(run.load_model(6)(x), reference(x))
+
+    out = cli(
+        mlflow_server, tmp_path / "cli-cache", "render", f"runs:/{run_id}", "--nodes", "conv2",
+        "--units", "0-3", "--steps", "3,6", "--size", "32", "--iterations", "8", "--log-to-mlflow",
+    ).stdout  # fmt: skip
+    assert "8 units: 8 rendered" in out
+    assert f"logged 10 images into MLflow run runs:/{run_id}" in out
+    names = [os.path.basename(a.path) for a in reader.list_artifacts(run_id, "images")]
+    for step in (3, 6):
+        for key in [f"microscope~conv2~unit_{u:04d}" for u in range(4)] + ["microscope~conv2~grid"]:
+            assert [n for n in names if n.startswith(f"{key}+step+{step}+") and n.endswith(".png")]
+
+    # the picture logged is the one rendered into the CLI's mirror, pixel for pixel
+    logged = next(
+        n for n in names if n.startswith("microscope~conv2~unit_0002+step+6+") and n.endswith("png")
+    )
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=f"images/{logged}", dst_path=str(tmp_path / "dl")
+    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cli-cache"))
+    cli_run = tb_microscope.open_run(f"runs:/{run_id}")
+    key = RenderKey(6, cli_run.snapshot_version(6), "conv2", 2, "channel", 32, 8, 0)
+    cached = RenderCache(cli_run).get(key)
+    assert cached is not None and cached.image.std() > 0
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), cached.image)
+
+
+def test_opening_again_fetches_only_the_new_snapshots(mlflow_server, tmp_path, reader):
+    run_id = train(mlflow_server, tmp_path, "exp-b", "tiny-b", "0,2")
+    run = tb_microscope.open_run(f"runs:/{run_id}")
+    assert run.steps == [0, 2]
+    snapshots = mirror_dir(mlflow_server.url, run_id) / "plugins/tb_microscope/snapshots"
+    assert not snapshots.exists()  # nothing is fetched before it is read
+    for step in run.steps:
+        run.load_state_dict(step)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in snapshots.iterdir()}
+    assert len(before) == 2
+
+    # a second training session goes on in the same MLflow run
+    train(mlflow_server, tmp_path, "exp-b", "tiny-b", "4,6", "--run-id", run_id)
+    again = tb_microscope.open_run(f"runs:/{run_id}")
+    assert again.steps == [0, 2, 4, 6] and again.id == run.id
+    for step in again.steps:
+        assert same_weights(again.load_state_dict(step), weights_at(tmp_path, step))
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in snapshots.iterdir()}
+    assert len(after) == 4
+    assert {name: after[name] for name in before} == before  # not fetched again
+
+
+def test_mistakes_and_missing_things_say_what_to_do(
+    mlflow_server, tmp_path, reader, tiny, example, monkeypatch
+):
+    with pytest.raises(MicroscopeError, match=r"there is none: call mlflow\.start_run\(\)"):
+        tb_microscope.Logger("mlflow", tiny, example)
+    assert not (tmp_path / "reader-cache").exists()  # nothing written
+    with pytest.raises(ValueError, match=r"use them with Logger\('mlflow'"):
+        tb_microscope.Logger(tmp_path / "run", tiny, example, run_id="abc")
+    with pytest.raises(RunNotFoundError, match="is not an MLflow run URI"):
+        tb_microscope.open_run("runs:/")
+    with pytest.raises(RunNotFoundError, match=f"run {'0' * 32} does not exist at the MLflow"):
+        tb_microscope.open_run("runs:/" + "0" * 32)
+    empty = reader.create_run(reader.create_experiment("exp-empty")).info.run_id
+    with pytest.raises(RunNotFoundError, match=r"holds no tb_microscope data.*Logger\('mlflow'"):
+        tb_microscope.open_run(f"runs:/{empty}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(MlflowUnavailableError, match="check that the server is running"):
+        tb_microscope.open_run(f"runs:/{empty}", tracking_uri=nowhere)
+    tb_microscope.Logger(tmp_path / "local", tiny, example).close()
+    proc = run_python(
+        "-m", "tb_microscope.cli", "render", tmp_path / "local", "--log-to-mlflow", check=False
+    )
+    assert proc.returncode != 0 and "give the run as runs:/<run_id>" in proc.stderr
+
+
+def runs_of(base) -> dict:
+    status, _, body = http(f"{base}{PLUGIN}/runs")
+    assert status == 200, body
+    return {r["run"]: r for r in json.loads(body)}
+
+
+def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
+    mlflow_server, tmp_path, reader, tiny, example
+):
+    watched = train(mlflow_server, tmp_path, "tb-exp", "watched", "0,3")
+    train(mlflow_server, tmp_path / "other", "tb-other", "unlisted", "0")
+    broken = train(mlflow_server, tmp_path / "broken", "tb-exp", "broken", "0")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.json").write_text("{not json")
+    reader.log_artifact(broken, str(tmp_path / "bad" / "index.json"), "tb_microscope")
+    deleted = train(mlflow_server, tmp_path / "deleted", "tb-exp", "deleted", "0")
+    reader.delete_run(deleted)
+    logdir = tmp_path / "logs"
+    with tb_microscope.Logger(logdir / "local", tiny, example) as logger:
+        logger.log(0)
+
+    flags = ["--microscope_mlflow_tracking_uri", mlflow_server.url]
+    flags += ["--microscope_mlflow_experiments", "tb-exp", "--microscope_size", "32"]
+    flags += ["--microscope_iterations", "8", "--microscope_preview_size", "0"]
+    env = env_for(mlflow_server, tmp_path / "tb-cache")
+    with tensorboard(logdir, *flags, env=env) as base:
+        runs = runs_of(base)
+        assert sorted(runs) == [
+            "local",
+            "mlflow:tb-exp/broken",
+            "mlflow:tb-exp/deleted",
+            "mlflow:tb-exp/watched",
+        ]
+        assert runs["mlflow:tb-exp/watched"]["steps"] == [0, 3]
+        assert runs["mlflow:tb-exp/watched"]["model"]["class"] == "conftest.TinyCNN"
+        assert runs["local"]["steps"] == [0]
+        assert "index.json" in runs["mlflow:tb-exp/broken"]["error"]
+        assert "broken (not JSON" in runs["mlflow:tb-exp/broken"]["error"]
+        assert "was deleted; restore it" in runs["mlflow:tb-exp/deleted"]["error"]
+
+        query = urllib.parse.urlencode(
+            {"run": "mlflow:tb-exp/watched", "step": 3, "node": "conv2", "unit": 1}
+        )
+        deadline = time.monotonic() + 120
+        while (got := http(f"{base}{PLUGIN}/image?{query}"))[0] == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert got[0] == 200, got[2]
+        image = np.asarray(Image.open(io.BytesIO(got[2])).convert("RGB"))
+        assert image.shape == (32, 32, 3) and image.std() > 0
+
+        status, _, listing = http(f"{base}/data/plugins_listing")
+        assert json.loads(listing)["tb_microscope"]["enabled"]
+
+        # training goes on in the watched run: the tab's run list follows
+        train(mlflow_server, tmp_path, "tb-exp", "watched", "5", "--run-id", watched)
+        deadline = time.monotonic() + 60
+        while runs_of(base)["mlflow:tb-exp/watched"]["steps"] != [0, 3, 5]:
+            assert time.monotonic() < deadline, runs_of(base)["mlflow:tb-exp/watched"]
+            time.sleep(0.5)
+
+
+def test_the_lightning_callback_logs_into_the_trainers_mlflow_run(mlflow_server, tmp_path, reader):
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch import nn
+
+    from tb_microscope.integrations.lightning import MicroscopeCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+            self.example_input_array = torch.rand(2, 3, 8, 8)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    logger = MLFlowLogger(experiment_name="lightning", tracking_uri=mlflow_server.url)
+    data = torch.utils.data.TensorDataset(torch.rand(12, 3, 8, 8), torch.randint(0, 2, (12,)))
+    trainer = L.Trainer(
+        max_steps=6,
+        callbacks=[MicroscopeCallback(steps=[0, 3, 6])],
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
+    run = tb_microscope.open_run(f"runs:/{logger.run_id}")
+    assert run.steps == [0, 3, 6]
+    assert [n.name for n in run.nodes][:2] == ["net", "net.0"]
+
+
+def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(tmp_path, monkeypatch):
+    server = MlflowServer(tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    server.start()
+    steps = list(range(0, 30, 2))
+    progress = tmp_path / "progress"
+    env = env_for(
+        server,
+        tmp_path / "train-cache",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",  # fail fast: the uploader retries by itself
+        MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+    )
+    command = [sys.executable, str(TRAIN), "outage", "r", ",".join(map(str, steps))]
+    command += [str(tmp_path / "weights"), "--pause", "0.3", "--progress", str(progress)]
+    out, err = tmp_path / "out", tmp_path / "err"
+
+    def reached() -> int:
+        return int(progress.read_text() or -1) if progress.exists() else -1
+
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, text=True)
+    try:
+        client = mlflow.MlflowClient(server.url)
+        deadline = time.monotonic() + 120
+        uploaded, run_id = [], ""
+        while len(uploaded) < 2:  # two snapshots are up: kill the server
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.2)
+            if len(run_id := out.read_text().strip()) == 32:
+                uploaded = client.list_artifacts(run_id, "tb_microscope/snapshots")
+        server.stop()
+        down_at = reached()
+        deadline = time.monotonic() + 60
+        while reached() < down_at + 8:  # training goes on meanwhile
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.1)
+        server.start()
+        assert proc.wait(timeout=240) == 0, err.read_text()
+
+        log = err.read_text()
+        assert f"uploading to MLflow run {run_id} at {server.url} failed" in log
+        assert "training goes on, and snapshots wait in" in log
+        assert "is reachable again; the snapshots that waited are uploaded" in log
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "reader-cache"))
+        run = tb_microscope.open_run(f"runs:/{run_id}", tracking_uri=server.url)
+        assert run.steps == steps
+        for step in steps:
+            assert same_weights(run.load_state_dict(step), weights_at(tmp_path, step))
+        staged = tmp_path / "train-cache" / "tb_microscope" / "mlflow-upload"
+        assert not list(staged.rglob("step-*.safetensors"))
+    finally:
+        proc.kill()
+        server.stop()
