@@ -381,7 +381,8 @@ def _mlflow_error(e: Exception, what: str, uri: str) -> MicroscopeError:
     if code == "RESOURCE_DOES_NOT_EXIST":
         return RunNotFoundError(f"{what} does not exist at the MLflow tracking server {uri}")
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    if code:  # the server answered, and refused
+    if code and code != "INTERNAL_ERROR" and "failed with exception" not in text:
+        # the server answered, and refused
         return MlflowUnavailableError(f"the MLflow tracking server {uri} refused {what}: {text}")
     return MlflowUnavailableError(
         f"could not read {what} from the MLflow tracking server {uri} ({text}); check that the "

@@ -21,6 +21,7 @@ from conftest import SCRIPTS, MlflowServer, TinyCNN, free_port, http, run_python
 from tb_microscope.errors import MicroscopeError, RunNotFoundError
 from tb_microscope.mlflow_store import TAG, MlflowUnavailableError, mirror_dir, staging_dir
 from tb_microscope.rendering import RenderCache, RenderKey
+from tb_microscope.runstore import RunStore
 
 TRAIN = SCRIPTS / "mlflow_train.py"
 PLUGIN = "/data/plugin/tb_microscope"
@@ -178,12 +179,16 @@ def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
     mlflow_server, tmp_path, reader, tiny, example
 ):
     watched = train(mlflow_server, tmp_path, "tb-exp", "watched", "0,3")
-    train(mlflow_server, tmp_path / "other", "tb-other", "unlisted", "0")
-    broken = train(mlflow_server, tmp_path / "broken", "tb-exp", "broken", "0")
+    # runs that say they hold our data: one in an experiment not listed, one whose index is
+    # broken, one deleted
+    listed = reader.get_experiment_by_name("tb-exp").experiment_id
+    tags = {TAG: "0" * 32}
+    reader.create_run(reader.create_experiment("tb-other"), run_name="unlisted", tags=tags)
+    broken = reader.create_run(listed, run_name="broken", tags=tags).info.run_id
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "index.json").write_text("{not json")
     reader.log_artifact(broken, str(tmp_path / "bad" / "index.json"), "tb_microscope")
-    deleted = train(mlflow_server, tmp_path / "deleted", "tb-exp", "deleted", "0")
+    deleted = reader.create_run(listed, run_name="deleted", tags=tags).info.run_id
     reader.delete_run(deleted)
     logdir = tmp_path / "logs"
     with tb_microscope.Logger(logdir / "local", tiny, example) as logger:
@@ -323,3 +328,31 @@ def test_training_goes_on_while_the_server_is_away_and_nothing_is_lost(tmp_path,
     finally:
         proc.kill()
         server.stop()
+
+
+def test_while_mlflow_is_unreachable_snapshots_wait_on_disk_up_to_the_bound(
+    tmp_path, monkeypatch, tiny, example
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    snapshot_mb = sum(v.numel() * v.element_size() for v in tiny.state_dict().values()) / 2**20
+    with pytest.warns(RuntimeWarning) as warned:
+        logger = tb_microscope.Logger(
+            "mlflow", tiny, example, run_id="f" * 32, tracking_uri=nowhere,
+            backlog_mb=snapshot_mb * 1.5, upload_timeout=1,
+        )  # fmt: skip
+        assert logger.log(0, force=True)
+        logger.flush()  # written to the staging directory; the upload fails
+        assert logger.log(1, force=True)  # one snapshot waits: still under the bound
+        logger.flush()
+        assert not logger.log(2, force=True)  # two wait: over it, step 2 is skipped
+        logger.close()
+    said = "\n".join(str(w.message) for w in warned)
+    assert f"uploading to MLflow run {'f' * 32} at {nowhere} failed" in said
+    assert "step 2 is not logged: 2 snapshots" in said and "more than backlog_mb=" in said
+    assert "2 snapshots" in said and "could not be uploaded" in said
+    assert f"Logger('mlflow', ..., run_id='{'f' * 32}')" in said
+    staged = RunStore(staging_dir(nowhere, "f" * 32))
+    assert staged.steps() == [0, 1] and logger.logged_steps == [0, 1]
+    assert staged.read_manifest().model.cls == "conftest.TinyCNN"
