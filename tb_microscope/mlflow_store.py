@@ -443,6 +443,7 @@ class MlflowRunStore(RunStore):
             )
         self._artifact_uri = info.artifact_uri
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temporaries()  # a reader killed mid-download left them
         with self._temporary() as folder:
             try:
                 path = self._download(INDEX, folder)
@@ -481,7 +482,7 @@ class MlflowRunStore(RunStore):
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(fetched, target)
-            write_bytes_atomic(self.root / INDEX, index.to_bytes())
+        write_bytes_atomic(self.root / INDEX, index.to_bytes())  # (its own temporary folder)
         self.synced = time.monotonic()
 
     def _local_index(self) -> Index | None:

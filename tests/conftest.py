@@ -16,6 +16,19 @@ import torch
 from torch import nn
 
 SCRIPTS = Path(__file__).parent / "scripts"
+CHROMIUM = "/usr/bin/chromium"  # Debian's; scripts/browser.sh installs it
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(
+    os.environ.get("TB_MICROSCOPE_SCREENSHOTS")
+    or Path(__file__).resolve().parent.parent / "build" / "screenshots"
+)
 
 
 def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ and logged back by others, listed and rendered by TensorBoard, and a server kill
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,9 +16,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
 import tb_microscope
-from conftest import SCRIPTS, MlflowServer, TinyCNN, free_port, http, run_python, tensorboard
+from conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    SCREENSHOTS,
+    SCRIPTS,
+    MlflowServer,
+    TinyCNN,
+    free_port,
+    http,
+    run_python,
+    tensorboard,
+)
 from tb_microscope.errors import MicroscopeError, RunNotFoundError
 from tb_microscope.mlflow_store import TAG, MlflowUnavailableError, mirror_dir, staging_dir
 from tb_microscope.rendering import RenderCache, RenderKey
@@ -120,6 +133,25 @@ def test_a_run_logged_into_mlflow_is_opened_rendered_and_logged_back(
     assert cached is not None and cached.image.std() > 0
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), cached.image)
 
+    # MLflow's own UI shows each unit as an image chart whose slider walks it through the steps
+    experiment = reader.get_run(run_id).info.experiment_id
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{mlflow_server.url}/#/experiments/{experiment}/runs/{run_id}/model-metrics")
+        cards = page.get_by_test_id("experiment-view-compare-runs-card")
+        card = cards.filter(has_text="microscope/conv2/unit_0002")
+        slow = 90_000  # MLflow's UI is a large app: its first load takes a while on 2 cores
+        expect(cards.filter(has_text="microscope/conv2/grid")).to_have_count(1, timeout=slow)
+        for logged in (3, 6):  # the slider's marks are the logged steps
+            card.get_by_role("slider").press("ArrowRight")
+            expect(card.locator("input[type=number]")).to_have_value(str(logged))
+            pattern = re.compile(rf"unit_0002%2Bstep%2B{logged}%2B")
+            expect(card.locator("img")).to_have_attribute("src", pattern, timeout=slow)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow_ui.png"))
+        browser.close()
+
 
 def test_opening_again_fetches_only_the_new_snapshots(mlflow_server, tmp_path, reader):
     run_id = train(mlflow_server, tmp_path, "exp-b", "tiny-b", "0,2")
@@ -190,6 +222,8 @@ def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
     reader.log_artifact(broken, str(tmp_path / "bad" / "index.json"), "tb_microscope")
     deleted = reader.create_run(listed, run_name="deleted", tags=tags).info.run_id
     reader.delete_run(deleted)
+    with pytest.raises(RunNotFoundError, match=f"run {deleted} .deleted. was deleted; restore it"):
+        tb_microscope.open_run(f"runs:/{deleted}")
     logdir = tmp_path / "logs"
     with tb_microscope.Logger(logdir / "local", tiny, example) as logger:
         logger.log(0)

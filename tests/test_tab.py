@@ -6,7 +6,6 @@ fails here. Screenshots go to build/screenshots/ (or $TB_MICROSCOPE_SCREENSHOTS)
 """
 
 import json
-import os
 import re
 import shutil
 import time
@@ -19,25 +18,13 @@ import torch
 from playwright.sync_api import expect, sync_playwright
 
 import tb_microscope
-from conftest import http, tensorboard
+from conftest import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, http, tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
 from tb_microscope.runstore import RunStore
 
 SIZE, ITERATIONS = 24, 8
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SCREENSHOTS = Path(
-    os.environ.get("TB_MICROSCOPE_SCREENSHOTS")
-    or Path(__file__).resolve().parent.parent / "build" / "screenshots"
-)
+
 WAIT_MS = 120_000
 
 # Every <img> under a selector: whether it decoded, its size, and its pixels' spread and sum.
