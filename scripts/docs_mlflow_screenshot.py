@@ -94,7 +94,6 @@ def main() -> None:
                 expect(card.locator("img")).to_have_attribute("src", pattern, timeout=60_000)
                 page.wait_for_timeout(800)
                 shots.append(Image.open(io.BytesIO(card.screenshot())))
-            page.screenshot(path=str(DOCS / "mlflow_page.png"))
             browser.close()
         gap = 8
         strip = Image.new(
@@ -108,7 +107,7 @@ def main() -> None:
             x += shot.width + gap
         DOCS.mkdir(exist_ok=True)
         strip.save(DOCS / "mlflow.png")
-        print("saved", DOCS / "mlflow.png", "and", DOCS / "mlflow_page.png")
+        print("saved", DOCS / "mlflow.png")
     finally:
         os.killpg(server.pid, 9)
         server.wait()

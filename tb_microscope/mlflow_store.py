@@ -220,7 +220,7 @@ class ArtifactUploader:
         self._say = say
         local = _read_index(store.root / INDEX, str(store.root / INDEX))
         self.index = local if local is not None else Index(our_run_id)
-        self._index_dirty = local is None  # a resumed index may not have reached the server
+        self._index_dirty = local is not None  # a resumed index may not have reached it
         self._tagged = False
         self._down_since: float | None = None
         self.error: str | None = None
@@ -278,6 +278,8 @@ class ArtifactUploader:
         self._index_dirty = False
 
     def _round(self) -> None:
+        if self.idle():  # nothing logged yet: the MLflow run is left as it is
+            return
         if not self._tagged:
             self._client.set_tag(self.mlflow_run_id, TAG, self.index.run_id)
             self._tagged = True

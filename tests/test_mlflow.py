@@ -194,6 +194,11 @@ def test_mistakes_and_missing_things_say_what_to_do(
     nowhere = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(MlflowUnavailableError, match="check that the server is running"):
         tb_microscope.open_run(f"runs:/{empty}", tracking_uri=nowhere)
+    # a Logger that logs nothing leaves the active run as it was
+    with mlflow.start_run(experiment_id=reader.create_experiment("exp-idle")) as active:
+        tb_microscope.Logger("mlflow", tiny, example).close()
+    assert TAG not in reader.get_run(active.info.run_id).data.tags
+    assert reader.list_artifacts(active.info.run_id) == []
     tb_microscope.Logger(tmp_path / "local", tiny, example).close()
     proc = run_python(
         "-m", "tb_microscope.cli", "render", tmp_path / "local", "--log-to-mlflow", check=False
