@@ -226,15 +226,31 @@ def cmd_render(args: argparse.Namespace) -> int:
             f"(logged steps: {logged})"
         )
     options = dict(size=args.size, iterations=args.iterations, seed=args.seed)
-    rendered, interrupted = render_jobs(
-        jobs,
-        technique.name,
-        **options,
-        devices=devices,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        bands=bands,
-    )
+    executor = None
+    if args.ray:
+        if args.device:
+            raise MicroscopeError(
+                "--device names this machine's devices; with --ray the "
+                "cluster's GPUs (else CPUs) are used"
+            )
+        from .rendering.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.ray, allow_pickle=args.allow_pickle, workers=args.ray_workers)
+        print(f"rendering on {executor.describe()}", file=sys.stderr)
+    try:
+        rendered, interrupted = render_jobs(
+            jobs,
+            technique.name,
+            **options,
+            devices=devices,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            bands=bands,
+            executor=executor,
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     total = sum(len(j[3]) for j in jobs)
     if interrupted:
         return 130
@@ -317,76 +333,36 @@ def render_jobs(
     batch_size: int | None,
     cache_dir: str | None,
     bands: tuple[int, ...] | None = None,
+    executor=None,
 ) -> tuple[int, bool]:
-    """Render (run, step, node, units) jobs into the cache with a progress bar, one worker per
-    device in `devices` (None: every CUDA device, else the CPU), each taking the next job.
+    """Render (run, step, node, units) jobs into the cache with one progress bar: the planner
+    makes the groups (minus what is cached), `executor` renders them (default: a worker thread
+    per device in `devices`; None: every CUDA device, else the CPU) and this process writes
+    each group's pictures as they arrive.
 
-    Returns how many units were rendered and whether Ctrl-C stopped it. Ctrl-C asks the render
-    to stop at its next check, never in the middle of writing a file; a second Ctrl-C stops at
+    Returns how many units were rendered and whether Ctrl-C stopped it. Ctrl-C asks the workers
+    to stop at their next check, never in the middle of writing a file; a second Ctrl-C stops at
     once (files stay whole then too: they are written to a temporary name first).
     """
-    from .rendering import RenderCache, RenderKey, get_technique, render_cached
-    from .rendering.engine import RenderCancelled, available_devices, batch_size_for
-    from .rendering.tap import frozen
+    from .rendering import RenderCache
+    from .rendering.sweep import InProcessExecutor, Settings, group_size, plan, store
 
-    devices = list(devices or available_devices())
-    progress = Progress(sum(len(j[3]) for j in jobs))
-    per_device = [0] * len(devices)
-    options = dict(size=size, iterations=iterations, seed=seed)
+    executor = executor or InProcessExecutor(devices)
+    settings = Settings(technique, size, iterations, seed, bands)
+    runs = {run.id: run for run, *_ in jobs}
+    per_group = group_size(technique, executor.device_kind, batch_size)
+    groups, cached = plan(jobs, settings, cache_dir, per_group)
+    progress = Progress(cached + sum(len(g.units) for g in groups))
+    progress.advance(cached, False, "cached")
+    caches = {run_id: RenderCache(run, cache_dir) for run_id, run in runs.items()}
+    per_worker: dict[str, int] = {}
     stop = threading.Event()
-    lock = threading.Lock()
-    pending = list(reversed(jobs))
-    failures: list[BaseException] = []
 
-    def render_job(worker: int, run, step: int, node: str, units: list[int]) -> None:
-        device = devices[worker]
-        cache = RenderCache(run, cache_dir)
-        version = run.snapshot_version(step)
-        todo = [
-            u
-            for u in units
-            if RenderKey(step, version, node, u, technique, **options, bands=bands) not in cache
-        ]
-        with lock:
-            progress.advance(len(units) - len(todo), False, f"{run.name}@{step}/{node}")
-        if not todo:
-            return
-        model = frozen(run.load_model(step, device))
-        batch = batch_size or batch_size_for(model, run, run.node(node), size, device)
-        batch = max(1, batch // get_technique(technique).images_per_unit)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
-            render_cached(
-                cache,
-                run,
-                step,
-                node,
-                chunk,
-                technique,
-                device=device,
-                batch_size=batch_size,
-                model=model,
-                bands=bands,
-                should_stop=stop.is_set,
-                **options,
-            )
-            with lock:
-                per_device[worker] += len(chunk)
-                progress.advance(len(chunk), True, f"{run.name}@{step}/{node}")
-
-    def work(worker: int) -> None:
-        try:
-            while not stop.is_set():
-                with lock:
-                    if not pending:
-                        return
-                    job = pending.pop()
-                render_job(worker, *job)
-        except RenderCancelled:
-            pass
-        except BaseException as e:  # said by the main thread; the other workers stop
-            failures.append(e)
-            stop.set()
+    def on_result(group, rendered, worker: str) -> None:
+        store(caches[group.run_id], group, settings, rendered)
+        per_worker[worker] = per_worker.get(worker, 0) + len(group.units)
+        label = f"{runs[group.run_id].name}@{group.step}/{group.node}"
+        progress.advance(len(group.units), True, label)
 
     def on_interrupt(signum, frame):
         if stop.is_set():
@@ -394,30 +370,17 @@ def render_jobs(
         stop.set()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
-    workers = [
-        threading.Thread(target=work, args=(i,), daemon=True, name=f"render-{d}")
-        for i, d in enumerate(devices)
-    ]
     try:
-        for worker in workers:
-            worker.start()
-        while any(worker.is_alive() for worker in workers):
-            for worker in workers:
-                worker.join(0.1)
+        executor.execute(groups, settings, on_result, stop.is_set)
     except KeyboardInterrupt:
-        pass
+        stop.set()
     finally:
         signal.signal(signal.SIGINT, previous)
-    progress.close()
-    if failures:
-        raise failures[0]
-    rendered = sum(per_device)
-    if len(devices) > 1:
+        progress.close()
+    rendered = sum(per_worker.values())
+    if len(per_worker) > 1:
         print(
-            "rendered on "
-            + ", ".join(
-                f"{d} (worker {i + 1}): {n}" for i, (d, n) in enumerate(zip(devices, per_device))
-            ),
+            "rendered on " + ", ".join(f"{w}: {n}" for w, n in sorted(per_worker.items())),
             file=sys.stderr,
         )
     if stop.is_set():
@@ -728,6 +691,19 @@ def build_parser() -> argparse.ArgumentParser:
         "holds, at most 32 on CUDA and 16 on the CPU)",
     )
     render.add_argument("--cache-dir", help="cache root (default: in each run, else ~/.cache)")
+    render.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="render on a Ray cluster (extra tb-microscope[ray]): local starts one on this "
+        "machine for the command, auto joins the one in RAY_ADDRESS, else its address; one "
+        "actor per GPU, else per CPU. The files written are the same as without --ray (this "
+        "process writes them); the cluster's machines must reach the runs",
+    )
+    render.add_argument(
+        "--ray-workers",
+        type=int,
+        help="with --ray: how many actors (default: one per GPU, else CPU)",
+    )
     render.add_argument(
         "--log-to-mlflow",
         action="store_true",

@@ -1,0 +1,228 @@
+"""Sweeps: render many units of many nodes at many steps of many runs, on one machine or a cluster.
+
+One planner (`plan`) turns (runs x steps x nodes x units) and the render settings into
+`Group`s, each one optimization (at most a batch of units of one node at one step), minus what the
+cache already holds, ordered so that consecutive groups share a model (run, then step, then
+node, in the order asked). Executors run the groups behind one interface, `execute(groups,
+on_result, should_stop)`: `InProcessExecutor` (a worker thread per device, here) and
+`RayExecutor` (`ray_executor.py`, actors on a Ray cluster). Results always come back to the
+caller, which alone writes them into the cache (`store`): no file is written twice, and the files
+are the same whichever executor rendered them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..lru import LRU
+from ..run import Run, open_run
+from .cache import RenderCache, RenderKey
+from .engine import BATCH_CAPS, RenderCancelled, RenderResult, available_devices, render
+from .tap import frozen
+from .techniques import get_technique
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every group of a sweep is rendered with."""
+
+    technique: str = "channel"
+    size: int = 128
+    iterations: int = 512
+    seed: int = 0
+    bands: tuple[int, ...] | None = None
+
+    def keys(self, step: int, version: str, node: str, unit: int) -> list[RenderKey]:
+        per_unit = get_technique(self.technique).images_per_unit
+        return [
+            RenderKey(
+                step,
+                version,
+                node,
+                unit,
+                self.technique,
+                self.size,
+                self.iterations,
+                self.seed,
+                image,
+                self.bands,
+            )  # fmt: skip
+            for image in range(per_unit)
+        ]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimization: `units` of `node` at `step` of the run a worker opens from `source`
+    (its directory, or runs:/<id>); `run_id` and `version` name what the cache keys hold."""
+
+    source: str
+    run_id: str
+    step: int
+    version: str
+    node: str
+    units: tuple[int, ...]
+
+    @property
+    def model_key(self) -> tuple[str, int, str]:
+        return (self.run_id, self.step, self.version)
+
+
+@dataclass
+class Rendered:
+    """A group's images as they travel back: per unit and image index, the picture and its
+    objective and activation."""
+
+    units: list[int]
+    images: np.ndarray  # N x H x W x 3 uint8, in the order of `units` (repeated per image)
+    objective: np.ndarray
+    activation: np.ndarray
+
+    @classmethod
+    def of(cls, result: RenderResult) -> Rendered:
+        return cls(list(result.units), result.images, result.objective, result.activation)
+
+
+def source_of(run: Run) -> str:
+    """How another process opens `run`."""
+    return run.name if run.name.startswith("runs:/") else str(run.path.resolve())
+
+
+def group_size(technique: str, device_kind: str, batch_size: int | None) -> int:
+    """Units per group: `batch_size` images (else the device kind's cap) over the technique's
+    images per unit."""
+    images = batch_size or BATCH_CAPS.get(device_kind, BATCH_CAPS["cpu"])
+    return max(1, images // get_technique(technique).images_per_unit)
+
+
+def plan(
+    jobs: Sequence[tuple[Run, int, str, Sequence[int]]],
+    settings: Settings,
+    cache_dir: str | None,
+    units_per_group: int,
+) -> tuple[list[Group], int]:
+    """The groups rendering (run, step, node, units) `jobs` takes, in the jobs' order, minus the
+    units the cache holds already; and how many units those were."""
+    groups, cached = [], 0
+    caches: dict[str, RenderCache] = {}
+    for run, step, node, units in jobs:
+        cache = caches.get(run.id) or caches.setdefault(run.id, RenderCache(run, cache_dir))
+        version = run.snapshot_version(step)
+        if get_technique(settings.technique).whole_node:
+            units = [0]
+        missing = [
+            u
+            for u in dict.fromkeys(units)
+            if not all(k in cache for k in settings.keys(step, version, node, u))
+        ]
+        cached += len(units) - len(missing)
+        for start in range(0, len(missing), units_per_group):
+            chunk = tuple(missing[start : start + units_per_group])
+            groups.append(Group(source_of(run), run.id, step, version, node, chunk))
+    return groups, cached
+
+
+def store(cache: RenderCache, group: Group, settings: Settings, rendered: Rendered) -> None:
+    """Write a group's images into the cache (the caller's side, the only writer)."""
+    per_unit = get_technique(settings.technique).images_per_unit
+    for i, unit in enumerate(rendered.units):
+        key = settings.keys(group.step, group.version, group.node, unit)[i % per_unit]
+        cache.put(key, rendered.images[i], rendered.objective[i], rendered.activation[i])
+
+
+class Renderer:
+    """What renders groups in one process (an in-process worker, or a Ray actor): the runs it
+    opened and its last models, kept while consecutive groups share them."""
+
+    def __init__(self, device: torch.device, allow_pickle: bool = False, models: int = 2):
+        self.device, self.allow_pickle = device, allow_pickle
+        self._runs: dict[str, Run] = {}
+        self._models: LRU = LRU(max_items=models)
+
+    def run(self, group: Group) -> Run:
+        run = self._runs.get(group.source)
+        if run is None or run.id != group.run_id:
+            run = self._runs[group.source] = open_run(group.source, allow_pickle=self.allow_pickle)
+        if run.id != group.run_id:
+            raise RuntimeError(
+                f"run {group.source} was logged again while the sweep ran (its id changed); "
+                "run the command again"
+            )
+        return run
+
+    def render(self, group: Group, settings: Settings, should_stop=None) -> Rendered:
+        run = self.run(group)
+        model = self._models.get_or_make(
+            group.model_key, lambda: (frozen(run.load_model(group.step, self.device)), 0)
+        )
+        per_unit = get_technique(settings.technique).images_per_unit
+        result = render(
+            run, group.step, group.node, list(group.units), settings.technique,
+            size=settings.size, iterations=settings.iterations, seed=settings.seed,
+            device=self.device, batch_size=len(group.units) * per_unit, model=model,
+            bands=settings.bands, should_stop=should_stop,
+        )  # fmt: skip
+        return Rendered.of(result)
+
+
+OnResult = Callable[[Group, Rendered, str], None]  # (group, its images, which worker)
+
+
+class InProcessExecutor:
+    """A worker thread per device of this process, each taking the next group."""
+
+    def __init__(self, devices: Sequence[torch.device] | None = None, allow_pickle=False):
+        self.devices = list(devices or available_devices())
+        self.allow_pickle = allow_pickle
+
+    @property
+    def device_kind(self) -> str:
+        return self.devices[0].type
+
+    def describe(self) -> str:
+        return ", ".join(str(d) for d in self.devices)
+
+    def execute(
+        self,
+        groups: Sequence[Group],
+        settings: Settings,
+        on_result: OnResult,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        pending = list(reversed(groups))
+        lock = threading.Lock()
+        failures: list[BaseException] = []
+
+        def work(index: int, device: torch.device) -> None:
+            renderer = Renderer(device, self.allow_pickle)
+            name = f"{device} (worker {index + 1})"
+            try:
+                while not should_stop() and not failures:
+                    with lock:
+                        if not pending:
+                            return
+                        group = pending.pop()
+                    rendered = renderer.render(group, settings, should_stop)
+                    with lock:
+                        on_result(group, rendered, name)
+            except RenderCancelled:
+                pass
+            except BaseException as e:  # said by the caller; the other workers stop
+                failures.append(e)
+
+        workers = [
+            threading.Thread(target=work, args=(i, d), daemon=True, name=f"render-{d}")
+            for i, d in enumerate(self.devices)
+        ]
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers):
+            for worker in workers:
+                worker.join(0.1)
+        if failures:
+            raise failures[0]

@@ -1,0 +1,132 @@
+"""Sweeps on a real Ray cluster: the same files as in-process, a killed actor, a resumed sweep."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tb_microscope
+from conftest import TinyCNN, free_port, run_python, train_step
+
+RENDER = ["--size", "24", "--iterations", "8"]
+# A cluster started by `ray start` checks a token (Ray >= 2.59); its drivers must say so.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# the fault tests' sweep: long enough (small groups, more iterations) to be hit mid-way
+SLOW = ["--nodes", "conv2", "--size", "24", "--iterations", "40", "--batch-size", "4"]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    """Two runs of the tests' TinyCNN, each logged at steps 0, 2 and 4."""
+    root = tmp_path_factory.mktemp("logs")
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        model, x = TinyCNN(), torch.rand(4, 3, 16, 16)
+        with tb_microscope.Logger(root / name, model, x, steps=[0, 2, 4]) as logger:
+            for step in range(5):
+                logger.log(step)
+                train_step(model, x)
+    return root
+
+
+def render(logdir, cache: Path, *extra, check=True):
+    return run_python(
+        "-m", "tb_microscope.cli", "render", logdir, "--steps", "0,2,4", "--cache-dir", cache,
+        *extra, check=check,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray cluster of 2 CPUs on loopback (`ray start --head`), stopped after the module."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    command = [ray, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1"]
+    command += ["--port", str(port), "--include-dashboard", "false", "--disable-usage-stats"]
+    command += ["--temp-dir", str(temp)]
+    subprocess.run(command, check=True, capture_output=True, timeout=180, env=RAY_ENV)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_sweep_on_a_local_ray_cluster_writes_exactly_the_in_process_files(logdir, tmp_path):
+    everything = ["--nodes", "conv1", "conv2", *RENDER]
+    render(logdir, tmp_path / "here", *everything)
+    proc = render(logdir, tmp_path / "ray", *everything, "--ray", "local")
+    assert "rendering on Ray: 2 actors (cpu)" in proc.stderr
+    # 2 runs x 3 steps x (8 + 16 units)
+    assert "144 units: 144 rendered, 0 were already cached" in proc.stdout
+    workers = re.search(r"rendered on ray actor 1: (\d+), ray actor 2: (\d+)", proc.stderr)
+    assert workers and int(workers.group(1)) + int(workers.group(2)) == 144
+    reference = files(tmp_path / "here")
+    assert len(reference) == 144 and files(tmp_path / "ray") == reference
+
+
+def actor_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ray::RenderActor"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def start(logdir, cache: Path, address: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tb_microscope.cli", "render", str(logdir)]
+    command += ["--steps", "0,2,4", "--cache-dir", str(cache), *SLOW, "--ray", address]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV
+    )
+
+
+def wait_for_files(cache: Path, count: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while len(list(cache.rglob("*.png"))) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_killed_actor_is_replaced_and_a_stopped_sweep_resumes(logdir, cluster, tmp_path):
+    render(logdir, tmp_path / "here", *SLOW)
+    reference = files(tmp_path / "here")
+    total = len(reference)  # 2 runs x 3 steps x 16 units of conv2
+    assert total == 96
+
+    # an actor killed mid-sweep: a new one takes its place, every unit is stored once
+    proc = start(logdir, tmp_path / "killed", cluster)
+    wait_for_files(tmp_path / "killed", 8, proc)
+    pids = actor_pids()
+    assert pids, "no actor process to kill"
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "died (ActorDiedError); a new one takes its place" in err
+    assert f"{total} units: {total} rendered, 0 were already cached" in out
+    assert files(tmp_path / "killed") == reference
+
+    # Ctrl-C stops the cluster's work; the same command again renders only what is missing
+    proc = start(logdir, tmp_path / "resumed", cluster)
+    wait_for_files(tmp_path / "resumed", 8, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "run the same command again to resume" in err
+    done = len(files(tmp_path / "resumed"))
+    assert 8 <= done < total
+    time.sleep(1)
+    assert not actor_pids()  # its actors were stopped with it
+    proc = start(logdir, tmp_path / "resumed", cluster)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"{total} units: {total - done} rendered, {done} were already cached" in out
+    assert files(tmp_path / "resumed") == reference
