@@ -1,5 +1,6 @@
 """Sweeps on a real Ray cluster: the same files as in-process, a killed actor, a resumed sweep."""
 
+import json
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import tb_microscope
-from conftest import TinyCNN, free_port, run_python, train_step
+from conftest import TinyCNN, free_port, http, run_python, tensorboard, train_step
 
 RENDER = ["--size", "24", "--iterations", "8"]
 # A cluster started by `ray start` checks a token (Ray >= 2.59); its drivers must say so.
@@ -130,3 +131,23 @@ def test_a_killed_actor_is_replaced_and_a_stopped_sweep_resumes(logdir, cluster,
     assert proc.returncode == 0, err
     assert f"{total} units: {total - done} rendered, {done} were already cached" in out
     assert files(tmp_path / "resumed") == reference
+
+
+def test_tensorboard_sends_the_tabs_renders_to_the_cluster(logdir, cluster, tmp_path):
+    flags = ["--microscope_ray_address", cluster, "--microscope_size", "24"]
+    flags += ["--microscope_iterations", "8", "--microscope_preview_size", "0"]
+    flags += ["--microscope_cache_dir", str(tmp_path / "tab")]
+    with tensorboard(logdir, *flags, env=RAY_ENV) as base:
+        status, _, body = http(f"{base}/data/plugin/tb_microscope/status")
+        assert json.loads(body)["ray"] == "Ray: 2 actors (cpu)"
+        query = "run=b&step=2&node=conv2&unit=5"
+        deadline = time.monotonic() + 180
+        while (got := http(f"{base}/data/plugin/tb_microscope/image?{query}"))[0] == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert got[0] == 200, got[2]
+        assert actor_pids()  # rendered by an actor of the cluster
+    # the same picture, byte for byte, as the command line renders here
+    render(logdir, tmp_path / "here", "--runs", "b", "--nodes", "conv2", "--units", "5", *RENDER)
+    (here,) = [p for p in (tmp_path / "here").rglob("*.png") if "step-2" in str(p)]
+    assert got[2] == here.read_bytes()

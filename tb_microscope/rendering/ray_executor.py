@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
@@ -47,6 +48,40 @@ def _actor_class(ray):
     return ray.remote(RenderActor)
 
 
+def connect(address: str):
+    """ray, initialised: a new local cluster for "local", else the one at `address` ("auto":
+    RAY_ADDRESS)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    options = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), **options)
+        else:
+            ray.init(address=address, **options)
+    except Exception as e:
+        where = "RAY_ADDRESS" if address == "auto" else address
+        raise MicroscopeError(
+            f"could not join the Ray cluster at {where} ({type(e).__name__}: {e}); start one "
+            "with `ray start --head`, or use --ray local. A cluster that checks tokens (one "
+            "started by `ray start` checks them since Ray 2.59) needs RAY_AUTH_MODE=token "
+            "here, and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+        ) from e
+    return ray
+
+
+def actor_plan(ray, workers: int | None, threads: int) -> tuple[int, dict, str]:
+    """How many actors, their resource options, and their device: one per GPU of the cluster,
+    else one per `threads` CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus:
+        return workers or gpus, dict(num_gpus=1, num_cpus=min(threads, cpus)), "cuda"
+    return workers or max(1, cpus // threads), dict(num_cpus=threads), "cpu"
+
+
 class RayExecutor:
     """Renders groups on the Ray cluster at `address`: "local" starts one on this machine for
     the executor's life, "auto" joins the one in RAY_ADDRESS, anything else is its address."""
@@ -60,50 +95,22 @@ class RayExecutor:
         threads: int = 1,
         say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     ):
-        ray = self._ray = _import_ray()
-        self.allow_pickle, self.threads, self.say = allow_pickle, threads, say
+        self.pool = ActorPool(address, allow_pickle, threads, workers)
+        self._ray, self.say = self.pool._ray, say
         self._own = address == "local"
-        options = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        try:
-            if self._own:
-                ray.init(num_cpus=os.cpu_count(), **options)
-            else:
-                ray.init(address=address, **options)
-        except Exception as e:
-            where = "RAY_ADDRESS" if address == "auto" else address
-            raise MicroscopeError(
-                f"could not join the Ray cluster at {where} ({type(e).__name__}: {e}); start one "
-                "with `ray start --head`, or use --ray local. A cluster that checks tokens (one "
-                "started by `ray start` checks them since Ray 2.59) needs RAY_AUTH_MODE=token "
-                "here, and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
-            ) from e
-        resources = ray.cluster_resources()
-        self.gpus = int(resources.get("GPU", 0))
-        cpus = max(1, int(resources.get("CPU", 1)))
-        if self.gpus:
-            self.workers = workers or self.gpus
-            self._options = dict(num_gpus=1, num_cpus=min(threads, cpus))
-            self._device = "cuda"
-        else:
-            self.workers = workers or max(1, cpus // threads)
-            self._options = dict(num_cpus=threads)
-            self._device = "cpu"
-        self._actor = _actor_class(ray)
+        self.workers = self.pool.size
         self.actors: dict[int, object] = {}
         self.replaced = 0
 
     @property
     def device_kind(self) -> str:
-        return self._device
+        return self.pool.device_kind
 
     def describe(self) -> str:
-        return f"Ray: {self.workers} actors ({self._device})"
+        return self.pool.describe()
 
     def _spawn(self, slot: int):
-        actor = self._actor.options(**self._options).remote(
-            self._device, self.allow_pickle, self.threads
-        )
-        self.actors[slot] = actor
+        self.actors[slot] = actor = self.pool.spawn()
         return actor
 
     def execute(
@@ -159,3 +166,68 @@ class RayExecutor:
     def close(self) -> None:
         if self._ray.is_initialized():
             self._ray.shutdown()
+
+
+class ActorPool:
+    """Actors for a long-lived process (the plugin's render service): `size` of them, each used
+    by one of the caller's threads through `renderer(slot)`."""
+
+    def __init__(
+        self,
+        address: str,
+        allow_pickle: bool = False,
+        threads: int = 1,
+        workers: int | None = None,
+    ):
+        self._ray = connect(address)
+        self.size, self._options, self.device_kind = actor_plan(self._ray, workers, threads)
+        self._actor = _actor_class(self._ray)
+        self._args = (self.device_kind, allow_pickle, threads)
+
+    def describe(self) -> str:
+        return f"Ray: {self.size} actors ({self.device_kind})"
+
+    def spawn(self):
+        return self._actor.options(**self._options).remote(*self._args)
+
+    def renderer(self) -> RemoteRenderer:
+        return RemoteRenderer(self)
+
+
+class RemoteRenderer:
+    """Renders one group at a time on an actor of its own (made when first needed, replaced when
+    it dies; killed when a render is cancelled and does not stop within a second or two)."""
+
+    def __init__(self, pool: ActorPool):
+        self.pool, self._actor = pool, None
+
+    def render(self, group: Group, settings: Settings, should_stop: Callable[[], bool]):
+        from ray.exceptions import RayActorError, TaskCancelledError
+
+        from .engine import RenderCancelled
+
+        ray = self.pool._ray
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if self._actor is None:
+                self._actor = self.pool.spawn()
+            ref = self._actor.render.remote(group, settings)
+            cancelled_at = None
+            try:
+                while True:
+                    ready, _ = ray.wait([ref], timeout=0.2)
+                    if ready:
+                        return ray.get(ref)
+                    if cancelled_at is None and should_stop():
+                        cancelled_at = time.monotonic()
+                        ray.cancel(ref)
+                    if cancelled_at is not None and time.monotonic() - cancelled_at > 2.0:
+                        ray.kill(self._actor)
+                        self._actor = None
+                        raise RenderCancelled()
+            except RayActorError:
+                self._actor = None
+                if attempt == MAX_ATTEMPTS:
+                    raise
+            except TaskCancelledError:
+                raise RenderCancelled() from None
+        raise AssertionError("unreachable")

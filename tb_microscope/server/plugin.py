@@ -155,6 +155,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             allow_pickle=getattr(flags, "microscope_allow_pickle", False),
             cache_bytes=int(cache_mb * (1 << 20)) if cache_mb and cache_mb > 0 else None,
             model_bytes=int(memory_mb * (1 << 20)),
+            ray_address=getattr(flags, "microscope_ray_address", "") or None,
         )
         uri = getattr(flags, "microscope_mlflow_tracking_uri", "") or ""
         experiments = getattr(flags, "microscope_mlflow_experiments", "") or ""
@@ -682,6 +683,13 @@ class MicroscopeLoader(base_plugin.TBLoader):
             help="trust the log directory: load pickled architectures and architecture files "
             "as they are; this can run code from the log directory, so only for log "
             "directories you trust",
+        )
+        group.add_argument(
+            "--microscope_ray_address",
+            default="",
+            help="render the tab's pictures on this Ray cluster (extra tb-microscope[ray]): "
+            "an address, auto (RAY_ADDRESS) or local (a cluster on this machine); one actor per "
+            "GPU, else per CPU. Its machines must reach the log directory's runs",
         )
         group.add_argument(
             "--microscope_mlflow_tracking_uri",

@@ -45,6 +45,7 @@ from ..rendering import (
     model_dynamics,
     node_dynamics,
     render_cached,
+    sweep,
     unit_history,
     unit_weights,
 )
@@ -290,8 +291,16 @@ class RenderService:
         retry_after: float = 30.0,
         model_bytes: int = 2 << 30,
         cache_bytes: int | None = None,
+        ray_address: str | None = None,
     ):
         self.devices = service_devices(device)
+        # With a Ray cluster, each worker sends its renders to an actor of its own (analyses
+        # stay here, on this process's device).
+        self.pool = None
+        if ray_address:
+            from ..rendering.ray_executor import ActorPool
+
+            self.pool = ActorPool(ray_address, allow_pickle)
         self.cache_dir = cache_dir
         self.allow_pickle = allow_pickle
         self.max_queued = max_queued
@@ -316,14 +325,19 @@ class RenderService:
             "cancelled": 0,
         }
         self.recent: deque[tuple[Work, list[int], float]] = deque(maxlen=64)  # finished work
+        slots = (
+            [(self.devices[0], self.pool.renderer()) for _ in range(self.pool.size)]
+            if self.pool is not None
+            else [(d, None) for d in self.devices]
+        )
         self._workers = [
             threading.Thread(
                 target=self._work,
-                args=(_Models(d, self.memory),),
+                args=(_Models(d, self.memory), remote),
                 daemon=True,
-                name=f"tb_microscope-render-{d}",
+                name=f"tb_microscope-render-{i}-{d}",
             )
-            for d in self.devices
+            for i, (d, remote) in enumerate(slots)
         ]
         for worker in self._workers:
             worker.start()
@@ -439,6 +453,7 @@ class RenderService:
                 "queued": len(self._queued),
                 "running": len(self._running),
                 "devices": [str(d) for d in self.devices],
+                "ray": None if self.pool is None else self.pool.describe(),
                 "memory_bytes": self.memory.bytes,
                 "memory_entries": len(self.memory),
                 "cache_bytes": None if self.budget is None else self.budget.total,
@@ -473,7 +488,7 @@ class RenderService:
     def _abandoned(self, job: _Job) -> bool:
         return job.cancelled.is_set() or time.monotonic() - job.touched > self.abandon_after
 
-    def _work(self, models: _Models) -> None:
+    def _work(self, models: _Models, remote=None) -> None:
         while True:
             job = self._next()
             work, units = job.work, job.units
@@ -488,7 +503,7 @@ class RenderService:
                 # Nothing to do when the cache got them meanwhile (from another process sharing
                 # it, say); only real work is counted.
                 if not all(self.done(work, unit) for unit in units):
-                    self._execute(run, job, models)
+                    self._execute(run, job, models, remote)
                     outcome = "renders" if isinstance(work, Group) else "analyses"
             except RenderCancelled:
                 outcome = "cancelled"
@@ -507,14 +522,22 @@ class RenderService:
                 del self._running[work]
                 self._finished += 1
 
-    def _execute(self, run: Run, job: _Job, models: _Models) -> None:
+    def _execute(self, run: Run, job: _Job, models: _Models, remote=None) -> None:
         work = job.work
         cache = self.cache(run)
 
         def should_stop() -> bool:
             return self._abandoned(job)
 
-        if isinstance(work, Group):
+        if isinstance(work, Group) and remote is not None:  # on the worker's Ray actor
+            version = run.snapshot_version(work.step)
+            units = tuple(u for u in dict.fromkeys(job.units) if not self.done(work, u))
+            group = sweep.Group(sweep.source_of(run), run.id, work.step, version, work.node, units)
+            settings = sweep.Settings(
+                work.technique, work.size, work.iterations, work.seed, work.bands
+            )
+            sweep.store(cache, group, settings, remote.render(group, settings, should_stop))
+        elif isinstance(work, Group):
             render_cached(
                 cache,
                 run,
