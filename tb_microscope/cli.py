@@ -348,7 +348,7 @@ def render_jobs(
     from .rendering.sweep import InProcessExecutor, Settings, group_size, plan, store
 
     executor = executor or InProcessExecutor(devices)
-    settings = Settings(technique, size, iterations, seed, bands)
+    settings = Settings(technique, size, iterations, seed, bands, batch_size)
     runs = {run.id: run for run, *_ in jobs}
     per_group = group_size(technique, executor.device_kind, batch_size)
     groups, cached = plan(jobs, settings, cache_dir, per_group)

@@ -22,7 +22,14 @@ import torch
 from ..lru import LRU
 from ..run import Run, open_run
 from .cache import RenderCache, RenderKey
-from .engine import BATCH_CAPS, RenderCancelled, RenderResult, available_devices, render
+from .engine import (
+    BATCH_CAPS,
+    RenderCancelled,
+    RenderResult,
+    available_devices,
+    batch_size_for,
+    render,
+)
 from .tap import frozen
 from .techniques import get_technique
 
@@ -36,6 +43,7 @@ class Settings:
     iterations: int = 512
     seed: int = 0
     bands: tuple[int, ...] | None = None
+    batch_size: int | None = None  # images per optimization; None: what the device's memory fits
 
     def keys(self, step: int, version: str, node: str, unit: int) -> list[RenderKey]:
         per_unit = get_technique(self.technique).images_per_unit
@@ -161,10 +169,14 @@ class Renderer:
             group.model_key, lambda: (frozen(run.load_model(group.step, self.device)), 0)
         )
         per_unit = get_technique(settings.technique).images_per_unit
+        # one optimization for the group, unless the device's memory holds fewer images
+        fits = settings.batch_size or batch_size_for(
+            model, run, run.node(group.node), settings.size, self.device
+        )
         result = render(
             run, group.step, group.node, list(group.units), settings.technique,
             size=settings.size, iterations=settings.iterations, seed=settings.seed,
-            device=self.device, batch_size=len(group.units) * per_unit, model=model,
+            device=self.device, batch_size=min(len(group.units) * per_unit, fits), model=model,
             bands=settings.bands, should_stop=should_stop,
         )  # fmt: skip
         return Rendered.of(result)
