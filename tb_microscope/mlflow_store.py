@@ -557,6 +557,20 @@ def _snapshot_matches(path: Path, version: str) -> bool:
 # --- listing ---------------------------------------------------------------------------------
 
 
+def _all_pages(search: Callable, what: str, uri: str) -> list:
+    """Every item of a paged MLflow search, `search(page_token)` giving one page."""
+    items, token = [], None
+    while True:
+        try:
+            page = search(token)
+        except Exception as e:
+            raise _mlflow_error(e, what, uri) from e
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
 @dataclasses.dataclass(frozen=True)
 class ListedRun:
     name: str  # "mlflow:<experiment>/<run name>", with the id's start when names repeat
@@ -572,18 +586,13 @@ def list_runs(uri: str, experiments: list[str] | None = None) -> list[ListedRun]
     from mlflow.entities import ViewType
 
     client = MlflowClient(uri)
-    found, token = [], None
-    while True:
-        try:
-            page = client.search_experiments(
-                view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-            )
-        except Exception as e:
-            raise _mlflow_error(e, "the experiments", uri) from e
-        found.extend(page)
-        token = page.token
-        if not token:
-            break
+    found = _all_pages(
+        lambda token: client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        ),
+        "the experiments",
+        uri,
+    )
     if experiments:
         wanted = set(experiments)
         found = [x for x in found if x.name in wanted or x.experiment_id in wanted]
@@ -591,22 +600,17 @@ def list_runs(uri: str, experiments: list[str] | None = None) -> list[ListedRun]
     runs = []
     ids = list(names)
     for start in range(0, len(ids), 100):  # the server takes at most 100 experiments at once
-        token = None
-        while True:
-            try:
-                page = client.search_runs(
-                    ids[start : start + 100],
-                    filter_string=f"tags.`{TAG}` LIKE '%'",
-                    run_view_type=ViewType.ALL,
-                    max_results=1000,
-                    page_token=token,
-                )
-            except Exception as e:
-                raise _mlflow_error(e, "the runs", uri) from e
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
+        runs += _all_pages(
+            lambda token, some=ids[start : start + 100]: client.search_runs(
+                some,
+                filter_string=f"tags.`{TAG}` LIKE '%'",
+                run_view_type=ViewType.ALL,
+                max_results=1000,
+                page_token=token,
+            ),
+            "the runs",
+            uri,
+        )
     labels = [f"mlflow:{names[r.info.experiment_id]}/{r.info.run_name}" for r in runs]
     out = []
     for run, label in zip(runs, labels):

@@ -41,7 +41,6 @@ from ..rendering import (
     ResultKey,
     align_units,
     dataset_examples,
-    get_technique,
     model_dynamics,
     node_dynamics,
     render_cached,
@@ -80,23 +79,16 @@ class Group:
     bands: tuple[int, ...] | None = None  # channels shown as RGB, for more than three
     preview: bool = False  # a first look (small, few iterations): goes before full renders
 
+    @property
+    def settings(self) -> sweep.Settings:
+        return sweep.Settings(self.technique, self.size, self.iterations, self.seed, self.bands)
+
     def key(self, unit: int, image: int = 0) -> RenderKey:
-        return RenderKey(
-            self.step,
-            self.version,
-            self.node,
-            unit,
-            self.technique,
-            self.size,
-            self.iterations,
-            self.seed,
-            image,
-            self.bands,
-        )
+        return self.keys(unit)[image]
 
     def keys(self, unit: int) -> list[RenderKey]:
         """The keys of all the unit's images (diversity draws several)."""
-        return [self.key(unit, i) for i in range(get_technique(self.technique).images_per_unit)]
+        return self.settings.keys(self.step, self.version, self.node, unit)
 
     @property
     def snapshots(self) -> tuple[tuple[int, str], ...]:
@@ -533,9 +525,7 @@ class RenderService:
             version = run.snapshot_version(work.step)
             units = tuple(u for u in dict.fromkeys(job.units) if not self.done(work, u))
             group = sweep.Group(sweep.source_of(run), run.id, work.step, version, work.node, units)
-            settings = sweep.Settings(
-                work.technique, work.size, work.iterations, work.seed, work.bands
-            )
+            settings = work.settings
             sweep.store(cache, group, settings, remote.render(group, settings, should_stop))
         elif isinstance(work, Group):
             render_cached(
