@@ -17,11 +17,14 @@ import functools
 import logging
 import os
 import pickle
+import select
+import signal
 import site
 import sys
 import sysconfig
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -622,6 +625,32 @@ def _die_with_parent() -> None:
         pass
 
 
+CHILD_TIMEOUT_S = 240.0  # TB_MICROSCOPE_CAPTURE_TIMEOUT; then the capture is done in-process
+
+
+def _child_timeout() -> float:
+    try:
+        return float(os.environ.get("TB_MICROSCOPE_CAPTURE_TIMEOUT", CHILD_TIMEOUT_S))
+    except ValueError:
+        return CHILD_TIMEOUT_S
+
+
+def _read_with_deadline(fd: int, deadline: float) -> bytes | None:
+    """All of the pipe `fd` until its writer closes it (then closes it), or None at `deadline`."""
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 def capture_in_child(
     model: nn.Module, example: torch.Tensor, nodes: list[Node], eager_edges: list
 ) -> Capture:
@@ -653,8 +682,19 @@ def capture_in_child(
         finally:
             os._exit(code)
     os.close(write)
-    with os.fdopen(read, "rb") as source:
-        data = source.read()
+    data = _read_with_deadline(read, time.monotonic() + _child_timeout())
+    if data is None:  # stuck: a lock another thread held at the fork, say. Capture here instead.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        warnings.warn_explicit(
+            f"tb_microscope: the architecture's capture process gave no answer in "
+            f"{_child_timeout():.0f} s; capturing in this process instead",
+            RuntimeWarning,
+            "tb_microscope",
+            0,
+        )
+        return capture(model, example, nodes, eager_edges)
     _, status = os.waitpid(pid, 0)
     if not data:
         how = (

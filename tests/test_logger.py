@@ -372,3 +372,17 @@ def test_the_training_thread_keeps_its_convolution_backends_during_capture(tmp_p
     assert samples > 1000  # the capture took a while, and was watched throughout
     assert seen == {(True, True)}
     assert tb_microscope.open_run(tmp_path).architecture == "export"
+
+
+def test_a_capture_process_that_does_not_answer_in_time_is_replaced_by_an_in_process_capture(
+    tmp_path, tiny, example, monkeypatch
+):
+    monkeypatch.setenv("TB_MICROSCOPE_CAPTURE_TIMEOUT", "0")  # the child is given no time
+    with pytest.warns(RuntimeWarning, match="capture process gave no answer in 0 s; capturing"):
+        with tb_microscope.Logger(tmp_path / "run", tiny, example) as logger:
+            logger.log(0)
+    run = tb_microscope.open_run(tmp_path / "run")
+    assert run.architecture == "export"
+    x = torch.rand(2, 3, 16, 16)
+    tiny.eval()
+    torch.testing.assert_close(run.load_model(0)(x), tiny(x))
