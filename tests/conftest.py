@@ -195,3 +195,27 @@ def mlflow_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+def lightning_module():
+    """A small LightningModule (a conv, a ReLU, a linear head) with its example_input_array."""
+    import lightning.pytorch as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+            self.example_input_array = torch.rand(2, 3, 8, 8)
+            self.net(self.example_input_array)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module()

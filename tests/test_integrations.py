@@ -8,10 +8,9 @@ import time
 import urllib.request
 
 import torch
-from torch import nn
 
 import tb_microscope
-from conftest import run_python
+from conftest import lightning_module, run_python
 
 
 def free_port() -> int:
@@ -25,23 +24,6 @@ def test_lightning_callback_logs_on_the_loggers_schedule(tmp_path):
 
     from tb_microscope.integrations.lightning import MicroscopeCallback
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
-            self.example_input_array = torch.rand(2, 3, 8, 8)
-            self.net(self.example_input_array)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     data = torch.utils.data.TensorDataset(torch.rand(24, 3, 8, 8), torch.randint(0, 2, (24,)))
     trainer = L.Trainer(
         max_steps=12,
@@ -52,7 +34,7 @@ def test_lightning_callback_logs_on_the_loggers_schedule(tmp_path):
         enable_model_summary=False,
         accelerator="cpu",
     )
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.fit(lightning_module(), torch.utils.data.DataLoader(data, batch_size=2))
     run = tb_microscope.open_run(tmp_path / "run")
     assert run.steps == [0, 1, 2, 3, 5, 7, 10]
     assert [n.name for n in run.nodes] == ["net", "net.0", "net.1", "net.2", "net.3"]

@@ -28,6 +28,7 @@ from conftest import (
     TinyCNN,
     free_port,
     http,
+    lightning_module,
     run_python,
     tensorboard,
 )
@@ -277,25 +278,8 @@ def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
 def test_the_lightning_callback_logs_into_the_trainers_mlflow_run(mlflow_server, tmp_path, reader):
     import lightning.pytorch as L
     from lightning.pytorch.loggers import MLFlowLogger
-    from torch import nn
 
     from tb_microscope.integrations.lightning import MicroscopeCallback
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
-            self.example_input_array = torch.rand(2, 3, 8, 8)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     logger = MLFlowLogger(experiment_name="lightning", tracking_uri=mlflow_server.url)
     data = torch.utils.data.TensorDataset(torch.rand(12, 3, 8, 8), torch.randint(0, 2, (12,)))
@@ -308,7 +292,7 @@ def test_the_lightning_callback_logs_into_the_trainers_mlflow_run(mlflow_server,
         enable_model_summary=False,
         accelerator="cpu",
     )
-    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.fit(lightning_module(), torch.utils.data.DataLoader(data, batch_size=2))
     run = tb_microscope.open_run(f"runs:/{logger.run_id}")
     assert run.steps == [0, 3, 6]
     assert [n.name for n in run.nodes][:2] == ["net", "net.0"]
