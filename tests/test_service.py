@@ -130,3 +130,27 @@ def test_threads_opening_a_runs_cache_at_once_all_find_it_next_to_the_run(run_di
     for t in threads:
         t.join()
     assert set(roots) == {run.store.root / CACHE}
+
+
+def test_a_request_goes_through_the_sweep_planner_and_draws_what_the_cli_draws(run_dir, tmp_path):
+    """20 units are more than one CPU group (16): the service renders them as the planner's
+    groups and writes the bytes `tb-microscope render` writes."""
+    from tb_microscope.cli import render_jobs
+    from tb_microscope.rendering import RenderCache
+    from tb_microscope.run import Run
+
+    service = RenderService(device="cpu", cache_dir=str(tmp_path / "service"), abandon_after=60)
+    work = group_of(service, run_dir, 2, iterations=24, node="conv2")
+    units = list(range(4, 24))
+    wait(lambda: all(s["status"] == "done" for s in service.request(work, units).values()), 240)
+    assert service.stats["renders"] == 1 and service.stats["units_rendered"] == 20
+    run = Run(run_dir)
+    rendered, interrupted = render_jobs(
+        [(run, 2, "conv2", units)], "channel", size=16, iterations=24, seed=0,
+        devices=[torch.device("cpu")], batch_size=None, cache_dir=str(tmp_path / "cli"),
+    )  # fmt: skip
+    assert (rendered, interrupted) == (20, False)
+    ours, theirs = service.cache(service.run(run_dir)), RenderCache(run, str(tmp_path / "cli"))
+    for unit in units:
+        (key,) = work.keys(unit)
+        assert ours.path(key).read_bytes() == theirs.path(key).read_bytes()

@@ -4,7 +4,7 @@
 unambiguously the function.)
 """
 
-from .cache import DiskBudget, RenderCache, RenderKey, ResultKey, render_cached
+from .cache import DiskBudget, RenderCache, RenderKey, ResultKey
 from .dynamics import (
     Alignment,
     ModelDynamics,
@@ -16,6 +16,7 @@ from .dynamics import (
 from .engine import ENGINE_VERSION, RenderResult, UnitIndexError, render
 from .examples import Example, dataset_examples
 from .history import unit_history
+from .sweep import render_cached
 from .techniques import TECHNIQUES, get_technique
 from .weights import Connection, unit_weights
 

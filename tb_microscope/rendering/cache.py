@@ -24,7 +24,6 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +82,21 @@ class CachedImage:
     image: np.ndarray  # uint8 H x W x 3
     objective: float
     activation: float
+
+
+def encode_png(key: RenderKey, image: np.ndarray, objective: float, activation: float) -> bytes:
+    """A cached picture's bytes: the PNG with its key and values in a text chunk."""
+    info = PngImagePlugin.PngInfo()
+    meta = {
+        "key": asdict(key),
+        "engine": ENGINE_VERSION,
+        "objective": float(objective),
+        "activation": float(activation),
+    }
+    info.add_text("tb_microscope", json.dumps(meta))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def _writable(folder: Path) -> bool:
@@ -233,17 +247,11 @@ class RenderCache:
         return CachedImage(image, meta["objective"], meta["activation"])
 
     def put(self, key: RenderKey, image: np.ndarray, objective: float, activation: float) -> Path:
-        info = PngImagePlugin.PngInfo()
-        meta = {
-            "key": asdict(key),
-            "engine": ENGINE_VERSION,
-            "objective": float(objective),
-            "activation": float(activation),
-        }
-        info.add_text("tb_microscope", json.dumps(meta))
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
-        return self._write(self.path(key), buffer.getvalue())
+        return self.put_png(key, encode_png(key, image, objective, activation))
+
+    def put_png(self, key: RenderKey, data: bytes) -> Path:
+        """Store a picture `encode_png` made (elsewhere, say on a Ray actor)."""
+        return self._write(self.path(key), data)
 
     def get_result(self, key: ResultKey) -> dict | None:
         data = self.read(self.result_path(key))
@@ -274,73 +282,3 @@ class RenderCache:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return self._write(self.arrays_path(key), buffer.getvalue())
-
-
-def render_cached(
-    cache: RenderCache,
-    run: Run,
-    step: int,
-    node: str,
-    units: list[int],
-    technique: str = "channel",
-    *,
-    size: int = 128,
-    iterations: int = 512,
-    seed: int = 0,
-    device=None,
-    batch_size: int | None = None,
-    model=None,
-    bands: tuple[int, ...] | None = None,
-    progress=None,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[int, list[CachedImage]]:
-    """Each unit's images, from the cache where present; the rest rendered in one go and stored.
-
-    Since a unit's image does not depend on its batch-mates, rendering only the missing units
-    gives the same pixels as rendering them all.
-    """
-    from .engine import render
-    from .techniques import get_technique
-
-    spec = get_technique(technique)
-    per_unit = spec.images_per_unit
-    if spec.whole_node:
-        units = [0]
-    version = run.snapshot_version(step)
-
-    def keys(unit: int) -> list[RenderKey]:
-        return [
-            RenderKey(step, version, node, unit, technique, size, iterations, seed, k, bands)
-            for k in range(per_unit)
-        ]
-
-    found = {u: [cache.get(k) for k in keys(u)] for u in dict.fromkeys(units)}
-    missing = [u for u, images in found.items() if any(i is None for i in images)]
-
-    def store(result) -> None:  # each batch as soon as it is done, so the first show early
-        for i, unit in enumerate(result.units):
-            k = i % per_unit
-            cache.put(keys(unit)[k], result.images[i], result.objective[i], result.activation[i])
-            found[unit][k] = CachedImage(
-                result.images[i], float(result.objective[i]), float(result.activation[i])
-            )
-
-    if missing:
-        render(
-            run,
-            step,
-            node,
-            missing,
-            technique,
-            size=size,
-            iterations=iterations,
-            seed=seed,
-            device=device,
-            batch_size=batch_size,
-            model=model,
-            bands=bands,
-            progress=progress,
-            should_stop=should_stop,
-            on_chunk=store,
-        )
-    return found

@@ -43,7 +43,8 @@ def _actor_class(ray):
             return os.getpid()
 
         def render(self, group: Group, settings: Settings):
-            return self.renderer.render(group, settings)
+            # encoded here: the driver only writes the files
+            return self.renderer.render(group, settings).encoded(group, settings)
 
     return ray.remote(RenderActor)
 
@@ -200,8 +201,15 @@ class RemoteRenderer:
 
     def __init__(self, pool: ActorPool):
         self.pool, self._actor = pool, None
+        self.device_kind = pool.device_kind
 
-    def render(self, group: Group, settings: Settings, should_stop: Callable[[], bool]):
+    def render(
+        self,
+        group: Group,
+        settings: Settings,
+        should_stop: Callable[[], bool],
+        progress: Callable[[float], None] | None = None,  # not heard from the actor
+    ):
         from ray.exceptions import RayActorError, TaskCancelledError
 
         from .engine import RenderCancelled

@@ -8,6 +8,10 @@ on_result, should_stop)`: `InProcessExecutor` (a worker thread per device, here)
 `RayExecutor` (`ray_executor.py`, actors on a Ray cluster). Results always come back to the
 caller, which alone writes them into the cache (`store`): no file is written twice, and the files
 are the same whichever executor rendered them.
+
+Every render goes through the planner: the CLI's `render` and the demo (`cli.render_jobs`, with
+an executor), `render_cached` (one node's units at one step, here) and the plugin's render
+service (each queued request, on its worker's `Renderer` or Ray actor).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from ..lru import LRU
 from ..run import Run, open_run
-from .cache import RenderCache, RenderKey
+from .cache import CachedImage, RenderCache, RenderKey, encode_png
 from .engine import (
     BATCH_CAPS,
     RenderCancelled,
@@ -84,16 +88,35 @@ class Group:
 @dataclass
 class Rendered:
     """A group's images as they travel back: per unit and image index, the picture and its
-    objective and activation."""
+    objective and activation; or, once `encoded` (on a Ray actor, so that the driver only
+    writes files), each picture's PNG as the cache stores it."""
 
     units: list[int]
-    images: np.ndarray  # N x H x W x 3 uint8, in the order of `units` (repeated per image)
+    images: np.ndarray | None  # N x H x W x 3 uint8, in the order of `units` (repeated per image)
     objective: np.ndarray
     activation: np.ndarray
+    pngs: list[bytes] | None = None
 
     @classmethod
     def of(cls, result: RenderResult) -> Rendered:
         return cls(list(result.units), result.images, result.objective, result.activation)
+
+    def encoded(self, group: Group, settings: Settings) -> Rendered:
+        keys = picture_keys(group, settings, self.units)
+        pngs = [
+            encode_png(key, self.images[i], self.objective[i], self.activation[i])
+            for i, key in enumerate(keys)
+        ]
+        return Rendered(self.units, None, self.objective, self.activation, pngs)
+
+
+def picture_keys(group: Group, settings: Settings, units: Sequence[int]) -> list[RenderKey]:
+    """The cache key of each picture of a group's result (`units` repeated per image)."""
+    per_unit = get_technique(settings.technique).images_per_unit
+    return [
+        settings.keys(group.step, group.version, group.node, unit)[i % per_unit]
+        for i, unit in enumerate(units)
+    ]
 
 
 def source_of(run: Run) -> str:
@@ -113,13 +136,17 @@ def plan(
     settings: Settings,
     cache_dir: str | None,
     units_per_group: int,
+    cache_of: Callable[[Run], RenderCache] | None = None,
 ) -> tuple[list[Group], int]:
     """The groups rendering (run, step, node, units) `jobs` takes, in the jobs' order, minus the
-    units the cache holds already; and how many units those were."""
+    units the cache holds already; and how many units those were. `cache_of` gives a run's
+    cache when the caller keeps them open (else each run's under `cache_dir` is opened)."""
     groups, cached = [], 0
     caches: dict[str, RenderCache] = {}
     for run, step, node, units in jobs:
-        cache = caches.get(run.id) or caches.setdefault(run.id, RenderCache(run, cache_dir))
+        cache = caches.get(run.id)
+        if cache is None:
+            cache = caches[run.id] = cache_of(run) if cache_of else RenderCache(run, cache_dir)
         version = run.snapshot_version(step)
         if get_technique(settings.technique).whole_node:
             units = [0]
@@ -137,10 +164,11 @@ def plan(
 
 def store(cache: RenderCache, group: Group, settings: Settings, rendered: Rendered) -> None:
     """Write a group's images into the cache (the caller's side, the only writer)."""
-    per_unit = get_technique(settings.technique).images_per_unit
-    for i, unit in enumerate(rendered.units):
-        key = settings.keys(group.step, group.version, group.node, unit)[i % per_unit]
-        cache.put(key, rendered.images[i], rendered.objective[i], rendered.activation[i])
+    for i, key in enumerate(picture_keys(group, settings, rendered.units)):
+        if rendered.pngs is not None:
+            cache.put_png(key, rendered.pngs[i])
+        else:
+            cache.put(key, rendered.images[i], rendered.objective[i], rendered.activation[i])
 
 
 class Renderer:
@@ -151,6 +179,10 @@ class Renderer:
         self.device, self.allow_pickle = device, allow_pickle
         self._runs: dict[str, Run] = {}
         self._models: LRU = LRU(max_items=models)
+
+    @property
+    def device_kind(self) -> str:
+        return self.device.type
 
     def run(self, group: Group) -> Run:
         run = self._runs.get(group.source)
@@ -163,11 +195,21 @@ class Renderer:
             )
         return run
 
-    def render(self, group: Group, settings: Settings, should_stop=None) -> Rendered:
-        run = self.run(group)
-        model = self._models.get_or_make(
+    def model(self, run: Run, group: Group) -> torch.nn.Module:
+        return self._models.get_or_make(
             group.model_key, lambda: (frozen(run.load_model(group.step, self.device)), 0)
         )
+
+    def render(
+        self,
+        group: Group,
+        settings: Settings,
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[float], None] | None = None,
+    ) -> Rendered:
+        """The group's pictures; `progress` hears the fraction done now and then."""
+        run = self.run(group)
+        model = self.model(run, group)
         per_unit = get_technique(settings.technique).images_per_unit
         # one optimization for the group, unless the device's memory holds fewer images
         fits = settings.batch_size or batch_size_for(
@@ -177,9 +219,63 @@ class Renderer:
             run, group.step, group.node, list(group.units), settings.technique,
             size=settings.size, iterations=settings.iterations, seed=settings.seed,
             device=self.device, batch_size=min(len(group.units) * per_unit, fits), model=model,
-            bands=settings.bands, should_stop=should_stop,
+            bands=settings.bands, should_stop=should_stop, progress=progress,
         )  # fmt: skip
         return Rendered.of(result)
+
+
+def render_cached(
+    cache: RenderCache,
+    run: Run,
+    step: int,
+    node: str,
+    units: list[int],
+    technique: str = "channel",
+    *,
+    size: int = 128,
+    iterations: int = 512,
+    seed: int = 0,
+    device=None,
+    batch_size: int | None = None,
+    model=None,
+    bands: tuple[int, ...] | None = None,
+    progress=None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[int, list[CachedImage]]:
+    """Each unit's images, from the cache where present; the rest rendered (the planner's one
+    group of the missing units, stored batch by batch as each is done) and stored.
+
+    Since a unit's image does not depend on its batch-mates, rendering only the missing units
+    gives the same pixels as rendering them all.
+    """
+    settings = Settings(technique, size, iterations, seed, bands, batch_size)
+    spec = get_technique(technique)
+    if spec.whole_node:
+        units = [0]
+    version = run.snapshot_version(step)
+    found = {
+        u: [cache.get(k) for k in settings.keys(step, version, node, u)]
+        for u in dict.fromkeys(units)
+    }
+    missing = [u for u, images in found.items() if any(i is None for i in images)]
+    groups, _ = plan(
+        [(run, step, node, missing)], settings, None, max(1, len(missing)), lambda r: cache
+    )
+    for group in groups:  # at most one: the missing units
+
+        def stored(result: RenderResult, group=group) -> None:  # each batch as soon as it is done
+            store(cache, group, settings, Rendered.of(result))
+            for i, unit in enumerate(result.units):
+                found[unit][i % spec.images_per_unit] = CachedImage(
+                    result.images[i], float(result.objective[i]), float(result.activation[i])
+                )
+
+        render(
+            run, step, node, list(group.units), technique, size=size, iterations=iterations,
+            seed=seed, device=device, batch_size=batch_size, model=model, bands=bands,
+            progress=progress, should_stop=should_stop, on_chunk=stored,
+        )  # fmt: skip
+    return found
 
 
 OnResult = Callable[[Group, Rendered, str], None]  # (group, its images, which worker)

@@ -11,7 +11,9 @@ by the run's path:
 The work asked about most recently goes first. Whatever nobody has asked about for
 `abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
 before it starts, and cancelled within about a second once it runs; the `cancel` call does the
-same at once. Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin
+same at once. A Group's units are planned by the sweep planner (`rendering/sweep.py`: the units the
+cache lacks, one optimization per batch) and rendered here or, with a Ray cluster, on the worker's
+actor. Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin
 serves them from. A failure is kept for the pollers (in a bounded table, for `retry_after`
 seconds) and the worker carries on. Every table is bounded: the queue (a full one raises
 `QueueFullError`), loaded models and programs (in bytes), runs, caches and failures.
@@ -43,7 +45,6 @@ from ..rendering import (
     dataset_examples,
     model_dynamics,
     node_dynamics,
-    render_cached,
     sweep,
     unit_history,
     unit_weights,
@@ -164,6 +165,21 @@ class _Models:
             return model, state_bytes(model)
 
         return self.memory.get_or_make(key, load)
+
+
+class _JobRenderer(sweep.Renderer):
+    """Renders a job's groups in this process, with the run the service opened and the models
+    in its memory (shared with the runs' programs)."""
+
+    def __init__(self, run: Run, models: _Models):
+        super().__init__(models.device)
+        self._run, self.memory = run, models
+
+    def run(self, group: sweep.Group) -> Run:
+        return self._run
+
+    def model(self, run: Run, group: sweep.Group) -> torch.nn.Module:
+        return self.memory.get(run, group.step)
 
 
 def _png_data_url(image: np.ndarray) -> str:
@@ -521,29 +537,26 @@ class RenderService:
         def should_stop() -> bool:
             return self._abandoned(job)
 
-        if isinstance(work, Group) and remote is not None:  # on the worker's Ray actor
-            version = run.snapshot_version(work.step)
-            units = tuple(u for u in dict.fromkeys(job.units) if not self.done(work, u))
-            group = sweep.Group(sweep.source_of(run), run.id, work.step, version, work.node, units)
-            settings = work.settings
-            sweep.store(cache, group, settings, remote.render(group, settings, should_stop))
-        elif isinstance(work, Group):
-            render_cached(
-                cache,
-                run,
-                work.step,
-                work.node,
-                job.units,
-                work.technique,
-                size=work.size,
-                iterations=work.iterations,
-                seed=work.seed,
-                device=models.device,
-                model=models.get(run, work.step),
-                bands=work.bands,
-                progress=lambda fraction: setattr(job, "progress", fraction),
-                should_stop=should_stop,
-            )
+        if isinstance(work, Group):
+            self._render(run, cache, job, remote or _JobRenderer(run, models), should_stop)
         else:
             result = ANALYSES[work.kind](self, run, work, models, should_stop)
             cache.put_result(work.result_key, result)
+
+    def _render(self, run: Run, cache: RenderCache, job: _Job, renderer, should_stop) -> None:
+        """The job's units through the sweep planner (the groups the cache lacks, one
+        optimization each), rendered by this worker's renderer (here, or its Ray actor); each
+        group is stored as soon as it is back."""
+        work, settings = job.work, job.work.settings
+        per_group = sweep.group_size(work.technique, renderer.device_kind, None)
+        groups, _ = sweep.plan(
+            [(run, work.step, work.node, job.units)], settings, None, per_group, self.cache
+        )
+        count = len(groups)
+        for i, group in enumerate(groups):
+
+            def progress(fraction: float, done: int = i) -> None:
+                job.progress = (done + fraction) / count
+
+            rendered = renderer.render(group, settings, should_stop, progress)
+            sweep.store(cache, group, settings, rendered)
