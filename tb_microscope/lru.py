@@ -25,6 +25,7 @@ class LRU(Generic[V]):
         self._entries: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        self._making: dict[Hashable, threading.Event] = {}  # keys being made, by one thread each
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,12 +64,27 @@ class LRU(Generic[V]):
             return entry[0]
 
     def get_or_make(self, key: Hashable, make: Callable[[], tuple[V, int]]) -> V:
-        """The cached value, or `make()`'s (value, size), stored. `make` runs outside the lock."""
-        found = self.get(key)
-        if found is not None:
-            return found
-        value, size = make()
-        return self.put(key, value, size)
+        """The cached value, or `make()`'s (value, size), stored. `make` runs outside the lock,
+        once per key at a time: a thread asking for a key another thread is making waits for
+        that one (and makes it itself if that one failed)."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    return entry[0]
+                making = self._making.get(key)
+                if making is None:
+                    making = self._making[key] = threading.Event()
+                    break
+            making.wait()
+        try:
+            value, size = make()
+            return self.put(key, value, size)
+        finally:
+            with self._lock:
+                del self._making[key]
+            making.set()
 
     def items(self) -> list[tuple[Hashable, V]]:
         with self._lock:

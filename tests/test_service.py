@@ -154,3 +154,45 @@ def test_a_request_goes_through_the_sweep_planner_and_draws_what_the_cli_draws(r
     for unit in units:
         (key,) = work.keys(unit)
         assert ours.path(key).read_bytes() == theirs.path(key).read_bytes()
+
+
+def test_a_key_being_made_is_made_once_while_others_wait_for_it():
+    import threading
+
+    from tb_microscope.lru import LRU
+
+    memory, calls, start = LRU(max_items=4), [], threading.Barrier(8)
+
+    def make():
+        calls.append(1)
+        time.sleep(0.3)
+        return object(), 1
+
+    got = []
+
+    def ask():
+        start.wait()
+        got.append(memory.get_or_make("program", make))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(v) for v in got}) == 1
+
+    def fail():
+        raise OSError("unreadable")
+
+    with pytest.raises(OSError):
+        memory.get_or_make("broken", fail)
+    assert memory.get_or_make("broken", lambda: ("made", 1)) == "made"  # a failure is not kept
+
+
+def test_showing_a_runs_nodes_loads_its_program_before_a_node_is_opened(run_dir, tmp_path):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path))
+    run = service.run(run_dir)
+    service.prefetch(run)
+    wait(lambda: any(key[0] == "program" for key, _ in service.memory.items()))
+    programs = [key for key, _ in service.memory.items() if key[0] == "program"]
+    assert programs == [("program", run.id, run.signature, "cpu")]

@@ -294,6 +294,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def nodes_impl(self, ctx, experiment: str, run_name: str) -> dict:
         run = self._run(ctx, experiment, run_name)
+        self.service.prefetch(run)  # the run is on screen: a node of it is likely opened next
         return {
             "run": run_name,
             "nodes": [n.to_json() for n in run.nodes],

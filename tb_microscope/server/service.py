@@ -321,6 +321,7 @@ class RenderService:
         self._failed: LRU[tuple[str, float]] = LRU(max_items=4096)  # (work, unit) -> error, when
         self._runs: LRU[Run] = LRU(max_items=256)
         self._caches: LRU[RenderCache] = LRU(max_items=256)
+        self._prefetched: LRU[bool] = LRU(max_items=256)
         self._counter = itertools.count()
         self._finished = 0  # jobs that have left the running table, to spot one ending mid-request
         self._lock = threading.Condition()
@@ -366,6 +367,27 @@ class RenderService:
         return self._caches.get_or_make(
             run.id, lambda: (RenderCache(run, self.cache_dir, self.budget), 0)
         )
+
+    def prefetch(self, run: Run) -> None:
+        """Load the run's architecture for this process's workers in the background, once per
+        run (a Ray cluster's actors load their own): the tab asks for a run's nodes before it
+        opens one, so the first render finds it loaded, or waits for the load under way rather
+        than starting another."""
+        if self.pool is not None:
+            return
+        with self._lock:
+            if (run.id, run.signature) in self._prefetched:
+                return
+            self._prefetched.put((run.id, run.signature), True)
+
+        def load() -> None:
+            for device in self.devices:
+                try:
+                    run.prepare(device)
+                except Exception:  # said by the render that needs it
+                    return
+
+        threading.Thread(target=load, daemon=True, name="tb_microscope-prefetch").start()
 
     def done(self, work: Work, unit: int) -> bool:
         """Whether the unit's images (or result) are in the cache."""
