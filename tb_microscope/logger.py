@@ -203,6 +203,8 @@ class Logger:
 
         self.store.remove_stale_temporaries()
         self._fingerprint = weights_fingerprint(self._model)
+        if self.mlflow_run_id is not None:  # a run logged elsewhere: go on with it
+            mlflow_store.adopt_remote(self.store, self.mlflow_run_id, uri)
         if self.store.has_manifest():
             self._resume()
         if self.mlflow_run_id is not None:
@@ -281,9 +283,13 @@ class Logger:
             differ = sorted(set(stored) ^ set(self._fingerprint)) or sorted(
                 k for k in stored if stored[k] != self._fingerprint[k]
             )
+            where, instead = f"run '{self.store.run_dir}'", "a new run directory"
+            if self.mlflow_run_id is not None:
+                where = f"MLflow run {self.mlflow_run_id}"
+                instead = "a new MLflow run (mlflow.start_run())"
             raise IncompatibleRunError(
-                f"run '{self.store.run_dir}' already holds a different model (weights differ at "
-                f"{summarize(differ)}); log this model into a new run directory"
+                f"{where} already holds a different model (weights differ at "
+                f"{summarize(differ)}); log this model into {instead}"
             )
         self._run_id = manifest.run_id
         # an architecture still pending was never captured (its Logger ended first): capture it

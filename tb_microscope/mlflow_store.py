@@ -54,6 +54,7 @@ SMALL_FILES = (EXPORTED_ARCHITECTURE, PICKLED_ARCHITECTURE, PROBE, MANIFEST)  # 
 MLFLOW_URI = re.compile(r"^runs:/([A-Za-z0-9_-]{1,64})/?$")
 MAX_INDEX_BYTES = 64 << 20
 RETRY_MAX_S = 30.0
+ADOPT_TIMEOUT_S = 20.0  # how long a new Logger waits to read what its MLflow run holds
 
 
 class MlflowUnavailableError(MicroscopeError):
@@ -202,6 +203,41 @@ def uploaded_steps(store: RunStore) -> list[int]:
 # --- writing ---------------------------------------------------------------------------------
 
 
+def adopt_remote(store: RunStore, mlflow_run_id: str, uri: str, timeout: float | None = None):
+    """When the staging `store` is new and the MLflow run already holds our data (logged from
+    another machine, or before this machine's cache was cleared), copy the run's index and small
+    files into it, so that the Logger goes on with that run (its run id, its logged steps; a
+    different model refused) rather than replacing its index. Gives up after `timeout` seconds
+    (default: TB_MICROSCOPE_MLFLOW_ADOPT_TIMEOUT, else ADOPT_TIMEOUT_S): the uploader then
+    checks the run's tag before uploading anything. Returns the run id adopted, or None."""
+    if store.has_manifest() or (store.root / INDEX).exists():
+        return None
+    found: dict = {}
+
+    def read() -> None:
+        try:
+            mirror = MlflowRunStore(mlflow_run_id, uri)
+            mirror.sync()
+            found["mirror"] = mirror
+        except Exception:  # no data there (a new run), or unreachable: nothing to adopt
+            pass
+
+    reader = threading.Thread(target=read, name="tb_microscope-mlflow-adopt", daemon=True)
+    reader.start()
+    if timeout is None:
+        timeout = float(os.environ.get("TB_MICROSCOPE_MLFLOW_ADOPT_TIMEOUT", ADOPT_TIMEOUT_S))
+    reader.join(timeout)
+    mirror = found.get("mirror")
+    index = mirror._local_index() if mirror is not None else None
+    if index is None or MANIFEST not in index.files:
+        return None
+    for name in sorted(index.files, key=SMALL_FILES.index):  # the manifest last: it makes a run
+        (store.root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(store.root / name, (mirror.root / name).read_bytes())
+    write_bytes_atomic(store.root / INDEX, index.to_bytes())
+    return index.run_id
+
+
 class ArtifactUploader:
     """Uploads what the Logger's writer finishes in the staging `store` to an MLflow run."""
 
@@ -224,6 +260,7 @@ class ArtifactUploader:
         self._tagged = False
         self._down_since: float | None = None
         self.error: str | None = None
+        self.refused: str | None = None  # why nothing may be uploaded to this MLflow run
         self._wake = threading.Event()
         self._changed = threading.Condition()
         self._closing = False
@@ -278,9 +315,25 @@ class ArtifactUploader:
         self._index_dirty = False
 
     def _round(self) -> None:
+        if self.refused is not None:
+            return
         if self.idle():  # nothing logged yet: the MLflow run is left as it is
             return
         if not self._tagged:
+            # another Logger's data there (one this Logger could not read when it started):
+            # never replace its index
+            theirs = self._client.get_run(self.mlflow_run_id).data.tags.get(TAG)
+            if theirs is not None and theirs != self.index.run_id:
+                refused = (
+                    f"{self.where} already holds the tb_microscope data of another Logger (run "
+                    f"{theirs}); nothing is uploaded there, so it stays as it was. This "
+                    f"training's snapshots are kept in {self.store.run_dir}; log into a new "
+                    "MLflow run (mlflow.start_run()), or, for the same model, start a Logger "
+                    "again while the server is reachable: it goes on with that run"
+                )
+                self._say(refused)
+                self.refused = refused
+                return
             self._client.set_tag(self.mlflow_run_id, TAG, self.index.run_id)
             self._tagged = True
         for name in self._pending_small():
@@ -327,7 +380,9 @@ class ArtifactUploader:
                 self._down_since, self.error, delay = None, None, 1.0
             with self._changed:
                 self._changed.notify_all()
-                if self._closing and (self.idle() or self._down_since is not None):
+                if self._closing and (
+                    self.idle() or self._down_since is not None or self.refused is not None
+                ):
                     return
 
     def wait(self, timeout: float) -> bool:
@@ -335,7 +390,7 @@ class ArtifactUploader:
         deadline = time.monotonic() + timeout
         self._wake.set()
         with self._changed:
-            while not self.idle():
+            while not self.idle() and self.refused is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     return self.idle()
@@ -347,6 +402,8 @@ class ArtifactUploader:
         """Upload what is staged (waiting up to `timeout` seconds), then stop; what could not be
         uploaded stays staged, and the next Logger on this MLflow run uploads it."""
         done = self.wait(timeout)
+        if self.refused is not None:
+            done = True  # said when it was refused
         with self._changed:
             self._closing = True
         self._wake.set()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -32,7 +33,7 @@ from conftest import (
     run_python,
     tensorboard,
 )
-from tb_microscope.errors import MicroscopeError, RunNotFoundError
+from tb_microscope.errors import IncompatibleRunError, MicroscopeError, RunNotFoundError
 from tb_microscope.mlflow_store import TAG, MlflowUnavailableError, mirror_dir, staging_dir
 from tb_microscope.rendering import RenderCache, RenderKey
 from tb_microscope.runstore import RunStore
@@ -50,11 +51,12 @@ def env_for(server: MlflowServer, cache: Path, **extra) -> dict:
     }
 
 
-def train(server, tmp_path, experiment, name, steps, *extra) -> str:
-    """Train in a process of its own, logging into MLflow; returns the MLflow run id."""
+def train(server, tmp_path, experiment, name, steps, *extra, cache="train-cache") -> str:
+    """Train in a process of its own, logging into MLflow (staging in the machine's `cache`);
+    returns the MLflow run id."""
     proc = run_python(
         TRAIN, experiment, name, steps, tmp_path / "weights", *extra,
-        env=env_for(server, tmp_path / "train-cache"),
+        env=env_for(server, tmp_path / cache),
     )  # fmt: skip
     return proc.stdout.split()[0]
 
@@ -174,6 +176,47 @@ def test_opening_again_fetches_only_the_new_snapshots(mlflow_server, tmp_path, r
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in snapshots.iterdir()}
     assert len(after) == 4
     assert {name: after[name] for name in before} == before  # not fetched again
+
+
+def test_a_run_goes_on_from_another_machine_and_another_model_never_replaces_it(
+    mlflow_server, tmp_path, reader, example, monkeypatch
+):
+    run_id = train(mlflow_server, tmp_path, "exp-m", "tiny-m", "0,2")
+    first = tb_microscope.open_run(f"runs:/{run_id}")
+    # the training goes on on another machine, where nothing of the run is staged
+    train(mlflow_server, tmp_path, "exp-m", "tiny-m", "4,6", "--run-id", run_id, cache="other")
+    again = tb_microscope.open_run(f"runs:/{run_id}")
+    assert again.steps == [0, 2, 4, 6] and again.id == first.id
+    for step in again.steps:
+        assert same_weights(again.load_state_dict(step), weights_at(tmp_path, step))
+
+    # another model logged into that run is refused at once
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    with mlflow.start_run(run_id=run_id):
+        with pytest.raises(
+            IncompatibleRunError,
+            match=f"MLflow run {run_id} already holds a different model .*new MLflow run",
+        ):
+            tb_microscope.Logger("mlflow", other, example)
+
+    # ... and, when the run could not be read as it started, uploads nothing there
+    monkeypatch.setenv("TB_MICROSCOPE_MLFLOW_ADOPT_TIMEOUT", "0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "third"))
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with tb_microscope.Logger("mlflow", other, example, steps=[0]) as logger:
+            logger.log(0)
+    refusal = [
+        str(w.message) for w in said if "already holds the tb_microscope data" in str(w.message)
+    ]
+    assert refusal and "nothing is uploaded there" in refusal[0]
+    kept = staging_dir(mlflow_server.url, run_id) / "plugins/tb_microscope/snapshots"
+    assert [p.name for p in kept.glob("*.safetensors")] == ["step-000000000.safetensors"]
+    assert reader.get_run(run_id).data.tags[TAG] == first.id
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fourth"))
+    last = tb_microscope.open_run(f"runs:/{run_id}")
+    assert last.steps == [0, 2, 4, 6] and last.id == first.id
+    assert same_weights(last.load_state_dict(6), weights_at(tmp_path, 6))
 
 
 def test_mistakes_and_missing_things_say_what_to_do(
