@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,23 @@ def test_a_sweep_on_a_local_ray_cluster_writes_exactly_the_in_process_files(logd
     assert workers and int(workers.group(1)) + int(workers.group(2)) == 144
     reference = files(tmp_path / "here")
     assert len(reference) == 144 and files(tmp_path / "ray") == reference
+
+    # a render that fails on an actor stops the sweep with the actor's error, not Ray's traceback
+    broken = tmp_path / "broken"
+    shutil.copytree(logdir, broken)
+    snapshot = next((broken / "b").rglob("step-000000002.safetensors"))
+    data = bytearray(snapshot.read_bytes())
+    data[-10] ^= 0xFF  # the contents no longer match the checksum written with them
+    snapshot.write_bytes(bytes(data))
+    proc = render(
+        broken, tmp_path / "bad", "--nodes", "conv1", *RENDER, "--ray", "local", check=False
+    )
+    assert proc.returncode != 0
+    assert re.search(
+        r"Ray actor \d could not render conv1 units 0-7 at step 2 of .*/b: ", proc.stderr
+    )
+    assert "CorruptSnapshotError: the snapshot of step 2" in proc.stderr
+    assert "delete this file to drop the step" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def actor_pids() -> list[int]:

@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
-from ..errors import MicroscopeError
+from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError
 from .sweep import Group, OnResult, Renderer, Settings
 
 MAX_ATTEMPTS = 3
@@ -47,6 +47,26 @@ def _actor_class(ray):
             return self.renderer.render(group, settings).encoded(group, settings)
 
     return ray.remote(RenderActor)
+
+
+def task_failure(error: BaseException, group: Group, who: str) -> MicroscopeError:
+    """What an actor's failed render says: the error it raised, without Ray's traceback, and, for
+    a run or file it did not find, that every machine of the cluster must reach the runs."""
+    cause = getattr(error, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else error
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    message = (
+        f"{who} could not render {group.node} units {group.units[0]}-{group.units[-1]} at step "
+        f"{group.step} of {group.source}: {type(cause).__name__}: {text}"
+    )
+    if isinstance(cause, (FileNotFoundError, RunNotFoundError, StepNotFoundError)):
+        message += (
+            " (the cluster's machines open runs themselves: the log directory must be on storage "
+            "they all see, or the runs in MLflow)"
+        )
+    failure = MicroscopeError(message)
+    failure.cause = cause
+    return failure
 
 
 def connect(address: str):
@@ -122,7 +142,7 @@ class RayExecutor:
         should_stop: Callable[[], bool],
     ) -> None:
         ray = self._ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         pending: deque[Group] = deque(groups)
         for slot in range(min(self.workers, len(groups))):
@@ -140,6 +160,8 @@ class RayExecutor:
                     slot, group = running.pop(ref)
                     try:
                         rendered = ray.get(ref)
+                    except RayTaskError as e:  # the render itself failed: it would again
+                        raise task_failure(e, group, f"Ray actor {slot + 1}") from None
                     except RayActorError as e:
                         attempts[group] += 1
                         if attempts[group] >= MAX_ATTEMPTS:
@@ -210,7 +232,7 @@ class RemoteRenderer:
         should_stop: Callable[[], bool],
         progress: Callable[[float], None] | None = None,  # not heard from the actor
     ):
-        from ray.exceptions import RayActorError, TaskCancelledError
+        from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
 
         from .engine import RenderCancelled
 
@@ -238,4 +260,6 @@ class RemoteRenderer:
                     raise
             except TaskCancelledError:
                 raise RenderCancelled() from None
+            except RayTaskError as e:  # reported to the tab's pollers as the render's failure
+                raise task_failure(e, group, "the Ray actor") from None
         raise AssertionError("unreachable")
