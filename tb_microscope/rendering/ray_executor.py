@@ -64,9 +64,7 @@ def task_failure(error: BaseException, group: Group, who: str) -> MicroscopeErro
             " (the cluster's machines open runs themselves: the log directory must be on storage "
             "they all see, or the runs in MLflow)"
         )
-    failure = MicroscopeError(message)
-    failure.cause = cause
-    return failure
+    return MicroscopeError(message)
 
 
 def connect(address: str):
