@@ -33,6 +33,7 @@ from tb_microscope.rendering.engine import QUALITIES
 from tb_microscope.server.plugin import MicroscopePlugin
 
 BASE = "/data/plugin/tb_microscope"
+POLL_S = 0.5  # how often the tab asks after the units it shows (frontend/api.js: POLL_MS)
 
 
 def plugin_client(logdir: str, device: str):
@@ -83,7 +84,7 @@ def main() -> None:
                 first = time.perf_counter() - start
             if shown == args.units:
                 break
-            time.sleep(0.2)
+            time.sleep(POLL_S)
         every = time.perf_counter() - start
         http.post(f"{BASE}/cancel", data=json.dumps(body), content_type="application/json")
         run = tb_microscope.open_run(f"{logdir}/run")

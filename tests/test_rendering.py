@@ -12,12 +12,21 @@ import time
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import tb_microscope
 from conftest import run_python
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
-from tb_microscope.rendering.engine import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
+from tb_microscope.rendering.engine import (
+    BATCH_CAPS,
+    CHECKS_PER_PASS,
+    MEMORY_SHARE,
+    RenderCancelled,
+    StopChecks,
+    batch_size_for,
+    sample_bytes,
+)
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.probe import probe_activations
 from tb_microscope.rendering.tap import NodeTap, frozen
@@ -102,6 +111,28 @@ def test_a_unit_alone_and_in_a_batch_of_sixteen_gives_the_same_image(trained):
     alone = tb_microscope.render(trained, STEPS, "conv1", [5], **options)
     batch = tb_microscope.render(trained, STEPS, "conv1", list(range(16)), **options, batch_size=16)
     np.testing.assert_array_equal(alone.images[0], batch.images[5])
+
+
+def test_a_cancel_is_heard_within_a_pass_without_a_check_at_every_module():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    leaves = [m for m in model.modules() if not next(m.children(), None)]
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    asked = []
+
+    def stop_at_the_sixth():
+        asked.append(1)
+        return len(asked) >= 6
+
+    with StopChecks(model, stop_at_the_sixth), pytest.raises(RenderCancelled):
+        model(x)  # stops in the forward: a cancel does not wait for the pass to end
+    assert len(asked) == 6
+    asked.clear()
+    with StopChecks(model, lambda: asked.append(1) or False) as stop:
+        model(x).sum().backward()
+        stop.check()
+    # asked along the forward and the backward, at most CHECKS_PER_PASS times each way
+    assert CHECKS_PER_PASS <= len(asked) <= 2 * CHECKS_PER_PASS + 1 < 2 * len(leaves)
+    assert not any(m._forward_hooks for m in model.modules())  # all taken off
 
 
 def test_batches_are_sized_by_the_devices_free_memory(trained):

@@ -374,7 +374,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         """The full render's statuses; a unit not rendered yet is also asked for as a preview
         (first, so that the service takes it first), and once that is there, its status says
         `preview: true` (the image route gives it with `quality=preview`)."""
-        missing = [u for u in units if not self.service.done(group, u)]
+        missing = self.service.missing(group, units)
         preview = dataclasses.replace(
             group, size=self._preview.size, iterations=self._preview.iterations, preview=True
         )

@@ -389,31 +389,29 @@ class RenderService:
 
         threading.Thread(target=load, daemon=True, name="tb_microscope-prefetch").start()
 
-    def done(self, work: Work, unit: int) -> bool:
-        """Whether the unit's images (or result) are in the cache."""
+    def missing(self, work: Work, units: list[int]) -> list[int]:
+        """The units whose images (or result) are not in the cache yet. The run and its cache
+        are looked up once for all of them: the tab asks for a grid's units twice a second."""
         cache = self.cache(self.run(work.run))
         if isinstance(work, Group):
-            return all(key in cache for key in work.keys(unit))
-        return cache.result_path(work.result_key).is_file()
+            return [u for u in units if not all(key in cache for key in work.keys(u))]
+        return [] if cache.result_path(work.result_key).is_file() else list(units)
 
     def request(self, work: Work, units: list[int]) -> dict[int, dict]:
         """Ask for units' images (a Group) or a unit's result (an Analysis, its one unit).
         Returns each unit's status; `done` once it is in the cache."""
-        statuses, wanted = {}, []
         finished = self._finished
-        for unit in units:
-            if self.done(work, unit):
-                statuses[unit] = {"status": DONE}
-            else:
-                wanted.append(unit)
+        wanted = self.missing(work, units)
+        absent = set(wanted)
+        statuses = {unit: {"status": DONE} for unit in units if unit not in absent}
         if not wanted:
             return statuses
         now = time.monotonic()
         with self._lock:
             if self._finished != finished:  # a job ended since the cache was looked at
-                for unit in [u for u in wanted if self.done(work, u)]:
-                    wanted.remove(unit)
-                    statuses[unit] = {"status": DONE}
+                still = self.missing(work, wanted)
+                statuses.update({u: {"status": DONE} for u in wanted if u not in still})
+                wanted = still
                 if not wanted:
                     return statuses
             running = self._running.get(work)
@@ -532,7 +530,7 @@ class RenderService:
                     )
                 # Nothing to do when the cache got them meanwhile (from another process sharing
                 # it, say); only real work is counted.
-                if not all(self.done(work, unit) for unit in units):
+                if self.missing(work, units):
                     self._execute(run, job, models, remote)
                     outcome = "renders" if isinstance(work, Group) else "analyses"
             except RenderCancelled:
