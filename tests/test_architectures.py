@@ -11,6 +11,7 @@ import pytest
 import tb_microscope
 from conftest import SCRIPTS, run_python
 from tb_microscope.capture import layout_of
+from tb_microscope.rendering.param import canvas_for
 from tb_microscope.runstore import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR
 
 CF, CL = CHANNELS_FIRST, CHANNELS_LAST
@@ -108,6 +109,19 @@ def test_each_family_lists_its_blocks_with_their_layouts_and_renders(logged, fam
         assert not np.array_equal(other.images[0], result.images[0])
         with pytest.raises(ValueError, match="bands must be three channel indexes from 0 to 5"):
             tb_microscope.render(run, 1, node.name, [0], size=16, iterations=1, bands=(0, 1, 6))
+
+
+@pytest.mark.parametrize("family", ["timm_vit", "hf_vit", "hf_dinov2"])
+def test_a_model_that_takes_only_a_small_input_is_rendered_on_most_of_it(logged, family):
+    run = tb_microscope.open_run(logged[0] / family)
+    assert run.input_spec.dim("height")["size"] == 32  # these ViTs take 32 px and no other
+    canvas = canvas_for(run, 128)
+    # lucid's pad (12 px of a 128 px image) in proportion: 26 px of image inside 3 px of border
+    # (lucid's own pad would leave 8 px of image), and jitters of at most 1.2 px within it
+    assert (canvas.input, canvas.image, canvas.strength) == ((32, 32), 26, 26 / 128)
+    node = _find(run, next(iter(FAMILIES[family])))
+    result = tb_microscope.render(run, 1, node.name, [0], size=64, iterations=4, device="cpu")
+    assert result.images.shape == (1, 64, 64, 3) and result.images.std() > 0
 
 
 @pytest.mark.parametrize("family", ["tv_vit", "timm_vit", "hf_vit"])

@@ -36,7 +36,9 @@ from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, cent
 from .tap import NodeTap, frozen
 from .techniques import Technique, channel, class_token, get_technique
 
-ENGINE_VERSION = 3  # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK
+# 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
+# input holds a larger image, with lucid's pad and jitters in proportion
+ENGINE_VERSION = 4
 LEARNING_RATE = 0.05
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 CHECKS_PER_PASS = 16  # how many times a forward (and a backward) asks whether to stop
@@ -324,7 +326,9 @@ def optimize(
     space = InputSpace(run.input_spec, device)
     bands = display_bands(space.channels, bands)
     param = FourierImages(init, space.channels, canvas.image, device)
-    transforms = RandomTransforms(moves, iterations, canvas.image, canvas.input, device)
+    transforms = RandomTransforms(
+        moves, iterations, canvas.image, canvas.input, device, canvas.strength
+    )
     tap = NodeTap(model, node)
     unit_index = torch.tensor(targets, device=device)
     optimizer = torch.optim.Adam([param.spectrum], lr=LEARNING_RATE)

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from ..errors import MicroscopeError
 from ..run import Run
 
-PAD = 12  # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4
+# lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4, in pixels
+# of lucid's 128 px images. A model that takes only a small input gets them in proportion to the
+# image that fits in it (see `Canvas.strength`).
+PAD = 12
+JITTERS = (8, 4)
+REFERENCE_SIZE = 128
 SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)])
 ANGLES = torch.tensor(list(range(-10, 11)) + [0] * 5, dtype=torch.float32)
 
@@ -89,6 +94,7 @@ class RandomTransforms:
 
     Every random number a sample sees at every iteration is drawn up front from its own
     generator. The output canvas (height, width) holds the image in its middle, grey around it.
+    `strength` scales the jitters (lucid's pixels at 1).
     """
 
     def __init__(
@@ -98,12 +104,13 @@ class RandomTransforms:
         size: int,
         canvas: tuple[int, int],
         device: torch.device,
+        strength: float = 1.0,
     ):
-        draws = []
+        draws, (big, small) = [], JITTERS
         for s in seeds:
             g = torch.Generator().manual_seed(s)
-            first = torch.randint(0, 8, (iterations, 2), generator=g) - 4
-            second = torch.randint(0, 4, (iterations, 2), generator=g) - 2
+            first = (torch.randint(0, big, (iterations, 2), generator=g) - big // 2) * strength
+            second = (torch.randint(0, small, (iterations, 2), generator=g) - small // 2) * strength
             scale = SCALES[torch.randint(0, len(SCALES), (iterations,), generator=g)]
             angle = ANGLES[torch.randint(0, len(ANGLES), (iterations,), generator=g)]
             draws.append(torch.cat([first, second, scale[:, None], angle[:, None]], 1))
@@ -144,11 +151,14 @@ class Canvas:
     image optimized in its middle. A model that takes any size gets the requested size padded
     by PAD; one that takes only some sizes gets the nearest it takes, and the image is shown at
     the requested size afterwards. `padded`: the final image is measured in its canvas (the
-    model does not take the image alone)."""
+    model does not take the image alone). `strength`: lucid's pad and jitters scaled to the
+    image, below 1 only where an input under 152 px leaves no room for them (a CIFAR model's
+    32 px: a 26 px image with 2 px of pad rather than an 8 px one with 12)."""
 
     input: tuple[int, int]
     image: int
     padded: bool
+    strength: float = 1.0
 
 
 def canvas_for(run: Run, size: int) -> Canvas:
@@ -167,4 +177,9 @@ def canvas_for(run: Run, size: int) -> Canvas:
 
 def _fixed_canvas(input_size: tuple[int, int]) -> Canvas:
     side = min(input_size)
-    return Canvas(input_size, side - 2 * PAD if side - 2 * PAD >= 8 else side, True)
+    if side - 2 * PAD >= REFERENCE_SIZE:
+        return Canvas(input_size, side - 2 * PAD, True)
+    # The largest image that fits with a pad in proportion to it.
+    fits = [i for i in range(8, side) if i + 2 * round(PAD * i / REFERENCE_SIZE) <= side]
+    image = max(fits, default=side)
+    return Canvas(input_size, image, True, image / REFERENCE_SIZE)
