@@ -5,8 +5,9 @@
 
 Both render the same units of the same node of the same model (torchvision GoogLeNet and
 ResNet-50 by default, random weights, logged with the Logger and rebuilt with open_run), at the
-same image size, iterations, learning rate and lucid transforms; lucent gets `fixed_image_size`
-equal to our padded canvas so both feed the model the same resolution. Prints units per second
+same image size, iterations, learning rate (the engine's for that many iterations) and lucid
+transforms; lucent gets `fixed_image_size` equal to our padded canvas so both feed the model
+the same resolution. Prints units per second
 for each and their ratio, the ratio of the mean target activation reached (each measured the
 same way, on the final images), the engine's efficiency (a bare forward + backward to the node
 at the engine's batch and canvas, over one engine iteration) and its achieved FLOP rate.
@@ -23,7 +24,7 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import default_device, default_numerics
+from tb_microscope.rendering.engine import default_device, default_numerics, learning_rate
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 
@@ -49,6 +50,7 @@ def lucent_one_at_a_time(run, model, node, units, size, iterations, device):
             model,
             objectives.channel(layer, unit),
             param_f=lambda: param.image(size),
+            optimizer=lambda params: torch.optim.Adam(params, lr=learning_rate(iterations)),
             transforms=transform.standard_transforms + [space],
             thresholds=(iterations,),
             preprocess=False,

@@ -25,6 +25,7 @@ from tb_microscope.rendering.engine import (
     RenderCancelled,
     StopChecks,
     batch_size_for,
+    learning_rate,
     sample_bytes,
 )
 from tb_microscope.rendering.param import PAD, InputSpace
@@ -111,6 +112,18 @@ def test_a_unit_alone_and_in_a_batch_of_sixteen_gives_the_same_image(trained):
     alone = tb_microscope.render(trained, STEPS, "conv1", [5], **options)
     batch = tb_microscope.render(trained, STEPS, "conv1", list(range(16)), **options, batch_size=16)
     np.testing.assert_array_equal(alone.images[0], batch.images[5])
+
+
+def test_a_preview_goes_most_of_the_way_a_longer_render_goes(trained):
+    """A 32-iteration preview takes larger steps than lucid's 0.05, so that it already looks
+    like what its unit becomes rather than like its starting noise."""
+    assert learning_rate(512) == learning_rate(4096) == 0.05
+    assert learning_rate(32) == pytest.approx(0.2) and learning_rate(1) == pytest.approx(0.4)
+    units = list(range(8))
+    preview = tb_microscope.render(trained, STEPS, "pool2", units, size=32, iterations=32)
+    longer = tb_microscope.render(trained, STEPS, "pool2", units, size=32, iterations=256)
+    # with lucid's 0.05 a 32-iteration preview reached about a third of what 256 iterations reach
+    assert preview.activation.mean() > 0.55 * longer.activation.mean() > 0
 
 
 def test_a_cancel_is_heard_within_a_pass_without_a_check_at_every_module():
