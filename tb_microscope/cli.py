@@ -666,8 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality",
         choices=["preview", "full"],
         default="full",
-        help="full: 128 px, 512 iterations; preview: 32 px, 32 iterations, a first look in "
-        "about a hundredth of the time (the tab shows previews until the full render is "
+        help="full: 128 px, 512 iterations; preview: 32 px, 24 iterations, a first look in "
+        "about 1/150 of the time (the tab shows previews until the full render is "
         "there); --size and --iterations override either (default full)",
     )
     render.add_argument("--size", type=int, help="image size in px (default: the quality's)")

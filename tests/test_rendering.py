@@ -22,6 +22,7 @@ from tb_microscope.rendering.engine import (
     BATCH_CAPS,
     CHECKS_PER_PASS,
     MEMORY_SHARE,
+    QUALITIES,
     RenderCancelled,
     StopChecks,
     batch_size_for,
@@ -115,12 +116,14 @@ def test_a_unit_alone_and_in_a_batch_of_sixteen_gives_the_same_image(trained):
 
 
 def test_a_preview_goes_most_of_the_way_a_longer_render_goes(trained):
-    """A 32-iteration preview takes larger steps than lucid's 0.05, so that it already looks
-    like what its unit becomes rather than like its starting noise."""
+    """The preview takes larger steps than lucid's 0.05, so that it already looks like what its
+    unit becomes rather than like its starting noise."""
     assert learning_rate(512) == learning_rate(4096) == 0.05
     assert learning_rate(32) == pytest.approx(0.2) and learning_rate(1) == pytest.approx(0.4)
-    units = list(range(8))
-    preview = tb_microscope.render(trained, STEPS, "pool2", units, size=32, iterations=32)
+    units, quality = list(range(8)), QUALITIES["preview"]
+    preview = tb_microscope.render(
+        trained, STEPS, "pool2", units, size=quality.size, iterations=quality.iterations
+    )
     longer = tb_microscope.render(trained, STEPS, "pool2", units, size=32, iterations=256)
     # with lucid's 0.05 a 32-iteration preview reached about a third of what 256 iterations reach
     assert preview.activation.mean() > 0.55 * longer.activation.mean() > 0
