@@ -36,6 +36,8 @@ import math
 import re
 import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -444,6 +446,46 @@ def check_program(path: Path, *, trusted: bool = False) -> None:
 EXPORT_LOCK = threading.RLock()
 
 
+@contextmanager
+def _parsed_once() -> Iterator[None]:
+    """While held (with EXPORT_LOCK), torch's deserializer parses each symbolic expression of a
+    program once. It parses every size and stride of every node again (and every sub-expression
+    of each, recursively) with sympy, though a program has few distinct ones: a GoogLeNet took
+    19 s to load on a 2-core CPU for 26,564 parses of 130 distinct expressions, 2 s with each
+    parsed once. A repeat gets the first parse's result, which is also what torch's own symbol
+    table hands back for it; only the hint (a size's example value) a later parse may carry is
+    still recorded, as the parse would have. Left as torch's where its deserializer differs."""
+    from torch._export.serde.serialize import GraphModuleDeserializer
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    parse = GraphModuleDeserializer.__dict__.get("_parse_sym_expr")
+    if parse is None or not hasattr(ShapeEnv, "add_backed_var_to_val"):
+        yield
+        return
+
+    def parse_once(self, expr_str, hint=None):
+        table = self.symbol_name_to_symbol
+        owner, parsed = self.__dict__.get("_tb_microscope_parsed", (None, None))
+        if owner is not table:  # a new program: its own symbols
+            parsed = {}
+            self.__dict__["_tb_microscope_parsed"] = (table, parsed)
+        try:
+            sym = parsed.get(expr_str)
+        except TypeError:  # not hashable: parse it as torch would
+            return parse(self, expr_str, hint)
+        if sym is None:
+            sym = parsed[expr_str] = parse(self, expr_str, hint)
+        elif hint is not None and sym not in self.shape_env.backed_var_to_val:
+            self.shape_env.add_backed_var_to_val(sym, hint)
+        return sym
+
+    GraphModuleDeserializer._parse_sym_expr = parse_once
+    try:
+        yield
+    finally:
+        GraphModuleDeserializer._parse_sym_expr = parse
+
+
 def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedProgram:
     """The exported program in `path`, its weights and buffers on the `meta` device (the caller
     puts a snapshot's tensors in their place). Untrusted, it is checked as the module's doc says
@@ -453,12 +495,12 @@ def load_program(path: Path, *, trusted: bool = False) -> torch.export.ExportedP
 
     parts = _read(path, trusted)
     if parts is None:
-        with EXPORT_LOCK:
+        with EXPORT_LOCK, _parsed_once():
             return torch.export.load(str(path))
     program, state, constants = parts
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, program)
-        with EXPORT_LOCK:
+        with EXPORT_LOCK, _parsed_once():
             return ExportedProgramDeserializer().deserialize(serialized, state, constants, None)
     except Exception as e:  # the deserializer raises many types on malformed input
         raise ValueError(f"{path}: the program cannot be read ({type(e).__name__}: {e})") from e

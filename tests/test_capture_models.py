@@ -3,8 +3,14 @@
 import shutil
 
 import pytest
+import sympy
+import torch
 
+import tb_microscope
 from conftest import SCRIPTS, run_python
+from tb_microscope.architecture import load_program
+from tb_microscope.demo.model import SmallCNN
+from tb_microscope.demo.train import train
 
 MODELS = ["alexnet", "googlenet", "resnet18", "mobilenet_v3_small", "custom", "branchy"]
 
@@ -38,3 +44,35 @@ def test_pickled_architecture_is_refused_without_allow_pickle(tmp_path):
     assert (
         "allow_pickle=True" in check.stderr and "runs code from the log directory" in check.stderr
     )
+
+
+def test_each_shape_expression_of_a_program_is_parsed_once(tmp_path, monkeypatch):
+    """torch's deserializer parses a node's size expressions again for every node that has them
+    (a GoogLeNet: 26,564 parses of 130 expressions, 19 s on 2 cores); ours parses each once, and
+    the model it rebuilds computes what the trained one does at any input size."""
+    train(tmp_path / "run", steps=1, log=lambda *_: None)
+    parsed = []
+    sympify = sympy.sympify
+
+    def counting(value, *args, **kwargs):
+        if isinstance(value, str):
+            parsed.append(value)
+        return sympify(value, *args, **kwargs)
+
+    monkeypatch.setattr(sympy, "sympify", counting)
+    program = load_program(tmp_path / "run/plugins/tb_microscope/model.pt2")
+    monkeypatch.undo()
+    assert len(set(parsed)) >= 4, parsed  # the run's sizes are symbolic
+    assert len(parsed) == len(set(parsed))
+    assert any(
+        "s" in str(d) for n in program.graph.nodes for d in getattr(n.meta.get("val"), "shape", ())
+    )
+
+    run = tb_microscope.open_run(tmp_path / "run")
+    rebuilt = run.load_model(run.steps[-1])
+    eager = SmallCNN().eval()
+    eager.load_state_dict(run.load_state_dict(run.steps[-1]))
+    for size in (32, 40):
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x), eager(x))
