@@ -10,7 +10,10 @@ transforms; lucent gets `fixed_image_size` equal to our padded canvas so both fe
 the same resolution. Prints units per second
 for each and their ratio, the ratio of the mean target activation reached (each measured the
 same way, on the final images), the engine's efficiency (a bare forward + backward to the node
-at the engine's batch and canvas, over one engine iteration) and its achieved FLOP rate.
+at the engine's batch and canvas, over one engine iteration), and the FLOP rate each achieves
+next to this machine's fp32 matrix-product rate (torch.matmul of two 2048 x 2048 matrices on all
+threads), about the most convolutions computed as matrix products reach here: that rate over
+lucent's bounds the speed-up of any engine doing the same work.
 """
 
 import argparse
@@ -62,6 +65,22 @@ def lucent_one_at_a_time(run, model, node, units, size, iterations, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, np.stack(images)
+
+
+def matmul_rate(device, repeats: int = 5) -> float:
+    """FLOP/s of the device's fp32 matrix product (2048 x 2048, all threads), the fastest of
+    `repeats`: the ceiling for convolutions computed as matrix products."""
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
 
 
 def flops_per_iteration(run, model, node, batch, size, device) -> int:
@@ -151,6 +170,8 @@ def compare(name, args, device) -> None:
         ours_act = mean_activation(run, model, node, units, ours.images, device)
         lucent_act = mean_activation(run, model, node, units, lucent_images, device)
         flops = flops_per_iteration(run, model, node, batch, args.size, device)
+        lucent_flops = flops_per_iteration(run, model, node, 1, args.size, device)
+        peak = matmul_rate(device)
 
     iteration_s = ours_s / (args.iterations * -(-len(units) // batch))
     total_flops = flops * args.iterations * len(units) / batch
@@ -169,10 +190,14 @@ def compare(name, args, device) -> None:
         f"mean target activation: ours {ours_act.mean():.4f}, lucent {lucent_act.mean():.4f}, "
         f"ratio {ours_act.mean() / lucent_act.mean():.3f}"
     )
+    ours_rate = total_flops / ours_s
+    lucent_rate = lucent_flops * args.iterations * len(units) / lucent_s
     print(
-        f"ours: {total_flops / ours_s / 1e12:.4f} TFLOP/s achieved "
-        f"({flops / 1e9:.2f} GFLOP per iteration of a batch of {batch}, forward + backward "
-        "up to the node)"
+        f"FLOP rate: ours {ours_rate / 1e9:.1f} GFLOP/s, lucent {lucent_rate / 1e9:.1f} GFLOP/s "
+        f"(forward + backward up to the node: {flops / 1e9:.2f} GFLOP per iteration of a batch "
+        f"of {batch}); this machine's fp32 matrix product: {peak / 1e9:.1f} GFLOP/s, so ours "
+        f"runs at {ours_rate / peak:.0%} of it; the same FLOPs at that rate would be "
+        f"{peak / lucent_rate:.1f}x lucent"
     )
 
 
