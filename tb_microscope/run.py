@@ -154,8 +154,10 @@ class Run:
 
     def prepare(self, device: str | torch.device = "cpu") -> None:
         """Load the run's architecture into memory ahead of `load_model`, which then only reads
-        weights: torch.export's loader takes seconds for a large model (5 to 7 s for a
-        ResNet-50 on a 2-core CPU), and the program is kept in the run's memory. Does nothing
+        weights: torch.export's loader takes seconds for a large model (about 2 s for a
+        ResNet-50 or a GoogLeNet on a 2-core CPU, and 3 s of imports the first time in a
+        process),
+        and the program is kept in the run's memory. Does nothing
         for a pickled architecture (nothing to keep)."""
         if self.manifest.model.architecture.kind == EXPORT:
             self._architecture(torch.device(device))
