@@ -156,9 +156,8 @@ class Run:
         """Load the run's architecture into memory ahead of `load_model`, which then only reads
         weights: torch.export's loader takes seconds for a large model (about 2 s for a
         ResNet-50 or a GoogLeNet on a 2-core CPU, and 3 s of imports the first time in a
-        process),
-        and the program is kept in the run's memory. Does nothing
-        for a pickled architecture (nothing to keep)."""
+        process), and the program is kept in the run's memory. Does nothing for a pickled
+        architecture (nothing to keep)."""
         if self.manifest.model.architecture.kind == EXPORT:
             self._architecture(torch.device(device))
 
