@@ -2,6 +2,7 @@
 
     python benchmarks/numerics.py                                  # CPU: oneDNN x channels-last
     python benchmarks/numerics.py --device cuda --size 224 --iterations 128 --batches 1 4 16 64
+    python benchmarks/numerics.py --threads 4 --batches 1 2 4 16   # CPU threads other than all
 
 For each option (on the CPU: oneDNN's or PyTorch's own convolutions, NNPACK's for batches of 16
 and more or not, channels-last input or not; on
@@ -77,7 +78,8 @@ def measure(run, model, node, numerics, args, device) -> dict:
         if batch == 1:
             continue
         inside = full if batch == largest else images(units[:batch], batch)
-        d = np.abs(inside[: len(check)] - alone)
+        n = min(batch, len(check))  # a batch smaller than --check compares its own units
+        d = np.abs(inside[:n] - alone[:n])
         differences[batch] = (d.mean(), d.max())
     return {
         "seconds": seconds,
@@ -96,12 +98,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--check", type=int, default=4, help="units compared with renders alone")
     parser.add_argument("--options", nargs="+", help="only these options (by their label)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chosen = default_numerics(device)
     print(
         f"{device}, {args.size} px, {args.iterations} iterations, {max(args.batches)} units; "
-        f"difference from the render alone, uint8 levels (mean / max); torch {torch.__version__}"
+        f"difference from the render alone, uint8 levels (mean / max); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
     )
     for name in args.models:
         build, node = MODELS[name]

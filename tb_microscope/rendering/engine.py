@@ -40,8 +40,8 @@ from .techniques import Technique, channel, class_token, get_technique
 
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
-# iterations
-ENGINE_VERSION = 4
+# iterations; 5: each image its own tensor (a batch-mate changed images of some sizes)
+ENGINE_VERSION = 5
 LEARNING_RATE = 0.05  # lucid's, for renders of FULL_ITERATIONS and more
 FULL_ITERATIONS = 512
 MAX_STEP_GAIN = 8.0
@@ -348,7 +348,7 @@ def optimize(
     )
     tap = NodeTap(model, node)
     unit_index = torch.tensor(targets, device=device)
-    optimizer = torch.optim.Adam([param.spectrum], lr=learning_rate(iterations))
+    optimizer = torch.optim.Adam(param.spectra, lr=learning_rate(iterations))
     numerics = numerics or default_numerics(device)
     channels_last = numerics.channels_last and node.kind == "spatial"
     with StopChecks(model, should_stop) as stop:

@@ -67,26 +67,37 @@ class InputSpace:
 
 
 class FourierImages:
-    """lucid's image parameterization for a batch: one spectrum per image, seeded per image."""
+    """lucid's image parameterization for a batch: one spectrum per image, seeded per image.
+
+    Each image is its own tensor, made into pixels on its own and stepped by the optimizer on
+    its own: PyTorch's element-wise kernels compute the values past the last whole vector of a
+    tensor with scalar code, which rounds some functions (sigmoid, Adam's arithmetic)
+    differently, so in one tensor for the batch an image whose size is not a whole number of
+    vectors (3 x 26 x 26 values) would change with its place in the batch."""
 
     def __init__(self, seeds: Sequence[int], channels: int, size: int, device: torch.device):
         freqs = frequency_grid(size, size)
-        shape = (channels, *freqs.shape, 2)
-        spectra = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(s)) * 0.01 for s in seeds
+        shape = (1, channels, *freqs.shape, 2)
+        self.spectra = [
+            (torch.randn(shape, generator=torch.Generator().manual_seed(s)) * 0.01)
+            .to(device)
+            .requires_grad_(True)
+            for s in seeds
         ]
-        self.spectrum = torch.stack(spectra).to(device).requires_grad_(True)
         scale = 1.0 / np.maximum(freqs, 1.0 / size)
         self.scale = torch.tensor(scale, dtype=torch.float32, device=device)[None, None, ..., None]
         self.size = size
         self.colour = torch.tensor(COLOUR_CORRELATION.T, device=device) if channels == 3 else None
 
-    def __call__(self) -> torch.Tensor:
-        spectrum = torch.view_as_complex(self.scale * self.spectrum)
+    def image(self, spectrum: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.view_as_complex(self.scale * spectrum)
         image = torch.fft.irfftn(spectrum, s=(self.size, self.size), norm="ortho") / 4.0
         if self.colour is not None:
             image = torch.einsum("nchw,cd->ndhw", image, self.colour)
         return torch.sigmoid(image)
+
+    def __call__(self) -> torch.Tensor:
+        return torch.cat([self.image(spectrum) for spectrum in self.spectra])
 
 
 class RandomTransforms:
