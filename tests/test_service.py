@@ -143,6 +143,7 @@ def test_a_request_goes_through_the_sweep_planner_and_draws_what_the_cli_draws(r
     work = group_of(service, run_dir, 2, iterations=24, node="conv2")
     units = list(range(4, 24))
     wait(lambda: all(s["status"] == "done" for s in service.request(work, units).values()), 240)
+    wait(service.idle, 30)  # the images are on disk a moment before the render is counted
     assert service.stats["renders"] == 1 and service.stats["units_rendered"] == 20
     run = Run(run_dir)
     rendered, interrupted = render_jobs(
