@@ -354,10 +354,12 @@ def _input_dims(ep: torch.export.ExportedProgram) -> list[dict]:
     return dims
 
 
-def _outputs_match(model: nn.Module, ep: torch.export.ExportedProgram, x: torch.Tensor) -> bool:
+def _outputs_match(model: nn.Module, program: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `program` (the unflattened export, as a reader rebuilds it) computes `model`'s
+    outputs at `x`."""
     with eval_mode(model), torch.no_grad():
         expected = _pytree.tree_leaves(model(x))
-        got = _pytree.tree_leaves(ep.module()(x))
+        got = _pytree.tree_leaves(program(x))
     return len(expected) == len(got) and all(
         torch.allclose(e, g, rtol=1e-4, atol=1e-5)
         for e, g in zip(expected, got)
@@ -421,12 +423,12 @@ def _try_export(model, example, nodes, spatial: bool):
     x = _export_example(example)
     with eval_mode(model):
         ep = torch.export.export(model, (x,), dynamic_shapes=(_dynamic_dims(x, spatial),))
-    if not _outputs_match(model, ep, x):
+    module = torch.export.unflatten(ep)
+    if not _outputs_match(model, module, x):
         raise RuntimeError("the exported program's output differs from the model's")
     objects = [k for k, v in ep.constants.items() if not isinstance(v, torch.Tensor)]
     if objects:  # a script object or opaque constant could be stored only as a pickle
         raise RuntimeError(f"the program holds non-tensor constants ({summarize(objects)})")
-    module = torch.export.unflatten(ep)
     lost = [n.name for n in nodes if not _has_submodule(module, n.name)]
     if lost:
         raise RuntimeError(f"export did not keep the submodules {summarize(lost)}")
@@ -536,6 +538,72 @@ def _runs_at_another_size(
     return True
 
 
+def _spatial_bound(dims: list[dict]) -> int | None:
+    """The largest height or width the program takes (the smaller of the two), None if any."""
+    bounds = [d["max"] for d in dims if d["name"] in ("height", "width")]
+    return min(bounds) if len(bounds) == 2 and None not in bounds else None
+
+
+class _NotExported(Exception):
+    """An export attempt failed; the message says how, for the capture's note."""
+
+    def __init__(self, note: str, timed_out: bool = False):
+        super().__init__(note)
+        self.timed_out = timed_out
+
+
+def _export(model, example, nodes, spatial: bool, budget: float):
+    """(program, archive, dims) of `model` exported at `example`, with a dynamic batch and, if
+    `spatial`, height and width (then for at most `budget` seconds); or `_NotExported`."""
+    spatial = spatial and example.dim() == 4
+    what = "with dynamic height/width" if spatial else "with a dynamic batch"
+    try:
+        with time_limit(budget if spatial else None):
+            ep = _try_export(model, example, nodes, spatial)
+    except ExportTimeout as e:
+        raise _NotExported(f"{what} took over {budget:.0f}s", timed_out=True) from e
+    except Exception as e:  # export raises many types; each means "try the next way"
+        raise _NotExported(f"{what} failed ({_first_line(e)})") from e
+    try:
+        archive = program_archive(ep)
+    except Exception as e:  # a constant the archive cannot hold without a pickle
+        raise _NotExported(f"{what}: the program cannot be stored ({_first_line(e)})") from e
+    return ep, archive, _input_dims(ep)
+
+
+def _takes_larger(dims: list[dict], than: list[dict]) -> bool:
+    bound = _spatial_bound(dims)
+    return bound is None or bound > _spatial_bound(than)
+
+
+def _export_wider(model, example, nodes, budget: float):
+    """(program, archive, dims) exported at twice the example's height and width, if that
+    program also takes the example's size and computes the model's outputs there; else None.
+
+    Export decides from the sizes it traces at. Where the last feature map is 1 x 1 at the
+    example's size (ResNet-50 at 32 px), the layouts' "this size is 1" becomes the program's
+    range, inputs no larger than the example, which the rebuilt program enforces; at twice the
+    size "not 1" is a guard it does not enforce, and the range is any size from 2 up. Where
+    sympy cannot solve a size's constraints at the example's size (AlexNet at 64 px), it may at
+    twice the size. The outputs are checked at both sizes."""
+    h, w = example.shape[2:]
+    larger = F.interpolate(_export_example(example), size=(2 * h, 2 * w), mode="bilinear")
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(larger)  # a model that refuses the size costs no export
+        ep, archive, dims = _export(model, larger, nodes, True, budget)
+        if not _outputs_match(model, torch.export.unflatten(ep), _export_example(example)):
+            return None
+    except Exception:  # any failure keeps what the example's size gave
+        return None
+    takes = {d["name"]: d for d in dims}
+    for name, size in zip(("height", "width"), (h, w)):
+        d = takes[name]
+        if d["size"] is not None or not d["min"] <= size <= (d["max"] or size):
+            return None
+    return ep, archive, dims
+
+
 # How long the attempt with dynamic height and width may take (Swin's takes minutes); the
 # environment variable TB_MICROSCOPE_EXPORT_BUDGET sets another number of seconds.
 EXPORT_BUDGET_S = 20.0
@@ -561,31 +629,31 @@ def capture(
         for spatial in (True, False):
             if not spatial and example.dim() != 4:
                 break
-            what = (
-                "with dynamic height/width"
-                if spatial and example.dim() == 4
-                else "with a dynamic batch"
-            )
+            spatial_image = spatial and example.dim() == 4
             try:
-                with time_limit(budget if spatial and example.dim() == 4 else None):
-                    ep = _try_export(model, example, nodes, spatial)
-            except ExportTimeout:
-                notes.append(f"{what} took over {budget:.0f}s")
-                continue
-            except Exception as e:  # export raises many types; each means "try the next way"
-                notes.append(f"{what} failed ({_first_line(e)})")
-                continue
-            try:
-                archive = program_archive(ep)
-            except Exception as e:  # a constant the archive cannot hold without a pickle
-                notes.append(f"{what}: the program cannot be stored ({_first_line(e)})")
-                continue
-            dims = _input_dims(ep)
+                ep, archive, dims = _export(model, example, nodes, spatial, budget)
+            except _NotExported as e:
+                wider = None
+                if spatial_image and not e.timed_out:
+                    wider = _export_wider(model, example, nodes, budget)
+                if wider is None:
+                    notes.append(str(e))
+                    continue
+                ep, archive, dims = wider
+            if spatial_image and _spatial_bound(dims) is not None:
+                wider = _export_wider(model, example, nodes, budget)
+                if wider is not None and _takes_larger(wider[2], dims):
+                    ep, archive, dims = wider
             sizes = {d["name"]: d["size"] for d in dims}
             if example.dim() == 4 and sizes.get("height") is None:
                 if not _runs_at_another_size(ep, example, dims):
                     dims = _fix_sizes(dims, example)
                     notes.append("the program runs at the example's height and width only")
+                elif _spatial_bound(dims) is not None:
+                    most = {d["name"]: d["max"] for d in dims}
+                    notes.append(
+                        f"the program takes inputs of at most {most['height']}x{most['width']}"
+                    )
             return Capture(
                 EXPORT, archive, None, dims, exported_edges(ep, names), "; ".join(notes) or None
             )

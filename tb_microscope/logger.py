@@ -426,6 +426,8 @@ class Logger:
                     f"captured {name} for {fixed['height']}x{fixed['width']} inputs only "
                     f"({result.note}); it is rendered at that size."
                 )
+            elif any(d["max"] is not None for d in result.dims if d["name"] == "height"):
+                _say(f"captured {name} ({result.note}); pictures are rendered within that size.")
         self._writer.submit(ManifestJob(self._manifest(result), self._architecture_writer(result)))
 
     def _architecture_writer(self, result: Capture):

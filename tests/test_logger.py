@@ -315,6 +315,52 @@ def test_export_falls_back_to_a_pickle_with_a_warning(tmp_path):
     assert torch.equal(rebuilt(x), model(x))
 
 
+class Funnel(nn.Module):
+    """Four stride-2 convolutions: 1 x 1 at 16 px, where export would guard the size to <= 16.
+    With `most`, the model itself refuses inputs larger than that many pixels."""
+
+    def __init__(self, most: int | None = None):
+        super().__init__()
+        self.most = most
+        self.convs = nn.Sequential(*(nn.Conv2d(3 if i == 0 else 6, 6, 3, 2, 1) for i in range(4)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.most is not None:
+            torch._check(x.shape[-1] <= self.most)
+        return self.fc(self.pool(torch.relu(self.convs(x))).flatten(1))
+
+
+@pytest.mark.parametrize("most", [None, 20])
+def test_a_model_whose_last_map_is_one_pixel_at_the_example_still_takes_larger_inputs(
+    tmp_path, most
+):
+    torch.manual_seed(0)
+    model = Funnel(most).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 16, 16)) as logger:
+            logger.log(0)
+    said = " ".join(str(w.message) for w in caught)
+    run = tb_microscope.open_run(tmp_path)
+    height, width = run.input_spec.dim("height"), run.input_spec.dim("width")
+    assert run.architecture == "export" and height["size"] is None
+    assert height["min"] <= 16 and width["min"] <= 16
+    rebuilt = run.load_model(0)
+    sizes = (16, 12) if most else (16, 12, 64, 96)
+    for size in sizes:
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-6)
+    if most is None:
+        assert (height["max"], width["max"]) == (None, None)
+        assert "captured" not in said
+    else:  # the model refuses twice the size: the first program's bound is kept, and said
+        assert (height["max"], width["max"]) == (16, 16)
+        assert "at most" in said and "rendered within that size" in said, said
+
+
 def test_open_run_on_a_directory_without_our_data_says_what_to_do(tmp_path):
     with pytest.raises(tb_microscope.RunNotFoundError) as err:
         tb_microscope.open_run(tmp_path)
