@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 import tb_microscope
 from conftest import train_step
+from tb_microscope.capture import ExportTimeout, time_limit
 from tb_microscope.runstore import FORMAT_VERSION, SUMMARY_TAG, RunStore
 from tb_microscope.schedule import DenseEarly, make_schedule
 
@@ -359,6 +361,25 @@ def test_a_model_whose_last_map_is_one_pixel_at_the_example_still_takes_larger_i
     else:  # the model refuses twice the size: the first program's bound is kept, and said
         assert (height["max"], width["max"]) == (16, 16)
         assert "at most" in said and "rendered within that size" in said, said
+
+
+def test_the_export_budget_counts_the_exporting_threads_cpu_time_not_the_clock(tiny, example):
+    """A machine busy with training slows the export's clock, not its CPU time: the budget does
+    not run out while the thread waits, and does when it has worked past it."""
+    dims = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+    torch.export.export(tiny.eval(), (example,), dynamic_shapes=dims)  # first-time imports
+    start = time.thread_time()
+    torch.export.export(tiny.eval(), (example,), dynamic_shapes=dims)
+    budget = 3 * (time.thread_time() - start) + 0.5  # ample for the export itself
+    with time_limit(budget):
+        time.sleep(budget + 0.5)  # the clock passes the budget; the thread's CPU time does not
+        program = torch.export.export(tiny.eval(), (example,), dynamic_shapes=dims)
+    assert program.module()(example).shape == (4, 5)
+    with pytest.raises(ExportTimeout), time_limit(budget):
+        start = time.thread_time()
+        while time.thread_time() - start < budget + 0.1:  # work past the budget
+            pass
+        torch.export.export(tiny.eval(), (example,), dynamic_shapes=dims)
 
 
 def test_open_run_on_a_directory_without_our_data_says_what_to_do(tmp_path):
