@@ -142,8 +142,10 @@ def test_a_killed_actor_is_replaced_and_a_stopped_sweep_resumes(logdir, cluster,
     assert "interrupted:" in err and "run the same command again to resume" in err
     done = len(files(tmp_path / "resumed"))
     assert 8 <= done < total
-    time.sleep(1)
-    assert not actor_pids()  # its actors were stopped with it
+    deadline = time.monotonic() + 30  # its actors were stopped with it (their processes end)
+    while actor_pids():
+        assert time.monotonic() < deadline, actor_pids()
+        time.sleep(0.1)
     proc = start(logdir, tmp_path / "resumed", cluster)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
