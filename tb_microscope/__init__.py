@@ -9,6 +9,8 @@ show how nodes and units change over training and match units across runs.
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
+
 from .errors import (  # noqa: E402
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -18,8 +20,6 @@ from .errors import (  # noqa: E402
     RunNotFoundError,
     StepNotFoundError,
 )
-from .logger import Logger, SnapshotWriteError  # noqa: E402
-from .run import Run, find_runs, open_run  # noqa: E402
 
 __all__ = [
     "CorruptSnapshotError",
@@ -45,6 +45,16 @@ __all__ = [
     "unit_weights",
 ]
 
+# Each public name and the module it comes from, loaded on first use: `tb-microscope --help`
+# and a training script's `import tb_microscope` do not import torch until they need it, nor
+# the image and optimization code at all unless they render.
+_LAZY = {
+    "Logger": "logger",
+    "SnapshotWriteError": "logger",
+    "Run": "run",
+    "find_runs": "run",
+    "open_run": "run",
+}
 _RENDERING = {
     "RenderCache",
     "UnitIndexError",
@@ -59,10 +69,7 @@ _RENDERING = {
 
 
 def __getattr__(name: str):
-    """The rendering API loads on first use, so a training script importing the Logger stays
-    light (no image or optimization code)."""
-    if name in _RENDERING:
-        from . import rendering
-
-        return getattr(rendering, name)
+    if name in _LAZY or name in _RENDERING:
+        module = importlib.import_module(f".{_LAZY.get(name, 'rendering')}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'tb_microscope' has no attribute {name!r}")

@@ -21,13 +21,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import MicroscopeError
-from .mlflow_store import is_mlflow_uri
-from .run import Run, find_runs, open_run
-from .runstore import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from .run import Run
+
+# Commands import what they use (torch among it, 4 s here) when they run, so that `--help` and
+# a mistyped command answer at once.
 
 
 def _steps_line(steps: list[int]) -> str:
@@ -41,6 +45,8 @@ def _shape(shape) -> str:
 
 
 def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
+    from .mlflow_store import is_mlflow_uri
+
     m = run.manifest
     arch = m.model.architecture
     if is_mlflow_uri(run.name):
@@ -80,6 +86,9 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .mlflow_store import is_mlflow_uri
+    from .run import Run, find_runs, open_run
+
     if is_mlflow_uri(args.logdir):
         run = open_run(args.logdir, allow_pickle=args.allow_pickle)
         print(describe(run, run.path, args.all_nodes))
@@ -149,8 +158,10 @@ class Progress:
 def cmd_render(args: argparse.Namespace) -> int:
     import torch
 
+    from .mlflow_store import is_mlflow_uri
     from .rendering import get_technique
     from .rendering.engine import QUALITIES, display_bands
+    from .run import find_runs, open_run
 
     mlflow = is_mlflow_uri(args.logdir)
     if args.log_to_mlflow and not mlflow:
@@ -395,6 +406,9 @@ def render_jobs(
 
 def open_one_run(text: str, allow_pickle: bool) -> Run:
     """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
+    from .mlflow_store import is_mlflow_uri
+    from .run import Run, find_runs, open_run
+
     if is_mlflow_uri(text):
         return open_run(text, allow_pickle=allow_pickle)
     path = Path(text)
@@ -417,6 +431,8 @@ def _number(value) -> str:
 
 
 def _write_output(text: str, output: str | None) -> None:
+    from .runstore import write_bytes_atomic
+
     if output:
         write_bytes_atomic(Path(output), text.encode())
         print(f"wrote {output}", file=sys.stderr)
@@ -569,6 +585,7 @@ DEMO_SIZE = 48  # what the demo renders ahead and serves: quick on a CPU
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.train import train
+    from .run import Run
 
     start = time.monotonic()
     logdir = Path(args.logdir)

@@ -47,3 +47,29 @@ def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
         if line.startswith("Provides-Extra:")
     }
     assert {"lightning", "mlflow", "ray", "test", "bench"} <= extras, extras
+
+
+def test_help_and_a_mistyped_command_answer_without_importing_torch():
+    """`tb-microscope --help` (and the package's import) load no torch: it answers at once."""
+    check = (
+        "import sys, contextlib, io\n"
+        "import tb_microscope\n"
+        "from tb_microscope.cli import main\n"
+        "for argv in (['--help'], ['render', '--help'], ['rendr']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "    print(out.getvalue())\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+        "print(tb_microscope.Logger.__name__, 'torch loaded:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "{info,render,dynamics,align,demo}" in proc.stdout
+    assert "--iterations" in proc.stdout  # render's own help
+    assert "invalid choice: 'rendr'" in proc.stdout
+    assert "torch loaded: False\nLogger torch loaded: True" in proc.stdout, proc.stdout
