@@ -637,7 +637,7 @@ def capture(
             spatial_image = spatial and example.dim() == 4
             try:
                 ep, archive, dims = _export(model, example, nodes, spatial, budget)
-            except _NotExported as e:
+            except _NotExported as e:  # at twice the size, export may succeed (once tried)
                 wider = None
                 if spatial_image and not e.timed_out:
                     wider = _export_wider(model, example, nodes, budget)
@@ -645,10 +645,11 @@ def capture(
                     notes.append(str(e))
                     continue
                 ep, archive, dims = wider
-            if spatial_image and _spatial_bound(dims) is not None:
-                wider = _export_wider(model, example, nodes, budget)
-                if wider is not None and _takes_larger(wider[2], dims):
-                    ep, archive, dims = wider
+            else:
+                if spatial_image and _spatial_bound(dims) is not None:
+                    wider = _export_wider(model, example, nodes, budget)
+                    if wider is not None and _takes_larger(wider[2], dims):
+                        ep, archive, dims = wider
             sizes = {d["name"]: d["size"] for d in dims}
             if example.dim() == 4 and sizes.get("height") is None:
                 if not _runs_at_another_size(ep, example, dims):
