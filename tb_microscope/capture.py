@@ -419,12 +419,13 @@ def exported_edges(ep: torch.export.ExportedProgram, names: set[str]) -> list[tu
     return sorted(innermost_edges(edges))
 
 
-def _try_export(model, example, nodes, spatial: bool):
+def _try_export(model, example, nodes, spatial: bool, also: torch.Tensor | None = None):
+    """The program exported at `example`, checked there (and at `also`, another input)."""
     x = _export_example(example)
     with eval_mode(model):
         ep = torch.export.export(model, (x,), dynamic_shapes=(_dynamic_dims(x, spatial),))
     module = torch.export.unflatten(ep)
-    if not _outputs_match(model, module, x):
+    if not all(_outputs_match(model, module, y) for y in (x, also) if y is not None):
         raise RuntimeError("the exported program's output differs from the model's")
     objects = [k for k, v in ep.constants.items() if not isinstance(v, torch.Tensor)]
     if objects:  # a script object or opaque constant could be stored only as a pickle
@@ -554,15 +555,15 @@ class _NotExported(Exception):
         self.timed_out = timed_out
 
 
-def _export(model, example, nodes, spatial: bool, budget: float):
+def _export(model, example, nodes, spatial: bool, budget: float, also=None):
     """(program, archive, dims) of `model` exported at `example`, with a dynamic batch and, if
-    `spatial`, height and width (then for at most `budget` seconds of CPU time); or
-    `_NotExported`."""
+    `spatial`, height and width (then for at most `budget` seconds of CPU time), its outputs
+    checked at `example` and `also`; or `_NotExported`."""
     spatial = spatial and example.dim() == 4
     what = "with dynamic height/width" if spatial else "with a dynamic batch"
     try:
         with time_limit(budget if spatial else None):
-            ep = _try_export(model, example, nodes, spatial)
+            ep = _try_export(model, example, nodes, spatial, also)
     except ExportTimeout as e:
         raise _NotExported(f"{what} took over {budget:.0f} s of CPU time", timed_out=True) from e
     except Exception as e:  # export raises many types; each means "try the next way"
@@ -594,9 +595,7 @@ def _export_wider(model, example, nodes, budget: float):
     try:
         with eval_mode(model), torch.no_grad():
             model(larger)  # a model that refuses the size costs no export
-        ep, archive, dims = _export(model, larger, nodes, True, budget)
-        if not _outputs_match(model, torch.export.unflatten(ep), _export_example(example)):
-            return None
+        ep, archive, dims = _export(model, larger, nodes, True, budget, _export_example(example))
     except Exception:  # any failure keeps what the example's size gave
         return None
     takes = {d["name"]: d for d in dims}
