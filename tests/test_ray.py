@@ -42,10 +42,10 @@ def logdir(tmp_path_factory):
     return root
 
 
-def render(logdir, cache: Path, *extra, check=True):
+def render(logdir, cache: Path, *extra, check=True, env=None):
     return run_python(
         "-m", "tb_microscope.cli", "render", logdir, "--steps", "0,2,4", "--cache-dir", cache,
-        *extra, check=check,
+        *extra, check=check, env=env,
     )  # fmt: skip
 
 
@@ -65,7 +65,9 @@ def cluster(tmp_path_factory):
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_a_sweep_on_a_local_ray_cluster_writes_exactly_the_in_process_files(logdir, tmp_path):
+def test_a_sweep_on_a_local_ray_cluster_writes_exactly_the_in_process_files(
+    logdir, cluster, tmp_path
+):
     everything = ["--nodes", "conv1", "conv2", *RENDER]
     render(logdir, tmp_path / "here", *everything)
     proc = render(logdir, tmp_path / "ray", *everything, "--ray", "local")
@@ -85,8 +87,9 @@ def test_a_sweep_on_a_local_ray_cluster_writes_exactly_the_in_process_files(logd
     data[-10] ^= 0xFF  # the contents no longer match the checksum written with them
     snapshot.write_bytes(bytes(data))
     proc = render(
-        broken, tmp_path / "bad", "--nodes", "conv1", *RENDER, "--ray", "local", check=False
-    )
+        broken, tmp_path / "bad", "--nodes", "conv1", *RENDER, "--ray", cluster, check=False,
+        env=RAY_ENV,
+    )  # fmt: skip
     assert proc.returncode != 0
     assert re.search(
         r"Ray actor \d could not render conv1 units 0-7 at step 2 of .*/b: ", proc.stderr
