@@ -155,7 +155,26 @@ class Progress:
         self.stream.write("\n")
 
 
+def _check_render_syntax(args: argparse.Namespace) -> None:
+    """Refuse what is wrong in the arguments themselves before anything heavy is imported (torch
+    alone takes seconds): a typo is answered at once."""
+    for what in ("steps", "units"):
+        parse_indexes(getattr(args, what), 0, what)  # syntax only: nothing is below 0
+    if args.size is not None and not 8 <= args.size <= 1024:
+        raise MicroscopeError(f"--size must be from 8 to 1024; got {args.size}")
+    if args.iterations is not None and not 1 <= args.iterations <= 100_000:
+        raise MicroscopeError(f"--iterations must be from 1 to 100000; got {args.iterations}")
+    if args.bands:
+        try:
+            tuple(int(b) for b in args.bands.split(","))
+        except ValueError:
+            raise MicroscopeError(
+                f"--bands takes three channel numbers like 3,2,1; got {args.bands!r}"
+            ) from None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
+    _check_render_syntax(args)
     import torch
 
     from .mlflow_store import is_mlflow_uri
@@ -186,22 +205,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     quality = QUALITIES[args.quality]
     args.size = quality.size if args.size is None else args.size
     args.iterations = quality.iterations if args.iterations is None else args.iterations
-    if not 8 <= args.size <= 1024 or not 1 <= args.iterations <= 100_000:
-        raise MicroscopeError("--size must be from 8 to 1024 and --iterations from 1 to 100000")
     devices = None
     if args.device:
         try:
             devices = [torch.device(d.strip()) for d in args.device.split(",")]
         except RuntimeError as e:
             raise MicroscopeError(f"--device {args.device!r}: {e}") from None
-    bands = None
-    if args.bands:
-        try:
-            bands = tuple(int(b) for b in args.bands.split(","))
-        except ValueError:
-            raise MicroscopeError(
-                f"--bands takes three channel numbers like 3,2,1; got {args.bands!r}"
-            ) from None
+    bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
     opened = []
     for path in runs:  # one broken run does not stop the others
         try:

@@ -50,12 +50,16 @@ def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
 
 
 def test_help_and_a_mistyped_command_answer_without_importing_torch():
-    """`tb-microscope --help` (and the package's import) load no torch: it answers at once."""
+    """`tb-microscope --help`, a mistyped command or render option (and the package's import)
+    load no torch: they answer at once."""
     check = (
         "import sys, contextlib, io\n"
         "import tb_microscope\n"
         "from tb_microscope.cli import main\n"
-        "for argv in (['--help'], ['render', '--help'], ['rendr']):\n"
+        "for argv in (['--help'], ['render', '--help'], ['rendr'],\n"
+        "             ['render', '.', '--units', '0-3,x'], ['render', '.', '--steps', '5-x'],\n"
+        "             ['render', '.', '--size', '2000'], ['render', '.', '--iterations', '0'],\n"
+        "             ['render', '.', '--bands', 'red,green,blue']):\n"
         "    out = io.StringIO()\n"
         "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
         "        try:\n"
@@ -72,4 +76,9 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch():
     assert "{info,render,dynamics,align,demo}" in proc.stdout
     assert "--iterations" in proc.stdout  # render's own help
     assert "invalid choice: 'rendr'" in proc.stdout
+    assert "--units takes numbers and ranges like 0-15,32; got '0-3,x'" in proc.stdout
+    assert "--steps takes numbers and ranges like 0-15,32; got '5-x'" in proc.stdout
+    assert "--size must be from 8 to 1024; got 2000" in proc.stdout
+    assert "--iterations must be from 1 to 100000; got 0" in proc.stdout
+    assert "--bands takes three channel numbers like 3,2,1; got 'red,green,blue'" in proc.stdout
     assert "torch loaded: False\nLogger torch loaded: True" in proc.stdout, proc.stdout
