@@ -221,10 +221,14 @@ class Cuttable:
         while True:
             try:
                 client, _ = listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
                 if self._listener is not listener:
                     return  # cut
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                _drop(client)  # the server itself is not there: neither is the forwarder
                 continue
             with self._lock:
                 if self._listener is not listener:  # cut meanwhile
