@@ -113,17 +113,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def parse_indexes(text: str, limit: int, what: str) -> list[int]:
-    """`all`, or a comma list of numbers and ranges (`0-15,32`), checked against `limit`."""
+    """`all`, or a comma list of numbers and ranges (`0-15,32`; `64-`: from 64 on), checked
+    against `limit`."""
     if text == "all":
         return list(range(limit))
     out = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
         try:
-            first, last = int(lo), int(hi or lo)
+            first = int(lo)
+            last = int(hi) if hi else limit - 1 if dash else first
         except ValueError:
             raise MicroscopeError(
-                f"--{what} takes numbers and ranges like 0-15,32; got {text!r}"
+                f"--{what} takes numbers and ranges like 0-15,32 or 64-; got {text!r}"
             ) from None
         out.extend(range(max(first, 0), min(last, limit - 1) + 1))  # never past the limit
     return list(dict.fromkeys(out))
@@ -680,9 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("logdir", help="a log directory, a run directory or runs:/<MLflow run id>")
     render.add_argument("--runs", nargs="+", help="run names (default: all runs)")
-    render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 (default: all)")
+    render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 or 2000- (default: all)")
     render.add_argument("--nodes", nargs="+", help="node names (default: every node)")
-    render.add_argument("--units", default="all", help="e.g. 0-15,32 (default: all)")
+    render.add_argument("--units", default="all", help="e.g. 0-15,32 or 64- (default: all)")
     render.add_argument(
         "--technique",
         default="channel",
@@ -769,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dynamics.add_argument("run", help="a run directory (or a log directory with one run)")
     dynamics.add_argument("--node", help="one node's units (default: every node's CKA)")
-    dynamics.add_argument("--steps", default="all", help="e.g. 0-1000,5000 (default: all)")
+    dynamics.add_argument("--steps", default="all", help="e.g. 0-1000,5000 or 2000- (default: all)")
     dynamics.add_argument("--cache-dir", help="cache root (default: in the run, else ~/.cache)")
     output_options(dynamics)
     dynamics.set_defaults(func=cmd_dynamics)
