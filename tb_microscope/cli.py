@@ -168,7 +168,7 @@ def _check_render_syntax(args: argparse.Namespace) -> None:
         raise MicroscopeError(f"--iterations must be from 1 to 100000; got {args.iterations}")
     if args.bands:
         try:
-            tuple(int(b) for b in args.bands.split(","))
+            args.bands = tuple(int(b) for b in args.bands.split(","))
         except ValueError:
             raise MicroscopeError(
                 f"--bands takes three channel numbers like 3,2,1; got {args.bands!r}"
@@ -213,7 +213,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             devices = [torch.device(d.strip()) for d in args.device.split(",")]
         except RuntimeError as e:
             raise MicroscopeError(f"--device {args.device!r}: {e}") from None
-    bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
+    bands = args.bands or None  # made a tuple by _check_render_syntax
     opened = []
     for path in runs:  # one broken run does not stop the others
         try:
