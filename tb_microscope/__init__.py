@@ -52,7 +52,7 @@ _LAZY = {
     "Logger": "logger",
     "SnapshotWriteError": "logger",
     "Run": "run",
-    "find_runs": "run",
+    "find_runs": "paths",
     "open_run": "run",
 }
 _RENDERING = {

@@ -45,7 +45,7 @@ def _shape(shape) -> str:
 
 
 def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
-    from .mlflow_store import is_mlflow_uri
+    from .paths import is_mlflow_uri
 
     m = run.manifest
     arch = m.model.architecture
@@ -86,15 +86,16 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .mlflow_store import is_mlflow_uri
-    from .run import Run, find_runs, open_run
+    from .paths import find_runs, is_mlflow_uri
 
     if is_mlflow_uri(args.logdir):
+        from .run import open_run
+
         run = open_run(args.logdir, allow_pickle=args.allow_pickle)
         print(describe(run, run.path, args.all_nodes))
         return 0
     logdir = Path(args.logdir)
-    runs = find_runs(logdir)
+    runs = find_runs(logdir)  # before torch is imported: nothing there is said at once
     if not runs:
         print(
             f"no tb_microscope runs under '{logdir}' (looked for "
@@ -102,6 +103,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    from .run import Run
+
     for i, path in enumerate(runs):
         if i:
             print()
@@ -176,14 +179,9 @@ def _check_render_syntax(args: argparse.Namespace) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .paths import find_runs, is_mlflow_uri
+
     _check_render_syntax(args)
-    import torch
-
-    from .mlflow_store import is_mlflow_uri
-    from .rendering import get_technique
-    from .rendering.engine import QUALITIES, display_bands
-    from .run import find_runs, open_run
-
     mlflow = is_mlflow_uri(args.logdir)
     if args.log_to_mlflow and not mlflow:
         raise MicroscopeError(
@@ -197,6 +195,12 @@ def cmd_render(args: argparse.Namespace) -> int:
         runs = [r for r in runs if str(r.relative_to(logdir)) in wanted or r.name in wanted]
     if not runs:
         raise MicroscopeError(f"no tb_microscope runs to render under '{logdir}'")
+    import torch
+
+    from .rendering import get_technique
+    from .rendering.engine import QUALITIES, display_bands
+    from .run import open_run
+
     technique = get_technique(args.technique)
     if technique.objective is None:
         raise MicroscopeError(
@@ -418,10 +422,11 @@ def render_jobs(
 
 def open_one_run(text: str, allow_pickle: bool) -> Run:
     """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
-    from .mlflow_store import is_mlflow_uri
-    from .run import Run, find_runs, open_run
+    from .paths import find_runs, is_mlflow_uri
 
     if is_mlflow_uri(text):
+        from .run import open_run
+
         return open_run(text, allow_pickle=allow_pickle)
     path = Path(text)
     runs = find_runs(path)
@@ -435,6 +440,8 @@ def open_one_run(text: str, allow_pickle: bool) -> Run:
             f"'{path}' holds {len(runs)} runs ({names}{', …' if len(runs) > 6 else ''}); "
             "name one run directory"
         )
+    from .run import Run
+
     return Run(runs[0], allow_pickle=allow_pickle)
 
 
@@ -460,9 +467,9 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def cmd_dynamics(args: argparse.Namespace) -> int:
+    run = open_one_run(args.run, args.allow_pickle)
     from .rendering.dynamics import model_dynamics, node_dynamics
 
-    run = open_one_run(args.run, args.allow_pickle)
     steps = None
     if args.steps != "all" and run.steps:
         steps = [
@@ -550,10 +557,10 @@ def parse_run_step(text: str, allow_pickle: bool) -> tuple[Run, int]:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from .rendering.dynamics import align_units
-
     run_a, step_a = parse_run_step(args.a, args.allow_pickle)
     run_b, step_b = parse_run_step(args.b, args.allow_pickle)
+    from .rendering.dynamics import align_units
+
     found = align_units(run_a, step_a, run_b, step_b, args.node, device=args.device)
     form = _output_format(args)
     if form == "json":

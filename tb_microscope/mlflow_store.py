@@ -61,10 +61,6 @@ class MlflowUnavailableError(MicroscopeError):
     """The tracking server (or its artifact store) could not be reached or refused a request."""
 
 
-def is_mlflow_uri(text) -> bool:
-    return isinstance(text, str) and text.startswith("runs:/")
-
-
 def parse_mlflow_uri(text: str) -> str:
     """The MLflow run id in `runs:/<run_id>`."""
     m = MLFLOW_URI.match(text)

@@ -26,8 +26,9 @@ from .errors import (
     summarize,
 )
 from .lru import LRU
-from .mlflow_store import MlflowRunStore, is_mlflow_uri, parse_mlflow_uri
-from .runstore import EXPORT, MANIFEST, PENDING, PICKLE, PLUGIN_NAME, InputSpec, Node, RunStore
+from .mlflow_store import MlflowRunStore, parse_mlflow_uri
+from .paths import is_mlflow_uri
+from .runstore import EXPORT, PENDING, PICKLE, InputSpec, Node, RunStore
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 
@@ -227,19 +228,3 @@ def open_run(
             f"'{run_dir}' is not a directory; pass a run directory written by tb_microscope.Logger"
         )
     return Run(run_dir, allow_pickle=allow_pickle)
-
-
-def find_runs(logdir: str | os.PathLike) -> list[Path]:
-    """Every run directory under `logdir` (itself included) that holds tb_microscope data."""
-    logdir = Path(logdir)
-    if not logdir.is_dir():
-        raise RunNotFoundError(f"'{logdir}' is not a directory")
-    found = []
-    for root, dirs, files in os.walk(logdir):
-        here = Path(root)
-        if here.name == PLUGIN_NAME and here.parent.name == "plugins":
-            if MANIFEST in files:
-                found.append(here.parent.parent)
-            dirs.clear()
-        dirs.sort()
-    return sorted(found)

@@ -42,11 +42,10 @@ from safetensors.torch import save_file
 
 from .errors import CorruptSnapshotError, IncompatibleRunError, RunNotFoundError, StepNotFoundError
 from .lru import LRU
+from .paths import MANIFEST, plugin_dir
 
-PLUGIN_NAME = "tb_microscope"
 FORMAT = "tb_microscope.run"
 FORMAT_VERSION = 2  # 2: run ids; the architecture without weights, never a pickle
-MANIFEST = "manifest.json"
 EXPORTED_ARCHITECTURE = "model.pt2"
 PICKLED_ARCHITECTURE = "model.pkl"
 SNAPSHOTS = "snapshots"
@@ -71,10 +70,6 @@ MAX_PROBE_IMAGES = 100_000
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_SIZE = 1 << 16  # the largest input dimension a manifest may name
 MAX_UNITS = 1 << 20  # the most units (or calls) a node may have
-
-
-def plugin_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "plugins" / PLUGIN_NAME
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -15,7 +15,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
-from .runstore import FORMAT_VERSION, PLUGIN_NAME, SUMMARY_TAG
+from .paths import PLUGIN_NAME
+from .runstore import FORMAT_VERSION, SUMMARY_TAG
 
 
 def snapshot_summary(snapshot_bytes: int) -> summary_pb2.Summary:

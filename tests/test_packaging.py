@@ -49,17 +49,21 @@ def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
     assert {"lightning", "mlflow", "ray", "test", "bench"} <= extras, extras
 
 
-def test_help_and_a_mistyped_command_answer_without_importing_torch():
-    """`tb-microscope --help`, a mistyped command or render option (and the package's import)
-    load no torch: they answer at once."""
+def test_help_and_a_mistyped_command_answer_without_importing_torch(tmp_path):
+    """`tb-microscope --help`, a mistyped command or render option, a log directory that is not
+    there or holds no run (and the package's import) load no torch: they answer at once."""
+    (tmp_path / "empty" / "plugins").mkdir(parents=True)  # a TensorBoard log dir, but no run
     check = (
         "import sys, contextlib, io\n"
         "import tb_microscope\n"
         "from tb_microscope.cli import main\n"
+        "empty, missing = sys.argv[1] + '/empty', sys.argv[1] + '/missing'\n"
         "for argv in (['--help'], ['render', '--help'], ['rendr'],\n"
         "             ['render', '.', '--units', '0-3,x'], ['render', '.', '--steps', '5-x'],\n"
         "             ['render', '.', '--size', '2000'], ['render', '.', '--iterations', '0'],\n"
-        "             ['render', '.', '--bands', 'red,green,blue']):\n"
+        "             ['render', '.', '--bands', 'red,green,blue'], ['render', empty],\n"
+        "             ['info', missing], ['info', empty], ['dynamics', empty],\n"
+        "             ['align', missing + '@1', empty + '@2', '--node', 'conv1']):\n"
         "    out = io.StringIO()\n"
         "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):\n"
         "        try:\n"
@@ -71,7 +75,11 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch():
         "print(tb_microscope.Logger.__name__, 'torch loaded:', 'torch' in sys.modules)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", check, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert "{info,render,dynamics,align,demo}" in proc.stdout
     assert "--iterations" in proc.stdout  # render's own help
@@ -81,4 +89,8 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch():
     assert "--size must be from 8 to 1024; got 2000" in proc.stdout
     assert "--iterations must be from 1 to 100000; got 0" in proc.stdout
     assert "--bands takes three channel numbers like 3,2,1; got 'red,green,blue'" in proc.stdout
+    assert f"no tb_microscope runs to render under '{tmp_path}/empty'" in proc.stdout
+    assert f"'{tmp_path}/missing' is not a directory" in proc.stdout
+    assert f"no tb_microscope runs under '{tmp_path}/empty'" in proc.stdout
+    assert f"no tb_microscope run at '{tmp_path}/empty'" in proc.stdout
     assert "torch loaded: False\nLogger torch loaded: True" in proc.stdout, proc.stdout

@@ -32,10 +32,10 @@ from ..errors import (
     RunNotFoundError,
     StepNotFoundError,
 )
+from ..paths import PLUGIN_NAME
 from ..rendering import TECHNIQUES, get_technique
 from ..rendering.engine import QUALITIES, Quality, check_technique, check_units, display_bands
 from ..rendering.weights import default_source
-from ..runstore import PLUGIN_NAME
 from .mlflow_runs import MlflowRuns
 from .service import (
     DONE,
