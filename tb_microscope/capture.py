@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import itertools
 import logging
 import os
 import pickle
@@ -25,6 +27,7 @@ import sysconfig
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +318,7 @@ class Capture:
     dims: list[dict]  # per input dimension: {"name", "size", "min", "max"}; max None = unbounded
     edges: list[tuple[str, str]]
     note: str | None  # why the capture is less than fully dynamic, or why it fell back
+    nodes: list[Node] | None = None  # an exported program's nodes (`program_nodes`), else None
 
 
 _DIM_NAMES = {4: ["batch", "channels", "height", "width"], 2: ["batch", "features"]}
@@ -419,8 +423,73 @@ def exported_edges(ep: torch.export.ExportedProgram, names: set[str]) -> list[tu
     return sorted(innermost_edges(edges))
 
 
+def program_nodes(
+    model: nn.Module, program: nn.Module, x: torch.Tensor, nodes: list[Node]
+) -> tuple[list[Node], str | None]:
+    """The nodes as the exported `program` runs them, and a note of what differs from `model`.
+
+    A reader taps a node with a forward hook on the program's submodule of that name, so every
+    node must be called there as often as in the model. Two kinds are not:
+    - a module shared by several parents (CoaT's convolutional position encodings) is one module
+      in the model, called from each, but the program has one copy per parent path, each called
+      once: such a node is listed under the path of its last call (the one a node shows);
+    - a module without operations in eval mode (Identity, StochasticDepth) has nothing in the
+      program to call: its output is its input, so it is left out.
+    """
+    calls: dict[str, list[int]] = {}  # program path -> when each of its calls began
+    order = itertools.count()
+    handles = []
+    paths_of: dict[int, list[str]] = {}
+    for path, module in program.named_modules(remove_duplicate=False):
+        if path:
+            paths_of.setdefault(id(module), []).append(path)
+    for path, module in program.named_modules():
+        if path:
+            seen: list[int] = []
+            for alias in paths_of[id(module)]:
+                calls[alias] = seen
+            handles.append(
+                module.register_forward_pre_hook(lambda *_, seen=seen: seen.append(next(order)))
+            )
+    try:
+        with torch.no_grad():
+            program(x)
+    finally:
+        for h in handles:
+            h.remove()
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
+    modules = dict(model.named_modules())
+    kept, renamed, dropped = [], [], []
+    for node in nodes:
+        if len(calls.get(node.name, ())) == node.calls:
+            kept.append(node)
+            continue
+        called = [(calls[p][-1], p) for p in aliases[id(modules[node.name])] if calls.get(p)]
+        if not called:
+            dropped.append(node)
+            continue
+        path = max(called)[1]
+        if path != node.name:
+            renamed.append(f"{node.name} as {path}")
+        kept.append(dataclasses.replace(node, name=path, calls=len(calls[path])))
+    kept.sort(key=lambda n: calls[n.name][0])  # forward order, a renamed node where it now is
+    notes = []
+    if dropped:
+        kinds = Counter(n.module for n in dropped)
+        notes.append(
+            f"{len(dropped)} nodes the program does not run are left out, as their output is "
+            f"their input ({', '.join(f'{k} ×{v}' for k, v in kinds.most_common())})"
+        )
+    if renamed:
+        notes.append(f"shared modules are listed where last called: {summarize(renamed, 4)}")
+    return kept, "; ".join(notes) or None
+
+
 def _try_export(model, example, nodes, spatial: bool, also: torch.Tensor | None = None):
-    """The program exported at `example`, checked there (and at `also`, another input)."""
+    """The program exported at `example`, checked there (and at `also`, another input), and its
+    nodes (`program_nodes`)."""
     x = _export_example(example)
     with eval_mode(model):
         ep = torch.export.export(model, (x,), dynamic_shapes=(_dynamic_dims(x, spatial),))
@@ -430,18 +499,7 @@ def _try_export(model, example, nodes, spatial: bool, also: torch.Tensor | None 
     objects = [k for k, v in ep.constants.items() if not isinstance(v, torch.Tensor)]
     if objects:  # a script object or opaque constant could be stored only as a pickle
         raise RuntimeError(f"the program holds non-tensor constants ({summarize(objects)})")
-    lost = [n.name for n in nodes if not _has_submodule(module, n.name)]
-    if lost:
-        raise RuntimeError(f"export did not keep the submodules {summarize(lost)}")
-    return ep
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+    return ep, program_nodes(model, module, x, nodes)
 
 
 class ExportTimeout(Exception):
@@ -556,14 +614,14 @@ class _NotExported(Exception):
 
 
 def _export(model, example, nodes, spatial: bool, budget: float, also=None):
-    """(program, archive, dims) of `model` exported at `example`, with a dynamic batch and, if
-    `spatial`, height and width (then for at most `budget` seconds of CPU time), its outputs
-    checked at `example` and `also`; or `_NotExported`."""
+    """(program, archive, dims, (nodes, note)) of `model` exported at `example`, with a dynamic
+    batch and, if `spatial`, height and width (then for at most `budget` seconds of CPU time), its
+    outputs checked at `example` and `also`; or `_NotExported`."""
     spatial = spatial and example.dim() == 4
     what = "with dynamic height/width" if spatial else "with a dynamic batch"
     try:
         with time_limit(budget if spatial else None):
-            ep = _try_export(model, example, nodes, spatial, also)
+            ep, found = _try_export(model, example, nodes, spatial, also)
     except ExportTimeout as e:
         raise _NotExported(f"{what} took over {budget:.0f} s of CPU time", timed_out=True) from e
     except Exception as e:  # export raises many types; each means "try the next way"
@@ -572,7 +630,7 @@ def _export(model, example, nodes, spatial: bool, budget: float, also=None):
         archive = program_archive(ep)
     except Exception as e:  # a constant the archive cannot hold without a pickle
         raise _NotExported(f"{what}: the program cannot be stored ({_first_line(e)})") from e
-    return ep, archive, _input_dims(ep)
+    return ep, archive, _input_dims(ep), found
 
 
 def _takes_larger(dims: list[dict], than: list[dict]) -> bool:
@@ -581,7 +639,7 @@ def _takes_larger(dims: list[dict], than: list[dict]) -> bool:
 
 
 def _export_wider(model, example, nodes, budget: float):
-    """(program, archive, dims) exported at twice the example's height and width, if that
+    """`_export`'s answer at twice the example's height and width, if that
     program also takes the example's size and computes the model's outputs there; else None.
 
     Export decides from the sizes it traces at. Where the last feature map is 1 x 1 at the
@@ -595,15 +653,16 @@ def _export_wider(model, example, nodes, budget: float):
     try:
         with eval_mode(model), torch.no_grad():
             model(larger)  # a model that refuses the size costs no export
-        ep, archive, dims = _export(model, larger, nodes, True, budget, _export_example(example))
+        exported = _export(model, larger, nodes, True, budget, _export_example(example))
     except Exception:  # any failure keeps what the example's size gave
         return None
+    dims = exported[2]
     takes = {d["name"]: d for d in dims}
     for name, size in zip(("height", "width"), (h, w)):
         d = takes[name]
         if d["size"] is not None or not d["min"] <= size <= (d["max"] or size):
             return None
-    return ep, archive, dims
+    return exported
 
 
 # How long the attempt with dynamic height and width may take, in seconds of the exporting
@@ -625,7 +684,6 @@ def capture(
     exporting thread's CPU time), then with a dynamic batch only, whose program runs at the
     example's height and width alone.
     """
-    names = {n.name for n in nodes}
     notes = []
     if budget is None:
         budget = float(os.environ.get("TB_MICROSCOPE_EXPORT_BUDGET") or EXPORT_BUDGET_S)
@@ -635,7 +693,7 @@ def capture(
                 break
             spatial_image = spatial and example.dim() == 4
             try:
-                ep, archive, dims = _export(model, example, nodes, spatial, budget)
+                ep, archive, dims, found = _export(model, example, nodes, spatial, budget)
             except _NotExported as e:  # at twice the size, export may succeed (once tried)
                 wider = None
                 if spatial_image and not e.timed_out:
@@ -643,12 +701,12 @@ def capture(
                 if wider is None:
                     notes.append(str(e))
                     continue
-                ep, archive, dims = wider
+                ep, archive, dims, found = wider
             else:
                 if spatial_image and _spatial_bound(dims) is not None:
                     wider = _export_wider(model, example, nodes, budget)
                     if wider is not None and _takes_larger(wider[2], dims):
-                        ep, archive, dims = wider
+                        ep, archive, dims, found = wider
             sizes = {d["name"]: d["size"] for d in dims}
             if example.dim() == 4 and sizes.get("height") is None:
                 if not _runs_at_another_size(ep, example, dims):
@@ -659,8 +717,17 @@ def capture(
                     notes.append(
                         f"the program takes inputs of at most {most['height']}x{most['width']}"
                     )
+            kept, changed = found
+            if changed:
+                notes.append(changed)
             return Capture(
-                EXPORT, archive, None, dims, exported_edges(ep, names), "; ".join(notes) or None
+                EXPORT,
+                archive,
+                None,
+                dims,
+                exported_edges(ep, {n.name for n in kept}),
+                "; ".join(notes) or None,
+                kept,
             )
     dims = [
         {"name": name, "size": size, "min": size, "max": size}

@@ -187,9 +187,10 @@ class Logger:
         try:
             all_nodes, self._eager_edges = discover_nodes(self._model, example)
         except Exception as e:
+            why = str(e).strip()[:300].rstrip(".")
             raise ValueError(
                 f"example_input of shape {tuple(example.shape)} ({example.dtype}) does not fit the "
-                f"model: {type(e).__name__}: {str(e).strip()[:300]}. Pass one batch shaped as the "
+                f"model: {type(e).__name__}: {why}. Pass one batch shaped as the "
                 "model receives it in training, e.g. torch.randn(2, 3, 224, 224)."
             ) from e
         if not all_nodes:
@@ -457,7 +458,7 @@ class Logger:
                 architecture=Architecture(result.kind, file, result.note),
             ),
             input=dataclasses.replace(self._input, dims=result.dims),
-            nodes=self.nodes,
+            nodes=self.nodes if result.nodes is None else result.nodes,
             edges=[tuple(e) for e in result.edges],
             probe=None
             if self._probe is None

@@ -14,6 +14,7 @@ from torch import nn
 import tb_microscope
 from conftest import train_step
 from tb_microscope.capture import ExportTimeout, time_limit
+from tb_microscope.rendering.tap import NodesTap
 from tb_microscope.runstore import FORMAT_VERSION, SUMMARY_TAG, RunStore
 from tb_microscope.schedule import DenseEarly, make_schedule
 
@@ -361,6 +362,73 @@ def test_a_model_whose_last_map_is_one_pixel_at_the_example_still_takes_larger_i
     else:  # the model refuses twice the size: the first program's bound is kept, and said
         assert (height["max"], width["max"]) == (16, 16)
         assert "at most" in said and "rendered within that size" in said, said
+
+
+class Block(nn.Module):
+    def __init__(self, shared: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.shared = shared  # the same module in every block (CoaT's position encodings)
+        self.scale = nn.Identity()  # a layer scale switched off
+
+    def forward(self, x):
+        return self.shared(x) + self.scale(torch.relu(self.conv(x)))
+
+
+class Shared(nn.Module):
+    """A shared module called from two blocks, and modules without operations in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm_pre = nn.Identity()
+        self.position = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.blocks = nn.Sequential(Block(self.position), Block(self.position))
+        self.drop_path = StochasticDepth(0.1, "row")
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.blocks(self.norm_pre(self.stem(x)))
+        return self.fc(self.drop_path(x).mean((2, 3)))
+
+
+def test_every_listed_node_of_an_exported_program_can_be_tapped(tmp_path):
+    """The program has nothing to call for a module without operations (its output is its input:
+    left out), and one copy of a shared module per path it is called from (listed under the path
+    of its last call, what the node shows)."""
+    torch.manual_seed(0)
+    model = Shared()
+    with warnings.catch_warnings(record=True):
+        with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 16, 16)) as logger:
+            logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    assert run.architecture == "export"
+    names = [n.name for n in run.nodes]
+    assert names == [
+        "stem",
+        "blocks",
+        "blocks.0",
+        "blocks.0.conv",
+        "blocks.1",
+        "blocks.1.shared",
+        "blocks.1.conv",
+        "fc",
+    ]
+    assert run.node("blocks.1.shared").calls == 1
+    note = run.manifest.model.architecture.note
+    assert "4 nodes the program does not run are left out" in note, note
+    assert "Identity ×3, StochasticDepth ×1" in note and "position as blocks.1.shared" in note
+    assert ("blocks.0.conv", "blocks.1.shared") not in run.edges
+    assert ("blocks.0", "blocks.1.shared") in run.edges, run.edges
+    rebuilt = run.load_model(0)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        want = model.blocks[0](model.stem(x))  # what the shared module's last call took
+        want = model.position(want)
+    found = NodesTap(rebuilt, run.nodes)(x)
+    torch.testing.assert_close(found["blocks.1.shared"].maps, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_export_budget_counts_the_exporting_threads_cpu_time_not_the_clock(tiny, example):

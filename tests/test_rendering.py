@@ -27,6 +27,7 @@ from tb_microscope.rendering.engine import (
     RenderCancelled,
     StopChecks,
     batch_size_for,
+    fitted_canvas,
     learning_rate,
     sample_bytes,
 )
@@ -334,6 +335,40 @@ def test_weights_from_a_module_called_twice_come_from_its_call_before_the_unit(t
     assert run.node("pool").calls == 2
     source, _, strength = tb_microscope.unit_weights(run, 0, "conv3", 1, source="pool")
     assert source == "pool" and strength.shape == (6,)  # the second call, after conv2, feeds it
+
+
+class TwoPaths(torch.nn.Module):
+    """Five stride-2 convolutions added to a 32 px average pool: they round odd sizes up, the
+    pool down, so only some sizes run (multiples of 32 among them), as in DLA and HRNet."""
+
+    def __init__(self):
+        super().__init__()
+        convs = [torch.nn.Conv2d(3 if i == 0 else 4, 4, 3, 2, 1) for i in range(5)]
+        self.convs = torch.nn.Sequential(*convs)
+        self.skip = torch.nn.Conv2d(3, 4, 1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        fused = self.convs(x) + torch.nn.functional.avg_pool2d(self.skip(x), 32)
+        return self.fc(fused.mean((2, 3)))
+
+
+def test_a_model_that_runs_at_multiples_of_its_stride_only_is_rendered_on_a_larger_canvas(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    model = TwoPaths()
+    with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 64, 64)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    side = 128 + 2 * PAD
+    with pytest.raises(RuntimeError, match="must match the size"):
+        model(torch.rand(1, 3, side, side))  # the canvas a 128 px picture takes elsewhere
+    rebuilt = run.load_model(0)
+    canvas = fitted_canvas(rebuilt, run, 128, torch.device("cpu"))
+    assert canvas.input == (160, 160) and canvas.image == 128 and canvas.padded
+    result = tb_microscope.render(run, 0, "fc", [0, 1], size=128, iterations=2, model=rebuilt)
+    assert result.images.shape == (2, 128, 128, 3) and np.isfinite(result.objective).all()
 
 
 def test_unit_history_shows_the_unit_settling(trained):

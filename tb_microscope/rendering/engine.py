@@ -18,6 +18,7 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import weakref
@@ -34,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import MicroscopeError
 from ..run import Run
 from ..runstore import TOKENS, Node
-from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .param import Canvas, FourierImages, InputSpace, RandomTransforms, canvas_for, centred
 from .tap import NodeTap, frozen
 from .techniques import Technique, channel, class_token, get_technique
 
@@ -339,7 +340,7 @@ def optimize(
     images_of = [k for _ in units for k in range(per_unit)]
     init = [unit_seed(seed, node.name, u, k, "init") for u, k in zip(targets, images_of)]
     moves = [unit_seed(seed, node.name, u, k, "transform") for u, k in zip(targets, images_of)]
-    canvas = canvas_for(run, size)
+    canvas = fitted_canvas(model, run, size, device)
     space = InputSpace(run.input_spec, device)
     bands = display_bands(space.channels, bands)
     param = FourierImages(init, space.channels, canvas.image, device)
@@ -410,6 +411,46 @@ def free_memory(device: torch.device) -> int | None:
 
 
 _SAMPLE_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CANVASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+STRIDES = (8, 16, 32, 64)  # the multiples a canvas's side grows to where the model needs one
+
+
+def fitted_canvas(model: nn.Module, run: Run, size: int, device: torch.device) -> Canvas:
+    """`canvas_for`'s canvas, with a side the model runs at.
+
+    Some models take only multiples of their stride: DLA and HRNet add feature maps from paths
+    that round odd sizes differently, and run at multiples of 32 px alone. Where a forward pass
+    fails at the canvas's side, the side grows to the next multiple of 8, 16, 32 or 64 that
+    runs (the image keeps its size, with more grey around it). Tried once per model and size;
+    a model of one fixed input size has nothing to try."""
+    canvas = canvas_for(run, size)
+    height, width = run.input_spec.dim("height"), run.input_spec.dim("width")
+    if height["size"] is not None or width["size"] is not None:
+        return canvas
+    known = _CANVASES.setdefault(model, {})
+    if size not in known:
+        least = max(height["min"] or 1, width["min"] or 1)
+        most = min(height["max"] or 1 << 30, width["max"] or 1 << 30)
+        side = canvas.input[0]
+        sides = [side] + [-(-side // m) * m for m in STRIDES]
+        space = InputSpace(run.input_spec, device)
+        first_error = None
+        for tried in dict.fromkeys(s for s in sides if least <= s <= most):
+            x = torch.full((1, run.input_spec.channels, tried, tried), 0.5, device=device)
+            try:
+                with torch.no_grad():
+                    model(space(x))
+            except Exception as e:  # whatever the model raises at a size it does not take
+                if _is_out_of_memory(e):
+                    raise
+                first_error = first_error or e
+                continue
+            fits = canvas if tried == side else Canvas((tried, tried), canvas.image, True)
+            known[size] = dataclasses.replace(fits, strength=canvas.strength)
+            break
+        else:
+            raise first_error or MicroscopeError(f"no input size fits run '{run.name}'")
+    return known[size]
 
 
 def sample_bytes(
@@ -428,7 +469,7 @@ def sample_bytes(
     key = (node.name, node.calls, size, str(device), numerics)
     known = _SAMPLE_BYTES.setdefault(model, {})
     if key not in known:
-        canvas = canvas_for(run, size)
+        canvas = fitted_canvas(model, run, size, device)
         x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
         x.requires_grad_(True)
         storages: dict[int, int] = {}
