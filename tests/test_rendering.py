@@ -84,6 +84,31 @@ def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
     assert all(image.std() > 20 for image in result.images)
 
 
+def test_a_units_picture_does_not_depend_on_how_small_its_activations_are(tmp_path):
+    """Bias-free convolutions and ReLUs scale with their weights: scaled down 10^4 and 10^6 per
+    layer, the first gradients are far below Adam's eps (as in a freshly initialized GoogLeNet),
+    and both models must still draw the same, non-grey picture."""
+    images = []
+    for scale in (1e-4, 1e-6):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            torch.nn.ReLU(),
+        )
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+        with tb_microscope.Logger(tmp_path / str(scale), model, torch.rand(2, 3, 16, 16)) as log:
+            log.log(0)
+        run = tb_microscope.open_run(tmp_path / str(scale))
+        result = tb_microscope.render(run, 0, "2", [0, 1, 2], size=32, iterations=24)
+        images.append(result.images.astype(float))
+    assert all(image.std() > 20 for image in images[1]), [i.std() for i in images[1]]
+    assert np.abs(images[0] - images[1]).mean() <= 1.0
+
+
 def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size():
     """By default PyTorch switches CPU convolutions to NNPACK's for batches of 16 and more,
     whose results differ (about 1e-5) from the same sample's alone; an optimization amplifies

@@ -41,8 +41,9 @@ from .techniques import Technique, channel, class_token, get_technique
 
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
-# iterations; 5: each image its own tensor (a batch-mate changed images of some sizes)
-ENGINE_VERSION = 5
+# iterations; 5: each image its own tensor (a batch-mate changed images of some sizes); 6: tiny
+# gradients lifted to GRADIENT_FLOOR (deep units of a freshly initialized GoogLeNet stayed grey)
+ENGINE_VERSION = 6
 LEARNING_RATE = 0.05  # lucid's, for renders of FULL_ITERATIONS and more
 FULL_ITERATIONS = 512
 MAX_STEP_GAIN = 8.0
@@ -56,6 +57,24 @@ def learning_rate(iterations: int) -> float:
     preview's colours and shapes are the full render's, where at 0.05 they were mostly noise."""
     gain = min(MAX_STEP_GAIN, (FULL_ITERATIONS / max(iterations, 1)) ** 0.5)
     return LEARNING_RATE * max(1.0, gain)
+
+
+# Adam moves a value by about its step size whatever its gradient's scale, unless the gradient is
+# near Adam's eps (1e-8): then it hardly moves. Measured as the mean |gradient| over an image's
+# spectrum at the first iteration (8-iteration 32 px renders): 1e-6 to 4e-4 for the demo CNN,
+# torchvision's AlexNet and ResNeXt-50 and timm's DeiT; but 7e-11 at GoogLeNet's inception4c and
+# 2e-14 at its fc, 5e-13 at MobileNetV2's classifier, freshly initialized (weights of std 0.01,
+# batch norms with unit variance: each layer shrinks what passes), whose pictures stayed the grey
+# they started as. An image whose first gradient is below GRADIENT_FLOOR has all its gradients
+# multiplied by one number, fixed then, that lifts it to the floor: the direction of every step
+# is unchanged, the pictures of every model above the floor too.
+GRADIENT_FLOOR = 1e-6
+
+
+def gradient_gains(spectra: list[torch.Tensor]) -> list[tuple[int, float]]:
+    """(image index, gain) for each image whose gradient is below GRADIENT_FLOOR (not zero)."""
+    means = torch.stack([s.grad.abs().mean() for s in spectra]).tolist()
+    return [(i, GRADIENT_FLOOR / m) for i, m in enumerate(means) if 0 < m < GRADIENT_FLOOR]
 
 
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
@@ -352,6 +371,7 @@ def optimize(
     optimizer = torch.optim.Adam(param.spectra, lr=learning_rate(iterations))
     numerics = numerics or default_numerics(device)
     channels_last = numerics.channels_last and node.kind == "spatial"
+    gains: list[tuple[int, float]] = []
     with StopChecks(model, should_stop) as stop:
         for iteration in range(iterations):
             stop.check()
@@ -366,6 +386,10 @@ def optimize(
                 act = tap(x).float()
                 loss = -technique.value(act, unit_index).sum()
                 loss.backward()
+            if iteration == 0:
+                gains = gradient_gains(param.spectra)  # the one host sync of the loop
+            for i, gain in gains:
+                param.spectra[i].grad.mul_(gain)
             optimizer.step()
     with torch.no_grad(), numerics.applied(device):
         images = param()
