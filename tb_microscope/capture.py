@@ -429,14 +429,33 @@ def program_nodes(
     """The nodes as the exported `program` runs them, and a note of what differs from `model`.
 
     A reader taps a node with a forward hook on the program's submodule of that name, so every
-    node must be called there as often as in the model. Two kinds are not:
+    node must be called there as often as in the model, and return the node's tensor. Three
+    kinds do not:
     - a module shared by several parents (CoaT's convolutional position encodings) is one module
       in the model, called from each, but the program has one copy per parent path, each called
       once: such a node is listed under the path of its last call (the one a node shows);
     - a module without operations in eval mode (Identity, StochasticDepth) has nothing in the
-      program to call: its output is its input, so it is left out.
+      program to call: its output is its input, so it is left out;
+    - a module of the program returns only what the rest of the program uses: a Hugging Face
+      backbone (`beit`, `mobilenet_v2`) whose hidden state the classifier does not read (it reads
+      the pooled output) does not return it, and is left out (its last layer shows the same).
     """
+    from .rendering.tap import node_tensor, node_view  # the reading side's own test of a tap
+
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
+    modules = dict(model.named_modules())
+    candidates = {p: node for node in nodes for p in aliases[id(modules[node.name])]}
+
+    def returns_node(output, node: Node) -> bool:
+        try:
+            return node_view(node_tensor(output, node), node).maps.shape[1] == node.units
+        except Exception:  # no tensor of the node's rank and units among what it returned
+            return False
+
     calls: dict[str, list[int]] = {}  # program path -> when each of its calls began
+    returned: dict[int, bool] = {}  # per module of the program: did its last call return its node
     order = itertools.count()
     handles = []
     paths_of: dict[int, list[str]] = {}
@@ -444,47 +463,63 @@ def program_nodes(
         if path:
             paths_of.setdefault(id(module), []).append(path)
     for path, module in program.named_modules():
-        if path:
-            seen: list[int] = []
-            for alias in paths_of[id(module)]:
-                calls[alias] = seen
-            handles.append(
-                module.register_forward_pre_hook(lambda *_, seen=seen: seen.append(next(order)))
-            )
+        if not path:
+            continue
+        seen: list[int] = []
+        for alias in paths_of[id(module)]:
+            calls[alias] = seen
+        handles.append(
+            module.register_forward_pre_hook(lambda *_, seen=seen: seen.append(next(order)))
+        )
+        node = next((candidates[p] for p in paths_of[id(module)] if p in candidates), None)
+        if node is not None:
+
+            def check(module, args, output, node=node):
+                returned[id(module)] = returns_node(output, node)
+
+            handles.append(module.register_forward_hook(check))
     try:
         with torch.no_grad():
             program(x)
     finally:
         for h in handles:
             h.remove()
-    aliases: dict[int, list[str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(path)
-    modules = dict(model.named_modules())
-    kept, renamed, dropped = [], [], []
+    kept, renamed, passed_on, unreturned = [], [], [], []
     for node in nodes:
-        if len(calls.get(node.name, ())) == node.calls:
-            kept.append(node)
+        path, count = node.name, node.calls
+        if len(calls.get(path, ())) != count:
+            called = [(calls[p][-1], p) for p in aliases[id(modules[node.name])] if calls.get(p)]
+            if not called:
+                passed_on.append(node)
+                continue
+            path = max(called)[1]
+            count = len(calls[path])
+        if not returned.get(id(program.get_submodule(path))):
+            unreturned.append(node.name)
             continue
-        called = [(calls[p][-1], p) for p in aliases[id(modules[node.name])] if calls.get(p)]
-        if not called:
-            dropped.append(node)
-            continue
-        path = max(called)[1]
         if path != node.name:
             renamed.append(f"{node.name} as {path}")
-        kept.append(dataclasses.replace(node, name=path, calls=len(calls[path])))
+        kept.append(dataclasses.replace(node, name=path, calls=count))
     kept.sort(key=lambda n: calls[n.name][0])  # forward order, a renamed node where it now is
     notes = []
-    if dropped:
-        kinds = Counter(n.module for n in dropped)
+    if passed_on:
+        kinds = Counter(n.module for n in passed_on)
         notes.append(
-            f"{len(dropped)} nodes the program does not run are left out, as their output is "
+            f"{_nodes(len(passed_on))} the program does not run left out, as their output is "
             f"their input ({', '.join(f'{k} ×{v}' for k, v in kinds.most_common())})"
+        )
+    if unreturned:
+        notes.append(
+            f"{_nodes(len(unreturned))} whose output the program does not keep left out "
+            f"({summarize(unreturned, 4)})"
         )
     if renamed:
         notes.append(f"shared modules are listed where last called: {summarize(renamed, 4)}")
     return kept, "; ".join(notes) or None
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
 
 
 def _try_export(model, example, nodes, spatial: bool, also: torch.Tensor | None = None):

@@ -159,8 +159,11 @@ class Node:
         return "spatial" if self.layout in (CHANNELS_FIRST, CHANNELS_LAST) else self.layout
 
     def tensor_of(self, output):
-        """The node's tensor in what its module returned."""
+        """The node's tensor in what its module returned (TypeError where the path does not fit:
+        a tensor is not indexed by the path, which would slice it)."""
         for step in self.output:
+            if isinstance(output, torch.Tensor):
+                raise TypeError(f"the module returned a tensor, not a structure holding {step!r}")
             output = output[step]
         return output
 

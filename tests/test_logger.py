@@ -375,8 +375,14 @@ class Block(nn.Module):
         return self.shared(x) + self.scale(torch.relu(self.conv(x)))
 
 
+class Pool(nn.Module):
+    def forward(self, x):  # like a Hugging Face backbone: the hidden state, and its pooled form
+        return x, x.mean((2, 3))
+
+
 class Shared(nn.Module):
-    """A shared module called from two blocks, and modules without operations in eval mode."""
+    """A shared module called from two blocks, modules without operations in eval mode, and one
+    returning what the model uses only part of."""
 
     def __init__(self):
         super().__init__()
@@ -387,17 +393,19 @@ class Shared(nn.Module):
         self.position = nn.Conv2d(6, 6, 3, padding=1, groups=6)
         self.blocks = nn.Sequential(Block(self.position), Block(self.position))
         self.drop_path = StochasticDepth(0.1, "row")
+        self.pool = Pool()
         self.fc = nn.Linear(6, 3)
 
     def forward(self, x):
         x = self.blocks(self.norm_pre(self.stem(x)))
-        return self.fc(self.drop_path(x).mean((2, 3)))
+        return self.fc(self.pool(self.drop_path(x))[1])
 
 
 def test_every_listed_node_of_an_exported_program_can_be_tapped(tmp_path):
     """The program has nothing to call for a module without operations (its output is its input:
-    left out), and one copy of a shared module per path it is called from (listed under the path
-    of its last call, what the node shows)."""
+    left out), one copy of a shared module per path it is called from (listed under the path of
+    its last call, what the node shows), and a module returning only what the rest reads (a
+    node whose tensor it does not return is left out)."""
     torch.manual_seed(0)
     model = Shared()
     with warnings.catch_warnings(record=True):
@@ -418,8 +426,9 @@ def test_every_listed_node_of_an_exported_program_can_be_tapped(tmp_path):
     ]
     assert run.node("blocks.1.shared").calls == 1
     note = run.manifest.model.architecture.note
-    assert "4 nodes the program does not run are left out" in note, note
+    assert "4 nodes the program does not run left out" in note, note
     assert "Identity ×3, StochasticDepth ×1" in note and "position as blocks.1.shared" in note
+    assert "1 node whose output the program does not keep left out (pool)" in note
     assert ("blocks.0.conv", "blocks.1.shared") not in run.edges
     assert ("blocks.0", "blocks.1.shared") in run.edges, run.edges
     rebuilt = run.load_model(0)
