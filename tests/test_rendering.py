@@ -84,6 +84,27 @@ def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
     assert all(image.std() > 20 for image in result.images)
 
 
+def test_a_unit_active_only_on_the_canvas_edge_still_gets_a_picture(tmp_path):
+    """Unit 0 is relu(11 - the sum of its 27 inputs): -2.5 on grey, but +2 along the edge, where
+    the zero padding leaves out a third of its inputs. Its activity there does not depend on the
+    image, so its image gets no gradient at all, though no ReLU blocks all of it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[0] = -1.0
+        model[0].bias[0] = 11.0
+    with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    start, end = (
+        tb_microscope.render(run, 0, "1", [0], size=16, iterations=n).objective[0] for n in (1, 24)
+    )
+    assert start > 0 and end > 2 * start, (start, end)
+    together = tb_microscope.render(run, 0, "1", [1, 0], size=16, iterations=24)
+    alone = tb_microscope.render(run, 0, "1", [0], size=16, iterations=24)
+    assert np.array_equal(together.images[1], alone.images[0])
+
+
 def test_a_units_picture_does_not_depend_on_how_small_its_activations_are(tmp_path):
     """Bias-free convolutions and ReLUs scale with their weights: scaled down 10^4 and 10^6 per
     layer, the first gradients are far below Adam's eps (as in a freshly initialized GoogLeNet),

@@ -42,7 +42,8 @@ from .techniques import Technique, channel, class_token, get_technique
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
 # iterations; 5: each image its own tensor (a batch-mate changed images of some sizes); 6: tiny
-# gradients lifted to GRADIENT_FLOOR (deep units of a freshly initialized GoogLeNet stayed grey)
+# gradients lifted to GRADIENT_FLOOR (deep units of a freshly initialized GoogLeNet stayed grey),
+# an image without any gradient redirected at every ReLU (`RedirectedReLUs`)
 ENGINE_VERSION = 6
 LEARNING_RATE = 0.05  # lucid's, for renders of FULL_ITERATIONS and more
 FULL_ITERATIONS = 512
@@ -71,10 +72,14 @@ def learning_rate(iterations: int) -> float:
 GRADIENT_FLOOR = 1e-6
 
 
-def gradient_gains(spectra: list[torch.Tensor]) -> list[tuple[int, float]]:
-    """(image index, gain) for each image whose gradient is below GRADIENT_FLOOR (not zero)."""
-    means = torch.stack([s.grad.abs().mean() for s in spectra]).tolist()
-    return [(i, GRADIENT_FLOOR / m) for i, m in enumerate(means) if 0 < m < GRADIENT_FLOOR]
+def gradient_gains(
+    spectra: list[torch.Tensor], images: Sequence[int]
+) -> tuple[list[tuple[int, float]], list[int]]:
+    """Of `images`: (index, gain) for each whose gradient is below GRADIENT_FLOOR, not zero; and
+    those whose gradient is zero (a silent unit: see `RedirectedReLUs`)."""
+    means = torch.stack([spectra[i].grad.abs().mean() for i in images]).tolist()
+    gains = [(i, GRADIENT_FLOOR / m) for i, m in zip(images, means) if 0 < m < GRADIENT_FLOOR]
+    return gains, [i for i, m in zip(images, means) if m == 0]
 
 
 REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
@@ -183,9 +188,10 @@ class _RedirectedReLU(torch.autograd.Function):
     interact."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, forced):
         out = x.clamp_min(0)
         ctx.save_for_backward(out)
+        ctx.forced = forced if forced is not None and len(forced) == len(x) else None
         return out
 
     @staticmethod
@@ -197,10 +203,12 @@ class _RedirectedReLU(torch.autograd.Function):
         # abs().amax() is the cheapest per-sample test on the CPU (boolean reductions are
         # several times slower); there, the rare blocked case is only computed when it occurs.
         blocked = passed.flatten(1).abs().amax(1) == 0
+        if ctx.forced is not None:
+            blocked = blocked | ctx.forced
         if grad.device.type == "cpu" and not bool(blocked.any()):
-            return passed
+            return passed, None
         redirect = blocked.view(-1, *[1] * (grad.dim() - 1)) & (grad <= 0)
-        return torch.where(redirect, grad, passed)
+        return torch.where(redirect, grad, passed), None
 
 
 _RELUS = {
@@ -215,13 +223,22 @@ _RELUS = {
 
 class RedirectedReLUs(TorchFunctionMode):
     """Every ReLU of the forward pass as `_RedirectedReLU`. An in-place ReLU becomes an
-    out-of-place one: exported graphs use its result, not its mutated input."""
+    out-of-place one: exported graphs use its result, not its mutated input.
+
+    `forced` (one flag per image) redirects an image's gradient at every ReLU of its batch size,
+    blocked or not: for a unit whose only activity the image cannot change, so that its image
+    got no gradient at all (a first-layer unit that fires only where the convolution's zero
+    padding meets the grey canvas, and nowhere on the image)."""
+
+    def __init__(self, forced: torch.Tensor | None = None):
+        super().__init__()
+        self.forced = forced
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELUS and torch.is_grad_enabled():
             x = args[0] if args else kwargs["input"]
-            return _RedirectedReLU.apply(x)
+            return _RedirectedReLU.apply(x, self.forced)
         return func(*args, **kwargs)
 
 
@@ -372,6 +389,8 @@ def optimize(
     numerics = numerics or default_numerics(device)
     channels_last = numerics.channels_last and node.kind == "spatial"
     gains: list[tuple[int, float]] = []
+    silent: list[int] = list(range(len(param.spectra)))  # images whose gradient was all zero
+    forced = None
     with StopChecks(model, should_stop) as stop:
         for iteration in range(iterations):
             stop.check()
@@ -381,13 +400,18 @@ def optimize(
             x = space(transforms(param(), iteration))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            redirect = RedirectedReLUs() if iteration < REDIRECT_ITERATIONS else nullcontext()
+            redirected = iteration < REDIRECT_ITERATIONS
+            redirect = RedirectedReLUs(forced) if redirected else nullcontext()
             with numerics.applied(device), redirect:
                 act = tap(x).float()
                 loss = -technique.value(act, unit_index).sum()
                 loss.backward()
-            if iteration == 0:
-                gains = gradient_gains(param.spectra)  # the one host sync of the loop
+            if silent and (iteration == 0 or redirected):  # a host sync: mostly at the first only
+                lifted, silent = gradient_gains(param.spectra, silent)
+                gains += lifted
+                if iteration == 0 and silent:  # redirected for all of the first iterations
+                    forced = torch.zeros(len(param.spectra), dtype=torch.bool, device=device)
+                    forced[silent] = True
             for i, gain in gains:
                 param.spectra[i].grad.mul_(gain)
             optimizer.step()
