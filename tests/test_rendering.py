@@ -84,6 +84,19 @@ def test_units_silent_on_the_starting_noise_still_get_a_picture(trained):
     assert all(image.std() > 20 for image in result.images)
 
 
+def test_a_unit_silent_behind_a_relu6_still_gets_a_picture(tmp_path):
+    """MobileNets' ReLU6 (a hardtanh from 0 to 6 in the exported graph) is redirected too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU6())
+    with torch.no_grad():
+        model[0].bias[0] = -0.5 * model[0].weight[0].sum() - 0.3  # -0.3 on grey: silent
+    with tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    result = tb_microscope.render(run, 0, "1", [0], size=16, iterations=24)
+    assert result.activation[0] > 0 and result.images[0].std() > 20
+
+
 def test_a_unit_active_only_on_the_canvas_edge_still_gets_a_picture(tmp_path):
     """Unit 0 is relu(11 - the sum of its 27 inputs): -2.5 on grey, but +2 along the edge, where
     the zero padding leaves out a third of its inputs. Its activity there does not depend on the

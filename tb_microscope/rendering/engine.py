@@ -198,17 +198,41 @@ class _RedirectedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
-        # A sample is blocked when none of its gradient passes; then its negative inputs pass
-        # the gradient that raises them too (the loss is minimized: a negative gradient).
-        # abs().amax() is the cheapest per-sample test on the CPU (boolean reductions are
-        # several times slower); there, the rare blocked case is only computed when it occurs.
-        blocked = passed.flatten(1).abs().amax(1) == 0
-        if ctx.forced is not None:
-            blocked = blocked | ctx.forced
-        if grad.device.type == "cpu" and not bool(blocked.any()):
-            return passed, None
-        redirect = blocked.view(-1, *[1] * (grad.dim() - 1)) & (grad <= 0)
-        return torch.where(redirect, grad, passed), None
+        return _redirected(ctx, grad, passed, None), None
+
+
+class _RedirectedReLU6(torch.autograd.Function):
+    """ReLU6 (MobileNets' hardtanh from 0 to 6) redirected as `_RedirectedReLU`: below 0 only,
+    as raising an input above 6 changes nothing."""
+
+    @staticmethod
+    def forward(ctx, x, forced):
+        out = x.clamp(0, 6)
+        ctx.save_for_backward(out)
+        ctx.forced = forced if forced is not None and len(forced) == len(x) else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        passed = grad * ((out > 0) & (out < 6))
+        return _redirected(ctx, grad, passed, out <= 0), None
+
+
+def _redirected(ctx, grad, passed, below):
+    # A sample is blocked when none of its gradient passes; then its inputs below the range pass
+    # the gradient that raises them too (the loss is minimized: a negative gradient).
+    # abs().amax() is the cheapest per-sample test on the CPU (boolean reductions are several
+    # times slower); there, the rare blocked case is only computed when it occurs.
+    blocked = passed.flatten(1).abs().amax(1) == 0
+    if ctx.forced is not None:
+        blocked = blocked | ctx.forced
+    if grad.device.type == "cpu" and not bool(blocked.any()):
+        return passed
+    redirect = blocked.view(-1, *[1] * (grad.dim() - 1)) & (grad <= 0)
+    if below is not None:
+        redirect &= below
+    return torch.where(redirect, grad, passed)
 
 
 _RELUS = {
@@ -219,11 +243,25 @@ _RELUS = {
     F.relu_,
     torch.ops.aten.relu_.default,
 }
+_HARDTANHS = {F.hardtanh, torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
+
+
+def _relu6_input(func, args, kwargs) -> torch.Tensor | None:
+    """The input of a hardtanh call that is a ReLU6 (from 0 to 6), else None."""
+    if func is F.relu6:
+        return args[0] if args else kwargs["input"]
+    if func not in _HARDTANHS:
+        return None
+    names = ("input" if func is F.hardtanh else "self", "min_val", "max_val")
+    given = dict(zip(names, args)) | kwargs
+    if given.get("min_val", -1.0) == 0 and given.get("max_val", 1.0) == 6:
+        return given[names[0]]
+    return None
 
 
 class RedirectedReLUs(TorchFunctionMode):
-    """Every ReLU of the forward pass as `_RedirectedReLU`. An in-place ReLU becomes an
-    out-of-place one: exported graphs use its result, not its mutated input.
+    """Every ReLU (and ReLU6) of the forward pass as `_RedirectedReLU` (`_RedirectedReLU6`). An
+    in-place one becomes out-of-place: exported graphs use its result, not its mutated input.
 
     `forced` (one flag per image) redirects an image's gradient at every ReLU of its batch size,
     blocked or not: for a unit whose only activity the image cannot change, so that its image
@@ -236,9 +274,13 @@ class RedirectedReLUs(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELUS and torch.is_grad_enabled():
-            x = args[0] if args else kwargs["input"]
-            return _RedirectedReLU.apply(x, self.forced)
+        if torch.is_grad_enabled():
+            if func in _RELUS:
+                x = args[0] if args else kwargs["input"]
+                return _RedirectedReLU.apply(x, self.forced)
+            x = _relu6_input(func, args, kwargs)
+            if x is not None:
+                return _RedirectedReLU6.apply(x, self.forced)
         return func(*args, **kwargs)
 
 
