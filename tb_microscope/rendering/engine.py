@@ -183,40 +183,27 @@ def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | Non
 
 
 class _RedirectedReLU(torch.autograd.Function):
-    """ReLU whose backward, for a sample whose gradient it would block entirely, lets through
-    the gradient that pushes negative inputs up. Decided per sample, so batch-mates never
-    interact."""
+    """ReLU (or, with `high`, a ReLU capped there: MobileNets' ReLU6) whose backward, for a
+    sample whose gradient it would block entirely, lets through the gradient that pushes inputs
+    below zero up. Decided per sample, so batch-mates never interact."""
 
     @staticmethod
-    def forward(ctx, x, forced):
-        out = x.clamp_min(0)
+    def forward(ctx, x, forced, high=None):
+        out = x.clamp_min(0) if high is None else x.clamp(0, high)
         ctx.save_for_backward(out)
         ctx.forced = forced if forced is not None and len(forced) == len(x) else None
+        ctx.high = high
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
-        return _redirected(ctx, grad, passed, None), None
-
-
-class _RedirectedReLU6(torch.autograd.Function):
-    """ReLU6 (MobileNets' hardtanh from 0 to 6) redirected as `_RedirectedReLU`: below 0 only,
-    as raising an input above 6 changes nothing."""
-
-    @staticmethod
-    def forward(ctx, x, forced):
-        out = x.clamp(0, 6)
-        ctx.save_for_backward(out)
-        ctx.forced = forced if forced is not None and len(forced) == len(x) else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        passed = grad * ((out > 0) & (out < 6))
-        return _redirected(ctx, grad, passed, out <= 0), None
+        if ctx.high is None:
+            passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
+            return _redirected(ctx, grad, passed, None), None, None
+        passed = grad * ((out > 0) & (out < ctx.high))
+        # raising an input above `high` changes nothing: below zero only
+        return _redirected(ctx, grad, passed, out <= 0), None, None
 
 
 def _redirected(ctx, grad, passed, below):
@@ -260,8 +247,8 @@ def _relu6_input(func, args, kwargs) -> torch.Tensor | None:
 
 
 class RedirectedReLUs(TorchFunctionMode):
-    """Every ReLU (and ReLU6) of the forward pass as `_RedirectedReLU` (`_RedirectedReLU6`). An
-    in-place one becomes out-of-place: exported graphs use its result, not its mutated input.
+    """Every ReLU (and ReLU6) of the forward pass as `_RedirectedReLU`. An in-place one becomes
+    out-of-place: exported graphs use its result, not its mutated input.
 
     `forced` (one flag per image) redirects an image's gradient at every ReLU of its batch size,
     blocked or not: for a unit whose only activity the image cannot change, so that its image
@@ -280,7 +267,7 @@ class RedirectedReLUs(TorchFunctionMode):
                 return _RedirectedReLU.apply(x, self.forced)
             x = _relu6_input(func, args, kwargs)
             if x is not None:
-                return _RedirectedReLU6.apply(x, self.forced)
+                return _RedirectedReLU.apply(x, self.forced, 6.0)
         return func(*args, **kwargs)
 
 
