@@ -18,7 +18,6 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import threading
 import weakref
@@ -201,7 +200,7 @@ class _RedirectedReLU(torch.autograd.Function):
         if ctx.high is None:
             passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
             return _redirected(ctx, grad, passed, None), None, None
-        passed = grad * ((out > 0) & (out < ctx.high))
+        passed = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.high)  # ReLU6's own
         # raising an input above `high` changes nothing: below zero only
         return _redirected(ctx, grad, passed, out <= 0), None, None
 
@@ -435,7 +434,7 @@ def optimize(
                 act = tap(x).float()
                 loss = -technique.value(act, unit_index).sum()
                 loss.backward()
-            if silent and (iteration == 0 or redirected):  # a host sync: mostly at the first only
+            if silent and redirected:  # a host sync: mostly at the first iteration only
                 lifted, silent = gradient_gains(param.spectra, silent)
                 gains += lifted
                 if iteration == 0 and silent:  # redirected for all of the first iterations
@@ -522,8 +521,8 @@ def fitted_canvas(model: nn.Module, run: Run, size: int, device: torch.device) -
                     raise
                 first_error = first_error or e
                 continue
-            fits = canvas if tried == side else Canvas((tried, tried), canvas.image, True)
-            known[size] = dataclasses.replace(fits, strength=canvas.strength)
+            fits = Canvas((tried, tried), canvas.image, True, canvas.strength)
+            known[size] = canvas if tried == side else fits
             break
         else:
             raise first_error or MicroscopeError(f"no input size fits run '{run.name}'")
