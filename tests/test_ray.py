@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,8 +18,9 @@ import tb_microscope
 from conftest import TinyCNN, free_port, http, run_python, tensorboard, train_step
 
 RENDER = ["--size", "24", "--iterations", "8"]
-# A cluster started by `ray start` checks a token (Ray >= 2.59); its drivers must say so.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# A cluster started by `ray start` checks a token (Ray >= 2.59); its drivers must say so and
+# hold the token. The tests' own, so that nothing depends on a ~/.ray/auth_token of the machine.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 # the fault tests' sweep: long enough (small groups, more iterations) to be hit mid-way
 SLOW = ["--runs", "a", "--nodes", "conv2", "--size", "24", "--iterations", "40"]
 SLOW += ["--batch-size", "4"]
@@ -58,7 +60,8 @@ def cluster(tmp_path_factory):
     command = [ray, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1"]
     command += ["--port", str(port), "--include-dashboard", "false", "--disable-usage-stats"]
     command += ["--temp-dir", str(temp)]
-    subprocess.run(command, check=True, capture_output=True, timeout=180, env=RAY_ENV)
+    started = subprocess.run(command, capture_output=True, text=True, timeout=180, env=RAY_ENV)
+    assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield f"127.0.0.1:{port}"
     finally:
