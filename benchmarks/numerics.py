@@ -5,7 +5,7 @@
     python benchmarks/numerics.py --threads 4 --batches 1 2 4 16   # CPU threads other than all
 
 For each option (on the CPU: oneDNN's or PyTorch's own convolutions, NNPACK's for batches of 16
-and more or not, channels-last input or not; on
+and more or not, channels-last input or not, bf16 autocast with oneDNN; on
 CUDA: fp32, TF32, bf16 autocast, bf16 with channels-last) and each model (random weights, logged
 with the Logger and rebuilt with open_run), renders the node's first units:
 - speed: seconds for one batch of the largest size, and the units per second that gives;
@@ -33,6 +33,8 @@ MODELS = {
         "inception4a",
     ),
     "resnet50": (torchvision.models.resnet50, "layer3.2"),
+    "convnext": (torchvision.models.convnext_tiny, "features.5.4"),
+    "vit": (lambda: torchvision.models.vit_b_16(image_size=96), "encoder.layers.encoder_layer_6"),
 }
 
 
@@ -51,6 +53,10 @@ def options(device: torch.device) -> dict[str, Numerics]:
         "native + channels-last": Numerics(channels_last=True),
         "oneDNN": Numerics(onednn=True),
         "oneDNN + channels-last": Numerics(onednn=True, channels_last=True),
+        "oneDNN + bf16": Numerics(onednn=True, autocast=torch.bfloat16),
+        "oneDNN + bf16 + ch.-last": Numerics(
+            onednn=True, autocast=torch.bfloat16, channels_last=True
+        ),
     }
 
 
@@ -103,7 +109,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    chosen = default_numerics(device)
     print(
         f"{device}, {args.size} px, {args.iterations} iterations, {max(args.batches)} units; "
         f"difference from the render alone, uint8 levels (mean / max); torch {torch.__version__}, "
@@ -119,9 +124,10 @@ def main() -> None:
                 logger.log(0)
             run = tb_microscope.open_run(logdir)
             model = run.load_model(0, device)
+            chosen = default_numerics(device, model)
             print(f"\n{name} {node}")
             print(
-                f"  {'option':26} {'s/batch':>8} {'units/s':>8}  "
+                f"  {'option':36} {'s/batch':>8} {'units/s':>8}  "
                 + "  ".join(f"{'batch ' + str(b):>13}" for b in args.batches if b != 1)
                 + "  repeats"
             )
@@ -132,7 +138,7 @@ def main() -> None:
                 cells = "  ".join(f"{m:6.2f} / {x:3d}" for m, x in r["differences"].values())
                 mark = " (default)" if numerics == chosen else ""
                 print(
-                    f"  {label + mark:26} {r['seconds']:8.2f} {r['units_per_s']:8.3f}  {cells}  "
+                    f"  {label + mark:36} {r['seconds']:8.2f} {r['units_per_s']:8.3f}  {cells}  "
                     f"{'identical' if r['repeatable'] else 'DIFFER'}",
                     flush=True,
                 )

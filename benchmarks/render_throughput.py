@@ -109,17 +109,34 @@ def raw_iteration(run, model, node, batch, size, device, numerics, iterations, r
     x = torch.rand(batch, 3, size + 2 * PAD, size + 2 * PAD, device=device, requires_grad=True)
     tap, space = NodeTap(model, run.node(node)), InputSpace(run.input_spec, device)
     blocks = []
+
+    def step() -> None:
+        x.grad = None
+        shown = space(x)
+        if numerics.channels_last:
+            shown = shown.contiguous(memory_format=torch.channels_last)
+        tap(shown).maps.float()[:, 0].mean().backward()
+
     with numerics.applied(device):
-        tap(space(x)).maps.float()[:, 0].mean().backward()  # warm-up
+        step()  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(iterations):
-                x.grad = None
-                tap(space(x)).maps.float()[:, 0].mean().backward()
+                step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             blocks.append((time.perf_counter() - start) / iterations)
     return min(blocks)
+
+
+def describe(numerics) -> str:
+    dtype = str(numerics.autocast).removeprefix("torch.")
+    parts = [
+        f"{dtype} autocast" if numerics.autocast else "fp32",
+        "oneDNN" if numerics.onednn else "",
+        "channels-last" if numerics.channels_last else "",
+    ]
+    return ", ".join(p for p in parts if p)
 
 
 def compare(name, args, device) -> None:
@@ -153,6 +170,7 @@ def compare(name, args, device) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         ours_s = min(times)
+        numerics = default_numerics(device, model)
         raw_s = raw_iteration(
             run,
             model,
@@ -160,7 +178,7 @@ def compare(name, args, device) -> None:
             batch,
             args.size,
             device,
-            default_numerics(device),
+            numerics,
             args.iterations,
             args.repeats,
         )
@@ -177,7 +195,7 @@ def compare(name, args, device) -> None:
     total_flops = flops * args.iterations * len(units) / batch
     print(
         f"\n{name} {node}, {len(units)} units, {args.size}px (canvas {args.size + 2 * PAD}px), "
-        f"{args.iterations} iterations, {device}"
+        f"{args.iterations} iterations, {device}; the engine's numerics: {describe(numerics)}"
     )
     print(f"ours:   {len(units) / ours_s:8.3f} units/s  ({ours_s:.1f} s)")
     print(f"lucent: {len(units) / lucent_s:8.3f} units/s  ({lucent_s:.1f} s, one unit at a time)")

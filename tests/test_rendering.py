@@ -24,6 +24,7 @@ from tb_microscope.rendering.engine import (
     CHECKS_PER_PASS,
     MEMORY_SHARE,
     QUALITIES,
+    Numerics,
     RenderCancelled,
     StopChecks,
     batch_size_for,
@@ -119,11 +120,13 @@ def test_a_unit_active_only_on_the_canvas_edge_still_gets_a_picture(tmp_path):
 
 
 def test_a_units_picture_does_not_depend_on_how_small_its_activations_are(tmp_path):
-    """Bias-free convolutions and ReLUs scale with their weights: scaled down 10^4 and 10^6 per
+    """Bias-free convolutions and ReLUs scale with their weights: scaled down 2^14 and 2^20 per
     layer, the first gradients are far below Adam's eps (as in a freshly initialized GoogLeNet),
-    and both models must still draw the same, non-grey picture."""
+    and both models must still draw the same, non-grey picture. Powers of two keep every
+    product's digits, so that bf16 (the engine's choice on some CPUs), which rounds the two
+    models' activations alike only then, computes the same picture too."""
     images = []
-    for scale in (1e-4, 1e-6):
+    for scale in (2.0**-14, 2.0**-20):
         torch.manual_seed(0)
         model = torch.nn.Sequential(
             torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
@@ -143,30 +146,67 @@ def test_a_units_picture_does_not_depend_on_how_small_its_activations_are(tmp_pa
     assert np.abs(images[0] - images[1]).mean() <= 1.0
 
 
-def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size():
+@pytest.mark.parametrize("convolutional", [False, True])
+def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size(convolutional):
     """By default PyTorch switches CPU convolutions to NNPACK's for batches of 16 and more,
-    whose results differ (about 1e-5) from the same sample's alone; an optimization amplifies
-    that into different pictures. Under the engine's numerics a sample's forward and input
-    gradient are bitwise the same alone and in batches of 16 and 64."""
+    and oneDNN's fp32 kernels change with the batch size too; their results differ (about
+    1e-5) from the same sample's alone, which an optimization amplifies into different pictures.
+    Under the engine's numerics (for a convolutional network, bf16 with oneDNN on a CPU that
+    has it) a sample's forward and input gradient are bitwise the same alone and in batches of
+    16 and 64."""
     from tb_microscope.rendering.engine import default_numerics
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3)
+    )
     x = torch.randn(64, 64, 8, 8)
+    device = torch.device("cpu")
+    numerics = default_numerics(device, model if convolutional else None)
 
     def first_sample(batch):
         xs = x[:batch].clone().requires_grad_(True)
-        y = conv(xs)
+        inputs = xs.contiguous(memory_format=torch.channels_last) if numerics.channels_last else xs
+        y = model(inputs).float()
         (grad,) = torch.autograd.grad((y * y).sum(), xs)
         return y[0].detach(), grad[0]
 
-    device = torch.device("cpu")
-    with default_numerics(device).applied(device):
+    with numerics.applied(device):
         alone = first_sample(1)
         for batch in (16, 64):
             for got, want in zip(first_sample(batch), alone):
                 assert torch.equal(got, want), batch
     assert torch._C._get_nnpack_enabled()  # put back as it was
+    assert torch.backends.mkldnn.enabled
+
+
+class _Resampled(torch.nn.Module):
+    """Convolutions around an antialiased resize, which has no bf16 kernel on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True)
+        return self.conv2(x)
+
+
+def test_a_model_with_an_operation_bf16_lacks_renders_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    with tb_microscope.Logger(tmp_path, _Resampled(), torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    options = dict(size=16, iterations=4, device="cpu")
+    chosen = tb_microscope.render(run, 0, "conv2", [0, 1], **options)
+    fp32 = tb_microscope.render(run, 0, "conv2", [0, 1], **options, numerics=Numerics())
+    np.testing.assert_array_equal(chosen.images, fp32.images)
+    with pytest.raises(NotImplementedError, match="BFloat16"):  # what the fallback stood in for
+        tb_microscope.render(
+            run, 0, "conv2", [0], **options, numerics=Numerics(autocast=torch.bfloat16)
+        )
 
 
 @pytest.mark.parametrize("size", [16, 26])

@@ -13,7 +13,8 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
 - for the first iterations, a ReLU that would block a sample's whole gradient lets through the
   part that pushes its negative inputs up (lucid's redirected ReLU gradient), so that a unit
   silent on the starting noise, common in small models, still gets a picture;
-- CUDA when present (bf16 autocast, channels_last), the CPU otherwise.
+- CUDA when present (bf16 autocast, channels_last), the CPU otherwise (bf16 with oneDNN for
+  convolutional networks where the CPU computes bf16 natively, fp32 otherwise).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from .techniques import Technique, channel, class_token, get_technique
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
 # iterations; 5: each image its own tensor (a batch-mate changed images of some sizes); 6: tiny
 # gradients lifted to GRADIENT_FLOOR (deep units of a freshly initialized GoogLeNet stayed grey),
-# an image without any gradient redirected at every ReLU (`RedirectedReLUs`)
-ENGINE_VERSION = 6
+# an image without any gradient redirected at every ReLU (`RedirectedReLUs`); 7: convolutional
+# networks in bf16 with oneDNN on CPUs with AVX512-BF16 (`default_numerics`)
+ENGINE_VERSION = 7
 LEARNING_RATE = 0.05  # lucid's, for renders of FULL_ITERATIONS and more
 FULL_ITERATIONS = 512
 MAX_STEP_GAIN = 8.0
@@ -277,7 +279,7 @@ class Numerics:
 
     `onednn`: the CPU's convolutions from oneDNN rather than PyTorch's own; `nnpack`: NNPACK's
     for batches of 16 and more (PyTorch's default when oneDNN is off); `channels_last`: the
-    input in N x H x W x C memory order; `autocast`: a lower-precision dtype on CUDA (bf16);
+    input in N x H x W x C memory order; `autocast`: a lower-precision dtype (bf16);
     `tf32`: TF32 matrix products on CUDA."""
 
     onednn: bool = False
@@ -325,11 +327,8 @@ class Numerics:
                 _IN_USE[kind].update(switches=switches, restore=self._switch(device))
             _IN_USE[kind]["count"] += 1
         try:
-            if kind == "cuda":  # autocast is per thread
-                with torch.autocast("cuda", dtype=self.autocast, enabled=bool(self.autocast)):
-                    yield
-            else:
-                yield
+            with torch.autocast(kind, dtype=self.autocast, enabled=bool(self.autocast)):
+                yield  # autocast is per thread
         finally:
             with _SWITCHES:
                 _IN_USE[kind]["count"] -= 1
@@ -342,18 +341,74 @@ _SWITCHES = threading.Condition()  # guards _IN_USE: the numerics switches in us
 _IN_USE = {kind: {"count": 0, "switches": None, "restore": None} for kind in ("cpu", "cuda")}
 
 
-def default_numerics(device: torch.device) -> Numerics:
+def default_numerics(device: torch.device, model: nn.Module | None = None) -> Numerics:
     """The fastest choice that keeps pictures batch-invariant, as measured by
-    benchmarks/numerics.py (the README's numerics table). On the CPU: PyTorch's own
-    convolutions without NNPACK. oneDNN's kernels, and NNPACK's (PyTorch's choice for batches
-    of 16 and more when oneDNN is off), compute a sample differently by batch size (1e-5
-    apart), which 32 iterations amplify to pictures 4 to 9 levels apart on average; PyTorch's
-    own compute each sample alike, and were the fastest of the invariant choices (1.1x slower
-    than oneDNN, 2.0x to 2.3x faster than with NNPACK). On CUDA (not measured yet): bf16
+    benchmarks/numerics.py (the README's numerics table).
+
+    On a CPU with AVX512-BF16 (and without AMX, whose kernels were not measured), a `model`
+    with more than one convolution kernel runs under bf16 autocast with oneDNN's convolutions
+    and channels-last input: each sample computed alike at every batch size, and 2x to 8x
+    faster than in fp32 (depthwise convolutions most). Transformers, whose one kernel is a
+    patch embedding, stay in fp32: torchvision's ViT-B took 1.7x longer in bf16 (its attention
+    copies its bf16 inputs around), other ViTs gained 1.1x to 1.3x. Otherwise on the CPU:
+    PyTorch's own convolutions without NNPACK. oneDNN's fp32 kernels, and NNPACK's (PyTorch's
+    choice for batches of 16 and more when oneDNN is off), compute a sample differently by
+    batch size (1e-5 apart), which 32 iterations amplify to pictures 4 to 9 levels apart on
+    average; PyTorch's own compute each sample alike. On CUDA (not measured yet): bf16
     autocast and channels-last."""
     if device.type == "cuda":
         return Numerics(channels_last=True, autocast=torch.bfloat16)
+    if model is not None and cpu_has_bf16() and convolution_kernels(model) > 1:
+        return Numerics(onednn=True, channels_last=True, autocast=torch.bfloat16)
     return Numerics()
+
+
+def usable_numerics(
+    model: nn.Module, run: Run, node: Node, size: int, device: torch.device
+) -> Numerics:
+    """`default_numerics`, unless the model has an operation without a kernel for its lower
+    precision on this device (an antialiased resize has no bf16 one on the CPU): then fp32.
+    Found by one image's forward and backward to the node; remembered per model, node and
+    size."""
+    chosen = default_numerics(device, model)
+    if not chosen.autocast:
+        return chosen
+    key = ("numerics", node.name, node.calls, size, str(device))
+    known = _MEASURED.setdefault(model, {})
+    if key not in known:
+        x = grey_image(model, run, size, device)
+        try:
+            with chosen.applied(device):
+                maps = NodeTap(model, node)(InputSpace(run.input_spec, device)(x)).maps
+                maps.float().sum().backward()
+            known[key] = chosen
+        except RuntimeError as e:  # NotImplementedError among them
+            if str(chosen.autocast).removeprefix("torch.") not in str(e).lower():
+                raise
+            known[key] = Numerics()
+    return known[key]
+
+
+def grey_image(model: nn.Module, run: Run, size: int, device: torch.device) -> torch.Tensor:
+    """One mid-grey input of the canvas the engine optimizes at `size`, needing a gradient."""
+    canvas = fitted_canvas(model, run, size, device)
+    x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
+    return x.requires_grad_(True)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively in the kernels the numerics were measured on."""
+    cpu = torch.cpu
+    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    return bool(native and not amx and torch.backends.mkldnn.is_available())
+
+
+def convolution_kernels(model: nn.Module) -> int:
+    """How many of `model`'s weights are convolution kernels (three or more dimensions)."""
+    return sum(
+        1 for name, p in model.named_parameters() if name.endswith("weight") and p.dim() >= 3
+    )
 
 
 def check_technique(technique: Technique, node: Node) -> None:
@@ -414,7 +469,7 @@ def optimize(
     tap = NodeTap(model, node)
     unit_index = torch.tensor(targets, device=device)
     optimizer = torch.optim.Adam(param.spectra, lr=learning_rate(iterations))
-    numerics = numerics or default_numerics(device)
+    numerics = numerics or usable_numerics(model, run, node, size, device)
     channels_last = numerics.channels_last and node.kind == "spatial"
     gains: list[tuple[int, float]] = []
     silent: list[int] = list(range(len(param.spectra)))  # images whose gradient was all zero
@@ -443,10 +498,11 @@ def optimize(
             for i, gain in gains:
                 param.spectra[i].grad.mul_(gain)
             optimizer.step()
-    with torch.no_grad(), numerics.applied(device):
-        images = param()
+    with torch.no_grad():
+        images = param()  # full precision: only the model runs under the numerics' autocast
         shown = centred(images, canvas.input) if canvas.padded else images
-        act = tap(space(shown)).float()
+        with numerics.applied(device):
+            act = tap(space(shown)).float()
         objective = technique.value(act, unit_index)
         measure = class_token if technique.class_token else channel
         activation = measure(act, unit_index)  # the unit's mean (or class token) activation
@@ -486,7 +542,8 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-_SAMPLE_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# per model: what was measured on it (an image's bytes, the numerics it can run under)
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CANVASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 STRIDES = (8, 16, 32, 64)  # the multiples a canvas's side grows to where the model needs one
 
@@ -541,13 +598,11 @@ def sample_bytes(
     the node keeps for the backward (measured on one image, with the numerics the engine uses;
     the model's weights are not counted), twice over for the gradients the backward makes.
     Remembered per model, node and size."""
-    numerics = numerics or default_numerics(device)
+    numerics = numerics or usable_numerics(model, run, node, size, device)
     key = (node.name, node.calls, size, str(device), numerics)
-    known = _SAMPLE_BYTES.setdefault(model, {})
+    known = _MEASURED.setdefault(model, {})
     if key not in known:
-        canvas = fitted_canvas(model, run, size, device)
-        x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
-        x.requires_grad_(True)
+        x = grey_image(model, run, size, device)
         storages: dict[int, int] = {}
         weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
@@ -648,6 +703,7 @@ def render(
     canvas_for(run, size)  # and sizes the model cannot take
     device = torch.device(device) if device is not None else default_device()
     model = frozen(model if model is not None else run.load_model(step, device))
+    numerics = numerics or usable_numerics(model, run, target, size, device)
     if batch_size is None:
         batch_size = batch_size_for(model, run, target, size, device, numerics)
     batch = max(1, batch_size // spec.images_per_unit)
