@@ -27,14 +27,17 @@ import torchvision
 import tb_microscope
 from tb_microscope.rendering.engine import Numerics, default_numerics
 
-MODELS = {
+MODELS = {  # each built for the size asked (a ViT takes only its own)
     "googlenet": (
-        lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),
+        lambda size: torchvision.models.googlenet(aux_logits=False, init_weights=False),
         "inception4a",
     ),
-    "resnet50": (torchvision.models.resnet50, "layer3.2"),
-    "convnext": (torchvision.models.convnext_tiny, "features.5.4"),
-    "vit": (lambda: torchvision.models.vit_b_16(image_size=96), "encoder.layers.encoder_layer_6"),
+    "resnet50": (lambda size: torchvision.models.resnet50(), "layer3.2"),
+    "convnext": (lambda size: torchvision.models.convnext_tiny(), "features.5.4"),
+    "vit": (
+        lambda size: torchvision.models.vit_b_16(image_size=size),
+        "encoder.layers.encoder_layer_6",
+    ),
 }
 
 
@@ -118,7 +121,7 @@ def main() -> None:
         build, node = MODELS[name]
         with tempfile.TemporaryDirectory() as logdir:
             torch.manual_seed(0)
-            net = build()
+            net = build(args.size)
             x = torch.rand(2, 3, args.size, args.size)
             with tb_microscope.Logger(logdir, net, x, nodes=[node], steps=[0]) as logger:
                 logger.log(0)
