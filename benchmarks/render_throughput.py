@@ -27,7 +27,7 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import default_device, default_numerics, learning_rate
+from tb_microscope.rendering.engine import default_device, learning_rate, usable_numerics
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 
@@ -170,7 +170,7 @@ def compare(name, args, device) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         ours_s = min(times)
-        numerics = default_numerics(device, model)
+        numerics = usable_numerics(model, run, run.node(node), args.size, device)
         raw_s = raw_iteration(
             run,
             model,
