@@ -258,6 +258,42 @@ def test_a_cancel_is_heard_within_a_pass_without_a_check_at_every_module():
     assert not any(m._forward_hooks for m in model.modules())  # all taken off
 
 
+HEAP_CHURN = """
+import json, os
+import torch
+from tb_microscope.rendering.heap import kept_heap, page_faults
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def rounds(count):  # what an optimization does: the same large tensors made and freed
+    before = page_faults()
+    for _ in range(count):
+        maps = [torch.ones(2 << 20) for _ in range(10)]  # 10 x 8 MiB
+        del maps
+    return page_faults() - before
+
+rounds(1)
+plain = rounds(4)
+with kept_heap():
+    rounds(1)
+    kept = rounds(4)
+    inside = rss()
+print(json.dumps({"plain": plain, "kept": kept, "inside": inside, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap: Linux only")
+def test_a_cpu_render_reuses_freed_memory_and_gives_it_back_when_done():
+    # a fresh interpreter: glibc's thresholds are the process's, set by the first render
+    figures = json.loads(run_python("-c", HEAP_CHURN).stdout)
+    pages = (80 << 20) // 4096  # what one round touches
+    assert figures["plain"] > 2 * pages  # glibc's defaults give the pages back every round
+    assert figures["kept"] < pages // 10  # kept: the same pages again
+    assert figures["inside"] - figures["after"] > 60 << 20  # trimmed when the render ends
+
+
 def test_batches_are_sized_by_the_devices_free_memory(trained):
     cpu = torch.device("cpu")
     model, node = frozen(trained.load_model(STEPS)), trained.node("conv3")

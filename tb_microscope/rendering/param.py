@@ -48,32 +48,41 @@ def frequency_grid(height: int, width: int) -> np.ndarray:
 
 
 class InputSpace:
-    """Maps images in [0, 1] to what the model was fed in training (value range, mean/std)."""
+    """Maps images in [0, 1] to what the model was fed in training (value range, mean/std), as
+    one multiply and one add per value."""
 
     def __init__(self, spec: dict, device: torch.device):
         lo, hi = spec.value_range
-        self.lo, self.span = lo, hi - lo
         self.channels = spec.channels
-        norm = spec.normalize
+        norm = spec.normalize or {"mean": [0.0], "std": [1.0]}
+        mean = np.asarray(norm["mean"], dtype=np.float64)
+        std = np.asarray(norm["std"], dtype=np.float64)
+        gain, offset = (hi - lo) / std, (lo - mean) / std  # (lo + (hi - lo) x - mean) / std
         shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(norm["mean"], device=device).view(shape) if norm else None
-        self.std = torch.tensor(norm["std"], device=device).view(shape) if norm else None
+        self.gain = torch.tensor(gain, dtype=torch.float32, device=device).view(shape)
+        self.offset = torch.tensor(offset, dtype=torch.float32, device=device).view(shape)
+        # the same for images centred on grey (x - 0.5), as `RandomTransforms` gives them
+        self.centred_offset = torch.tensor(offset + gain / 2, dtype=torch.float32, device=device)
+        self.centred_offset = self.centred_offset.view(shape)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.lo + self.span * images
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
+    def __call__(self, images: torch.Tensor, centred: bool = False) -> torch.Tensor:
+        """The model's input for `images` in [0, 1], or, `centred`, in [-0.5, 0.5]."""
+        return images * self.gain + (self.centred_offset if centred else self.offset)
 
 
 class FourierImages:
     """lucid's image parameterization for a batch: one spectrum per image, seeded per image.
 
-    Each image is its own tensor, made into pixels on its own and stepped by the optimizer on
-    its own: PyTorch's element-wise kernels compute the values past the last whole vector of a
-    tensor with scalar code, which rounds some functions (sigmoid, Adam's arithmetic)
-    differently, so in one tensor for the batch an image whose size is not a whole number of
-    vectors (3 x 26 x 26 values) would change with its place in the batch."""
+    Each image's spectrum is its own tensor, which the optimizer steps on its own (its Adam
+    kernel run on it alone), and the two operations whose rounding depends on where a value
+    sits in a tensor are run image by image: the FFTs, and the sigmoid (PyTorch's element-wise
+    kernels compute the values past the last whole vector of a tensor with scalar code, which
+    rounds sigmoid differently, so in one tensor for the batch an image of 3 x 26 x 26 values
+    would change with its place in the batch). Everything else (the frequency scaling, the
+    sigmoid's gradient) is additions and multiplications, rounded alike anywhere, and runs on
+    the whole batch at once. The forward and backward are written out (`_Pixels`) so that the
+    image-by-image steps write into one batch tensor, with no autograd bookkeeping per image.
+    """
 
     def __init__(self, seeds: Sequence[int], channels: int, size: int, device: torch.device):
         freqs = frequency_grid(size, size)
@@ -86,26 +95,87 @@ class FourierImages:
         ]
         scale = 1.0 / np.maximum(freqs, 1.0 / size)
         self.scale = torch.tensor(scale, dtype=torch.float32, device=device)[None, None, ..., None]
-        self.size = size
-        self.colour = torch.tensor(COLOUR_CORRELATION.T, device=device) if channels == 3 else None
-
-    def image(self, spectrum: torch.Tensor) -> torch.Tensor:
-        spectrum = torch.view_as_complex(self.scale * spectrum)
-        image = torch.fft.irfftn(spectrum, s=(self.size, self.size), norm="ortho") / 4.0
-        if self.colour is not None:
-            image = torch.einsum("nchw,cd->ndhw", image, self.colour)
-        return torch.sigmoid(image)
+        # The gradient of a real inverse FFT is the forward one with the frequencies that stand
+        # for two (all but the first column and, for an even size, the last) counted twice, as
+        # PyTorch's own backward of irfftn does; doubled in the scale (exactly: a power of two).
+        doubled = np.ones(freqs.shape[1])
+        doubled[1 : size - freqs.shape[1] + 1] = 2.0
+        grad_scale = scale * doubled
+        self.grad_scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
+        self.grad_scale = self.grad_scale[None, None, ..., None]
+        self.size, self.channels = size, channels
+        # lucid divides the image by 4 before its colours are mixed: exact in the matrix (a
+        # power of two), one operation fewer
+        colour = COLOUR_CORRELATION / 4.0  # RGB x decorrelated
+        self.colour = torch.tensor(colour, device=device) if channels == 3 else None
 
     def __call__(self) -> torch.Tensor:
-        return torch.cat([self.image(spectrum) for spectrum in self.spectra])
+        """The images in [0, 1] (N x C x size x size)."""
+        return _Pixels.apply(self, *self.spectra)
+
+    def pixels(self, spectra: Sequence[torch.Tensor]) -> torch.Tensor:
+        spectrum = torch.view_as_complex(torch.cat(spectra) * self.scale)
+        side = (self.size, self.size)
+        raw = spectrum.new_empty((len(spectra), self.channels, *side), dtype=torch.float32)
+        for i in range(len(spectra)):
+            torch.fft.irfftn(spectrum[i : i + 1], s=side, norm="ortho", out=raw[i : i + 1])
+        mixed = self._mix(raw, self.colour)
+        images = torch.empty_like(mixed)
+        for i in range(len(spectra)):
+            torch.sigmoid(mixed[i : i + 1], out=images[i : i + 1])
+        return images
+
+    def spectra_grads(self, grad: torch.Tensor, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each spectrum's gradient, given the images' (`grad`) and the images."""
+        mixed = torch.ops.aten.sigmoid_backward(grad, images)
+        raw = self._mix(mixed, None if self.colour is None else self.colour.T)
+        spectrum = torch.empty(
+            (len(raw), self.channels, *self.scale.shape[2:4]),
+            dtype=torch.complex64,
+            device=raw.device,
+        )
+        for i in range(len(raw)):
+            torch.fft.rfftn(raw[i : i + 1], dim=(-2, -1), norm="ortho", out=spectrum[i : i + 1])
+        return list((torch.view_as_real(spectrum) * self.grad_scale).split(1))
+
+    def _mix(self, images: torch.Tensor, colour: torch.Tensor | None) -> torch.Tensor:
+        """`images`' colours mixed by `colour` (or divided by 4 without one), image by image:
+        a matrix product's rounding may depend on how many columns it is given."""
+        if colour is None:
+            return images * 0.25
+        mixed = torch.empty_like(images)
+        for i in range(len(images)):
+            torch.mm(colour, images[i].view(3, -1), out=mixed[i].view(3, -1))
+        return mixed
+
+
+class _Pixels(torch.autograd.Function):
+    """`FourierImages`' images from its spectra, with the gradient written out."""
+
+    @staticmethod
+    def forward(ctx, param: FourierImages, *spectra: torch.Tensor) -> torch.Tensor:
+        images = param.pixels(spectra)
+        ctx.param = param
+        ctx.save_for_backward(images)
+        return images
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (images,) = ctx.saved_tensors
+        return (None, *ctx.param.spectra_grads(grad.contiguous(), images))
 
 
 class RandomTransforms:
     """lucid's standard transforms as one affine warp per sample, drawn from per-image seeds.
 
     Every random number a sample sees at every iteration is drawn up front from its own
-    generator. The output canvas (height, width) holds the image in its middle, grey around it.
-    `strength` scales the jitters (lucid's pixels at 1).
+    generator, and every warp is computed then. The output canvas (height, width) holds the
+    image in its middle, grey around it. `strength` scales the jitters (lucid's pixels at 1).
+
+    Batch-invariant by construction: a sample's warp is made from its own draws with
+    additions, multiplications and divisions alone (each rounded the same whether PyTorch's
+    vector code or its scalar code for a tensor's last values computes it), the rotations'
+    cosines and sines from a table Python computed.
     """
 
     def __init__(
@@ -123,30 +193,65 @@ class RandomTransforms:
             first = (torch.randint(0, big, (iterations, 2), generator=g) - big // 2) * strength
             second = (torch.randint(0, small, (iterations, 2), generator=g) - small // 2) * strength
             scale = SCALES[torch.randint(0, len(SCALES), (iterations,), generator=g)]
-            angle = ANGLES[torch.randint(0, len(ANGLES), (iterations,), generator=g)]
-            draws.append(torch.cat([first, second, scale[:, None], angle[:, None]], 1))
-        self.draws = torch.stack(draws, 1).float().to(device)  # iterations x N x 6
+            angle = torch.randint(0, len(ANGLES), (iterations,), generator=g)
+            draws.append((first, second, scale, angle))
+        first, second, scale, angle = (torch.stack(d, 1) for d in zip(*draws))  # iterations x N
+        self.theta = _affine_maps(first.float(), second.float(), scale, angle, size, canvas)
+        self.theta = self.theta.to(device)  # iterations x N x 2 x 3
+        height, width = canvas
+        # where affine_grid (align_corners=False) puts the canvas's pixel centres
+        self.xs = ((torch.arange(width, dtype=torch.float32) * 2 + 1) / width - 1).to(device)
+        self.ys = ((torch.arange(height, dtype=torch.float32) * 2 + 1) / height - 1).to(device)
         self.size, self.canvas = size, canvas
 
-    def theta(self, iteration: int) -> torch.Tensor:
-        """Affine maps from canvas coordinates to image coordinates (both normalized)."""
-        d = self.draws[iteration]
-        t1, t2, s, a = d[:, 0:2], d[:, 2:4], d[:, 4], d[:, 5] * (math.pi / 180)
-        cos, sin = torch.cos(a), torch.sin(a)
-        rot_inv = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)
-        height, width = self.canvas
-        span = torch.tensor([width, height], dtype=s.dtype, device=s.device)  # x, then y
-        linear = rot_inv * span[None, None, :] / (self.size * s)[:, None, None]
-        shift = -(2 / self.size) * (torch.einsum("nij,nj->ni", rot_inv, t2) / s[:, None] + t1)
-        return torch.cat([linear, shift[:, :, None]], 2)
+    def grid(self, iteration: int) -> torch.Tensor:
+        """Each sample's sampling grid (N x H x W x 2) at `iteration`: what `F.affine_grid`
+        gives for its map, as the sum of a term per column and a term per row."""
+        theta = self.theta[iteration]  # N x 2 x 3
+        along_x = self.xs[None, :, None] * theta[:, None, :, 0]  # N x W x 2
+        along_y = self.ys[None, :, None] * theta[:, None, :, 1] + theta[:, None, :, 2]  # N x H x 2
+        return along_y[:, :, None, :] + along_x[:, None, :, :]
 
     def __call__(self, images: torch.Tensor, iteration: int) -> torch.Tensor:
-        n, c = images.shape[:2]
-        grid = F.affine_grid(self.theta(iteration), [n, c, *self.canvas], align_corners=False)
-        warped = F.grid_sample(
-            images - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        """`images` (in [0, 1]) warped onto the canvas, centred on grey: in [-0.5, 0.5], 0
+        where no image falls (`InputSpace(..., centred=True)` maps them on)."""
+        return F.grid_sample(
+            images - 0.5,
+            self.grid(iteration),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
         )
-        return warped + 0.5
+
+
+_ANGLE_COS = torch.tensor([math.cos(math.radians(a)) for a in ANGLES.tolist()])
+_ANGLE_SIN = torch.tensor([math.sin(math.radians(a)) for a in ANGLES.tolist()])
+
+
+def _affine_maps(first, second, scale, angle, size: int, canvas: tuple[int, int]):
+    """The affine maps (... x 2 x 3) from canvas coordinates to image coordinates (both
+    normalized) of lucid's jitter `first`, scale, rotation by ANGLES[`angle`] and jitter
+    `second` (pixels, ... x 2 for x and y)."""
+    cos, sin = _ANGLE_COS[angle], _ANGLE_SIN[angle]
+    height, width = canvas
+    x_span, y_span = width / (size * scale), height / (size * scale)
+    # the inverse rotation, its columns scaled by the canvas's extent over the scaled image's
+    linear = torch.stack(
+        [
+            torch.stack([cos * x_span, sin * y_span], -1),
+            torch.stack([-sin * x_span, cos * y_span], -1),
+        ],
+        -2,
+    )
+    tx, ty = second[..., 0], second[..., 1]
+    shift = torch.stack(
+        [
+            (cos * tx + sin * ty) / scale + first[..., 0],
+            (cos * ty - sin * tx) / scale + first[..., 1],
+        ],
+        -1,
+    ) * (-2 / size)
+    return torch.cat([linear, shift[..., None]], -1)
 
 
 def centred(images: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
