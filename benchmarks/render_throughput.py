@@ -10,10 +10,16 @@ transforms; lucent gets `fixed_image_size` equal to our padded canvas so both fe
 the same resolution. Prints units per second
 for each and their ratio, the ratio of the mean target activation reached (each measured the
 same way, on the final images), the engine's efficiency (a bare forward + backward to the node
-at the engine's batch and canvas, over one engine iteration), and the FLOP rate each achieves
-next to this machine's fp32 matrix-product rate (torch.matmul of two 2048 x 2048 matrices on all
-threads), about the most convolutions computed as matrix products reach here: that rate over
-lucent's bounds the speed-up of any engine doing the same work.
+at the engine's batch and canvas, over one engine iteration; the two timed in turns, the fastest
+of each counting), and the FLOP rate each achieves
+next to this machine's matrix-product rate in the precision the engine's numerics compute in
+(torch.matmul of two 2048 x 2048 matrices on all threads), about the most convolutions computed
+as matrix products reach here.
+
+On the CPU the engine keeps the C heap's freed memory for the next iteration while it renders
+(`tb_microscope.rendering.heap`), which the process keeps from the first render on: the bare
+passes and lucent, run in the same process, get it too; with TB_MICROSCOPE_KEEP_HEAP=0 all
+three run with glibc's defaults. The page faults an iteration of each are printed.
 """
 
 import argparse
@@ -28,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
 from tb_microscope.rendering.engine import default_device, learning_rate, usable_numerics
+from tb_microscope.rendering.heap import kept_heap, page_faults
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 
@@ -67,11 +74,11 @@ def lucent_one_at_a_time(run, model, node, units, size, iterations, device):
     return time.perf_counter() - start, np.stack(images)
 
 
-def matmul_rate(device, repeats: int = 5) -> float:
-    """FLOP/s of the device's fp32 matrix product (2048 x 2048, all threads), the fastest of
-    `repeats`: the ceiling for convolutions computed as matrix products."""
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
+def matmul_rate(device, dtype=torch.float32, repeats: int = 5) -> float:
+    """FLOP/s of the device's matrix product in `dtype` (2048 x 2048, all threads), the fastest
+    of `repeats`: the ceiling for convolutions computed as matrix products."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -102,31 +109,34 @@ MODELS = {
 }
 
 
-def raw_iteration(run, model, node, batch, size, device, numerics, iterations, repeats) -> float:
-    """Seconds per bare forward + backward to the node at the engine's batch and canvas, under
-    the same numerics: what an engine iteration cannot be faster than. Timed as the engine is:
-    `iterations` in a row, the fastest of `repeats` such blocks."""
-    x = torch.rand(batch, 3, size + 2 * PAD, size + 2 * PAD, device=device, requires_grad=True)
-    tap, space = NodeTap(model, run.node(node)), InputSpace(run.input_spec, device)
-    blocks = []
+class RawIteration:
+    """A bare forward + backward to the node at the engine's batch and canvas, under the same
+    numerics: what an engine iteration cannot be faster than. `block()` times it as the engine
+    runs, `iterations` in a row, and returns seconds per iteration."""
 
-    def step() -> None:
-        x.grad = None
-        shown = space(x)
-        if numerics.channels_last:
+    def __init__(self, run, model, node, batch, size, device, numerics, iterations):
+        side = size + 2 * PAD
+        self.x = torch.rand(batch, 3, side, side, device=device, requires_grad=True)
+        self.tap, self.space = NodeTap(model, run.node(node)), InputSpace(run.input_spec, device)
+        self.device, self.numerics, self.iterations = device, numerics, iterations
+        with numerics.applied(device):
+            self.step()  # warm-up
+
+    def step(self) -> None:
+        self.x.grad = None
+        shown = self.space(self.x)
+        if self.numerics.channels_last:
             shown = shown.contiguous(memory_format=torch.channels_last)
-        tap(shown).maps.float()[:, 0].mean().backward()
+        self.tap(shown).maps.float()[:, 0].mean().backward()
 
-    with numerics.applied(device):
-        step()  # warm-up
-        for _ in range(repeats):
+    def block(self) -> float:
+        with self.numerics.applied(self.device):
             start = time.perf_counter()
-            for _ in range(iterations):
-                step()
-            if device.type == "cuda":
+            for _ in range(self.iterations):
+                self.step()
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            blocks.append((time.perf_counter() - start) / iterations)
-    return min(blocks)
+            return (time.perf_counter() - start) / self.iterations
 
 
 def describe(numerics) -> str:
@@ -162,26 +172,23 @@ def compare(name, args, device) -> None:
             model=model,
         )
         tb_microscope.render(run, 0, node, units[:2], **{**options, "iterations": 2})
-        times = []
+        numerics = usable_numerics(model, run, run.node(node), args.size, device)
+        raw = RawIteration(run, model, node, batch, args.size, device, numerics, args.iterations)
+        # the engine and the bare passes alternate, so that both see the machine alike
+        times, raw_times, faults, raw_faults = [], [], [], []
         for _ in range(args.repeats):
+            before = page_faults()
             start = time.perf_counter()
             ours = tb_microscope.render(run, 0, node, units, **options)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        ours_s = min(times)
-        numerics = usable_numerics(model, run, run.node(node), args.size, device)
-        raw_s = raw_iteration(
-            run,
-            model,
-            node,
-            batch,
-            args.size,
-            device,
-            numerics,
-            args.iterations,
-            args.repeats,
-        )
+            faults.append(page_faults() - before)
+            before = page_faults()
+            with kept_heap():  # as the engine's render has it
+                raw_times.append(raw.block())
+            raw_faults.append(page_faults() - before)
+        ours_s, raw_s = min(times), min(raw_times)
         lucent_s, lucent_images = lucent_one_at_a_time(
             run, model, node, units, args.size, args.iterations, device
         )
@@ -189,9 +196,11 @@ def compare(name, args, device) -> None:
         lucent_act = mean_activation(run, model, node, units, lucent_images, device)
         flops = flops_per_iteration(run, model, node, batch, args.size, device)
         lucent_flops = flops_per_iteration(run, model, node, 1, args.size, device)
-        peak = matmul_rate(device)
+        peak = matmul_rate(device, numerics.autocast or torch.float32)
 
-    iteration_s = ours_s / (args.iterations * -(-len(units) // batch))
+    engine_iterations = args.iterations * -(-len(units) // batch)
+    iteration_s = ours_s / engine_iterations
+    dtype = str(numerics.autocast).removeprefix("torch.") if numerics.autocast else "fp32"
     total_flops = flops * args.iterations * len(units) / batch
     print(
         f"\n{name} {node}, {len(units)} units, {args.size}px (canvas {args.size + 2 * PAD}px), "
@@ -205,6 +214,10 @@ def compare(name, args, device) -> None:
         f"{batch}: {raw_s * 1000:.0f} ms; an engine iteration: {iteration_s * 1000:.0f} ms)"
     )
     print(
+        f"page faults an iteration: engine {min(faults) / engine_iterations:.0f}, bare passes "
+        f"{min(raw_faults) / args.iterations:.0f}"
+    )
+    print(
         f"mean target activation: ours {ours_act.mean():.4f}, lucent {lucent_act.mean():.4f}, "
         f"ratio {ours_act.mean() / lucent_act.mean():.3f}"
     )
@@ -213,7 +226,7 @@ def compare(name, args, device) -> None:
     print(
         f"FLOP rate: ours {ours_rate / 1e9:.1f} GFLOP/s, lucent {lucent_rate / 1e9:.1f} GFLOP/s "
         f"(forward + backward up to the node: {flops / 1e9:.2f} GFLOP per iteration of a batch "
-        f"of {batch}); this machine's fp32 matrix product: {peak / 1e9:.1f} GFLOP/s, so ours "
+        f"of {batch}); this machine's {dtype} matrix product: {peak / 1e9:.1f} GFLOP/s, so ours "
         f"runs at {ours_rate / peak:.0%} of it; the same FLOPs at that rate would be "
         f"{peak / lucent_rate:.1f}x lucent"
     )
@@ -229,7 +242,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs of our engine (the fastest counts)"
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs of our engine and of the bare passes, in turns (the fastest counts)",
     )
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else default_device()

@@ -4,19 +4,25 @@ An optimization allocates and frees the same large tensors every iteration (a Re
 maps, several megabytes each). glibc's malloc hands blocks above its mmap threshold back to the
 kernel when they are freed, and trims the top of its heap once more than its trim threshold is
 free there; the next iteration then touches fresh pages, each zeroed by the kernel on its first
-write. Measured on GoogLeNet `inception4a` (16 units, 96 px, bf16, this project's 2-core CPU):
-about 15,000 page faults an iteration, and 113 ms an iteration for the model's forward and
-backward alone, 88 ms with the heap kept (`benchmarks/render_throughput.py` prints both).
+write. Both thresholds adapt to what the process freed before, so whether that happens depends
+on its history: ten 8 MiB tensors made and freed four times cost 81,750 page faults with glibc's
+defaults and none with the heap kept (tests/test_rendering.py); in one process on this project's
+2-core CPU, GoogLeNet `inception4a` (16 units, 96 px, bf16) took about 15,000 page faults an
+iteration, and a bare forward and backward to the node 113 ms where it took 86 to 91 ms with the
+heap kept; in another (`TB_MICROSCOPE_KEEP_HEAP=0 python benchmarks/render_throughput.py`), none.
 
 `kept_heap()` raises both thresholds (mmap for blocks up to 32 MiB, glibc's largest; trim only
 beyond 1 GiB free) for the process, as glibc's settings are, and calls `malloc_trim` when the
 last render in the process ends, so that a long-running server gives the memory back between
-renders. Elsewhere than glibc (macOS, Windows, musl) it does nothing.
+renders. Blocks above 32 MiB still come from the kernel each time. Elsewhere than glibc (macOS,
+Windows, musl), or with the environment variable TB_MICROSCOPE_KEEP_HEAP=0 (a process whose own
+memory use should keep glibc's defaults), it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -56,7 +62,7 @@ def page_faults() -> int:
 def kept_heap() -> Iterator[None]:
     """Freed memory stays in the process while the block runs (see the module's text)."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or os.environ.get("TB_MICROSCOPE_KEEP_HEAP", "1") == "0":
         yield
         return
     with _LOCK:
