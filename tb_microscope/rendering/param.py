@@ -58,12 +58,13 @@ class InputSpace:
         mean = np.asarray(norm["mean"], dtype=np.float64)
         std = np.asarray(norm["std"], dtype=np.float64)
         gain, offset = (hi - lo) / std, (lo - mean) / std  # (lo + (hi - lo) x - mean) / std
-        shape = (1, -1, 1, 1)
-        self.gain = torch.tensor(gain, dtype=torch.float32, device=device).view(shape)
-        self.offset = torch.tensor(offset, dtype=torch.float32, device=device).view(shape)
-        # the same for images centred on grey (x - 0.5), as `RandomTransforms` gives them
-        self.centred_offset = torch.tensor(offset + gain / 2, dtype=torch.float32, device=device)
-        self.centred_offset = self.centred_offset.view(shape)
+
+        def per_channel(values: np.ndarray) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+        self.gain, self.offset = per_channel(gain), per_channel(offset)
+        # the offset for images centred on grey (x - 0.5), as `RandomTransforms` gives them
+        self.centred_offset = per_channel(offset + gain / 2)
 
     def __call__(self, images: torch.Tensor, centred: bool = False) -> torch.Tensor:
         """The model's input for `images` in [0, 1], or, `centred`, in [-0.5, 0.5]."""
@@ -74,14 +75,15 @@ class FourierImages:
     """lucid's image parameterization for a batch: one spectrum per image, seeded per image.
 
     Each image's spectrum is its own tensor, which the optimizer steps on its own (its Adam
-    kernel run on it alone), and the two operations whose rounding depends on where a value
-    sits in a tensor are run image by image: the FFTs, and the sigmoid (PyTorch's element-wise
-    kernels compute the values past the last whole vector of a tensor with scalar code, which
-    rounds sigmoid differently, so in one tensor for the batch an image of 3 x 26 x 26 values
-    would change with its place in the batch). Everything else (the frequency scaling, the
-    sigmoid's gradient) is additions and multiplications, rounded alike anywhere, and runs on
-    the whole batch at once. The forward and backward are written out (`_Pixels`) so that the
-    image-by-image steps write into one batch tensor, with no autograd bookkeeping per image.
+    kernel run on it alone), and the operations whose rounding can depend on where a value
+    sits in a tensor are run image by image: the FFTs, the colour matrix (a matrix product)
+    and the sigmoid (PyTorch's element-wise kernels compute the values past the last whole
+    vector of a tensor with scalar code, which rounds sigmoid differently, so in one tensor for
+    the batch an image of 3 x 26 x 26 values would change with its place in the batch).
+    Everything else (the frequency scaling, the sigmoid's gradient) is additions and
+    multiplications, rounded alike anywhere, and runs on the whole batch at once. The forward
+    and backward are written out (`_Pixels`) so that the image-by-image steps write into one
+    batch tensor, with no autograd bookkeeping per image.
     """
 
     def __init__(self, seeds: Sequence[int], channels: int, size: int, device: torch.device):
@@ -93,16 +95,18 @@ class FourierImages:
             .requires_grad_(True)
             for s in seeds
         ]
+
+        def per_frequency(values: np.ndarray) -> torch.Tensor:  # 1 x 1 x H x W' x 1
+            return torch.tensor(values, dtype=torch.float32, device=device)[None, None, ..., None]
+
         scale = 1.0 / np.maximum(freqs, 1.0 / size)
-        self.scale = torch.tensor(scale, dtype=torch.float32, device=device)[None, None, ..., None]
+        self.scale = per_frequency(scale)
         # The gradient of a real inverse FFT is the forward one with the frequencies that stand
         # for two (all but the first column and, for an even size, the last) counted twice, as
         # PyTorch's own backward of irfftn does; doubled in the scale (exactly: a power of two).
         doubled = np.ones(freqs.shape[1])
         doubled[1 : size - freqs.shape[1] + 1] = 2.0
-        grad_scale = scale * doubled
-        self.grad_scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
-        self.grad_scale = self.grad_scale[None, None, ..., None]
+        self.grad_scale = per_frequency(scale * doubled)
         self.size, self.channels = size, channels
         # lucid divides the image by 4 before its colours are mixed: exact in the matrix (a
         # power of two), one operation fewer
@@ -196,8 +200,8 @@ class RandomTransforms:
             angle = torch.randint(0, len(ANGLES), (iterations,), generator=g)
             draws.append((first, second, scale, angle))
         first, second, scale, angle = (torch.stack(d, 1) for d in zip(*draws))  # iterations x N
-        self.theta = _affine_maps(first.float(), second.float(), scale, angle, size, canvas)
-        self.theta = self.theta.to(device)  # iterations x N x 2 x 3
+        theta = _affine_maps(first.float(), second.float(), scale, angle, size, canvas)
+        self.theta = theta.to(device)  # iterations x N x 2 x 3
         height, width = canvas
         # where affine_grid (align_corners=False) puts the canvas's pixel centres
         self.xs = ((torch.arange(width, dtype=torch.float32) * 2 + 1) / width - 1).to(device)
