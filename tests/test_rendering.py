@@ -259,9 +259,17 @@ def test_a_cancel_is_heard_within_a_pass_without_a_check_at_every_module():
 
 
 HEAP_CHURN = """
-import json, os
+import ctypes, json, os
 import torch
-from tb_microscope.rendering.heap import kept_heap, page_faults
+from tb_microscope.rendering.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, kept_heap, page_faults
+
+# glibc's starting thresholds (128 KiB), pinned: left to adapt, they depend on what the process
+# allocated and freed before (the interpreter, torch's import), and so does the count without
+# kept_heap; pinned, every 8 MiB block goes back to the kernel when freed, which is what some
+# histories give a render
+libc = ctypes.CDLL(None)
+libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -278,7 +286,7 @@ rounds(1)
 plain = rounds(4)
 with kept_heap():
     rounds(1)
-    kept = rounds(4)
+    kept = rounds(4)  # the heap may grow by a block once while its free space settles
     inside = rss()
 print(json.dumps({"plain": plain, "kept": kept, "inside": inside, "after": rss()}))
 """
@@ -289,8 +297,8 @@ def test_a_cpu_render_reuses_freed_memory_and_gives_it_back_when_done():
     # a fresh interpreter: glibc's thresholds are the process's, set by the first render
     figures = json.loads(run_python("-c", HEAP_CHURN).stdout)
     pages = (80 << 20) // 4096  # what one round touches
-    assert figures["plain"] > 2 * pages  # glibc's defaults give the pages back every round
-    assert figures["kept"] < pages // 10  # kept: the same pages again
+    assert figures["plain"] > 3 * pages  # the pages given back, and touched again, every round
+    assert figures["kept"] < pages // 2  # kept: the same pages again, a block's worth at most
     assert figures["inside"] - figures["after"] > 60 << 20  # trimmed when the render ends
 
 

@@ -5,11 +5,12 @@ maps, several megabytes each). glibc's malloc hands blocks above its mmap thresh
 kernel when they are freed, and trims the top of its heap once more than its trim threshold is
 free there; the next iteration then touches fresh pages, each zeroed by the kernel on its first
 write. Both thresholds adapt to what the process freed before, so whether that happens depends
-on its history: ten 8 MiB tensors made and freed four times cost 81,750 page faults with glibc's
-defaults and none with the heap kept (tests/test_rendering.py); in one process on this project's
-2-core CPU, GoogLeNet `inception4a` (16 units, 96 px, bf16) took about 15,000 page faults an
-iteration, and a bare forward and backward to the node 113 ms where it took 86 to 91 ms with the
-heap kept; in another (`TB_MICROSCOPE_KEEP_HEAP=0 python benchmarks/render_throughput.py`), none.
+on its history: ten 8 MiB tensors made and freed four times cost 81,960 page faults with glibc's
+starting thresholds, and none (or one block's 2,048, once) with the heap kept
+(tests/test_rendering.py). In one process on this project's 2-core CPU, GoogLeNet `inception4a`
+(16 units, 96 px, bf16) took about 15,000 page faults an iteration, and a bare forward and
+backward to the node 113 ms where it took 86 to 91 ms with the heap kept; in another
+(`TB_MICROSCOPE_KEEP_HEAP=0 python benchmarks/render_throughput.py`), none.
 
 `kept_heap()` raises both thresholds (mmap for blocks up to 32 MiB, glibc's largest; trim only
 beyond 1 GiB free) for the process, as glibc's settings are, and calls `malloc_trim` when the
