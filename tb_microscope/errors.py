@@ -37,3 +37,10 @@ def summarize(names: list[str], limit: int = 12) -> str:
         return ", ".join(names)
     half = limit // 2
     return f"{', '.join(names[:half])} … {', '.join(names[-half:])} ({len(names)} in all)"
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`TypeName: first line of the message`, at most `limit` characters: an error in one line,
+    for a note, a log line or another error's message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")[:limit]

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import __version__, mlflow_store
 from .capture import Capture, capture_in_child, discover_nodes, select_nodes, unwrap
-from .errors import IncompatibleRunError, summarize
+from .errors import IncompatibleRunError, first_line, summarize
 from .mlflow_store import ArtifactUploader
 from .runstore import (
     EXPORT,
@@ -86,6 +86,26 @@ def _per_channel(value, channels: int, what: str) -> list[float]:
             "channels: give one value per channel, or a single number"
         )
     return values
+
+
+def _outside(images: torch.Tensor, lo: float, hi: float) -> float:
+    """The share of `images`' values outside [lo, hi] by more than 2% of its width; 0 for a
+    share under 1% (rounding, a few extreme pixels)."""
+    slack = 0.02 * (hi - lo)
+    share = float(((images < lo - slack) | (images > hi + slack)).float().mean())
+    return share if share >= 0.01 else 0.0
+
+
+def _looks_unnormalized(x: torch.Tensor, spec: dict, lo: float, hi: float) -> bool:
+    """Whether probe images `x`, said to be normalized with `spec`, are more likely images in
+    value_range that were never normalized: every value lies in [lo, hi] although normalized
+    images have a negative value wherever a pixel is darker than its channel's mean, and the
+    normalization is not close to the identity (where the two readings agree)."""
+    slack = 0.02 * (hi - lo)
+    near_identity = all(abs(m) < 0.05 for m in spec["mean"]) and all(
+        abs(s - 1) < 0.05 for s in spec["std"]
+    )
+    return not near_identity and float(x.min()) >= lo - slack and float(x.max()) <= hi + slack
 
 
 def _say(message: str) -> None:
@@ -185,7 +205,7 @@ class Logger:
         example = self._check_example(example_input)
         self._example = example
         try:
-            all_nodes, self._eager_edges = discover_nodes(self._model, example)
+            discovery = discover_nodes(self._model, example)
         except Exception as e:
             why = str(e).strip()[:300].rstrip(".")
             raise ValueError(
@@ -193,12 +213,15 @@ class Logger:
                 f"model: {type(e).__name__}: {why}. Pass one batch shaped as the "
                 "model receives it in training, e.g. torch.randn(2, 3, 224, 224)."
             ) from e
+        all_nodes, self._eager_edges = discovery.nodes, discovery.edges
+        self._left_out = discovery.note
         if not all_nodes:
             raise ValueError(
                 "the model has no named submodule whose output is a feature map, tokens or a "
                 "vector; tb_microscope needs at least one (a conv or linear layer, say)"
             )
-        self.nodes = select_nodes(all_nodes, list(nodes) if nodes is not None else None)
+        wanted = list(nodes) if nodes is not None else None
+        self.nodes = select_nodes(all_nodes, wanted, discovery.left_out)
         self._input = self._input_spec(example, normalize, value_range)
         self._probe = self._probe_images(probe, example)
 
@@ -271,11 +294,33 @@ class Logger:
             return probe.contiguous()
         x = probe.float()
         spec = self._input.normalize
+        lo, hi = self._input.value_range
         if spec is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            x = x * torch.tensor(spec["std"]).view(shape) + torch.tensor(spec["mean"]).view(shape)
-        lo, hi = self._input.value_range
-        return ((x - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
+            images = x * torch.tensor(spec["std"]).view(shape) + torch.tensor(spec["mean"]).view(
+                shape
+            )
+            if _looks_unnormalized(x, spec, lo, hi):
+                _say(
+                    f"probe= holds float images in [{lo:g}, {hi:g}] that look not normalized (no "
+                    "value below any channel's mean; read as normalized inputs, they would be "
+                    f"washed out to [{float(images.min()):.2f}, {float(images.max()):.2f}]): they "
+                    "are stored as the images they are. Pass probe= exactly as the model is fed "
+                    "(normalized like the training inputs), or as uint8 images, to silence this."
+                )
+                images = x
+        else:
+            images = x
+        clipped = _outside(images, lo, hi)
+        if clipped:
+            what = "normalize=(mean, std)" if spec is None else "value_range=(low, high)"
+            _say(
+                f"{clipped:.0%} of the probe images' values lie outside value_range "
+                f"[{lo:g}, {hi:g}] (min {float(images.min()):.3g}, max {float(images.max()):.3g}) "
+                f"and are clipped: pass probe= as the model is fed, and {what} if the model's "
+                "inputs are normalized or span another range."
+            )
+        return ((images - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
 
     def _resume(self) -> None:
         manifest = self.store.read_manifest()
@@ -405,7 +450,7 @@ class Logger:
         try:
             result = capture_in_child(model, example, self.nodes, self._eager_edges)
         except Exception as e:
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            why = first_line(e)
             self._policy.fail(
                 "the architecture",
                 f"could not capture the model's architecture ({why}); snapshots are "
@@ -443,6 +488,10 @@ class Logger:
 
         return write
 
+    def _note(self, result: Capture) -> str | None:
+        """The capture's note, after the modules that discovery left out."""
+        return "; ".join(n for n in (result.note, self._left_out) if n) or None
+
     def _manifest(self, result: Capture) -> Manifest:
         file = {EXPORT: EXPORTED_ARCHITECTURE, PICKLE: PICKLED_ARCHITECTURE}.get(result.kind)
         model = self._model
@@ -455,7 +504,7 @@ class Logger:
                 cls=f"{type(model).__module__}.{type(model).__qualname__}",
                 parameters=sum(p.numel() for p in model.parameters()),
                 weights=self._fingerprint,
-                architecture=Architecture(result.kind, file, result.note),
+                architecture=Architecture(result.kind, file, self._note(result)),
             ),
             input=dataclasses.replace(self._input, dims=result.dims),
             nodes=self.nodes if result.nodes is None else result.nodes,

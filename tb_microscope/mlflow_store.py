@@ -32,7 +32,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import IncompatibleRunError, MicroscopeError, RunNotFoundError, StepNotFoundError
+from .errors import (
+    IncompatibleRunError,
+    MicroscopeError,
+    RunNotFoundError,
+    StepNotFoundError,
+    first_line,
+)
 from .runstore import (
     EXPORTED_ARCHITECTURE,
     MANIFEST,
@@ -358,7 +364,7 @@ class ArtifactUploader:
             try:
                 self._round()
             except Exception as e:
-                self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                self.error = first_line(e)
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     count, size = self.backlog()

@@ -15,7 +15,7 @@ from .architecture import (
     move_program,
     program_bytes,
 )
-from .capture import assign_state, load_pickled, pickle_refusal
+from .capture import load_pickled, pickle_refusal
 from .errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -27,8 +27,9 @@ from .errors import (
 )
 from .lru import LRU
 from .mlflow_store import MlflowRunStore, parse_mlflow_uri
+from .nodes import Node
 from .paths import is_mlflow_uri
-from .runstore import EXPORT, PENDING, PICKLE, InputSpec, Node, RunStore
+from .runstore import EXPORT, PENDING, PICKLE, InputSpec, RunStore
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 
@@ -228,3 +229,35 @@ def open_run(
             f"'{run_dir}' is not a directory; pass a run directory written by tb_microscope.Logger"
         )
     return Run(run_dir, allow_pickle=allow_pickle)
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Put `state`'s tensors into `module` in place of its own (no copy), keeping ties.
+
+    The module gets fresh Parameter objects, so two modules rebuilt from one architecture never
+    share weights.
+    """
+    expected = set(module.state_dict(keep_vars=True))
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            "the snapshot does not match the run's architecture: "
+            + "; ".join(
+                f"{what} {summarize(names)}"
+                for what, names in (("missing", missing), ("unexpected", unexpected))
+                if names
+            )
+        )
+    made: dict[int, nn.Parameter] = {}
+    for key, tensor in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if attr in owner._parameters:
+            old = owner._parameters[attr]
+            if id(tensor) not in made:
+                made[id(tensor)] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            owner._parameters[attr] = made[id(tensor)]
+        else:
+            owner._buffers[attr] = tensor
+    return module

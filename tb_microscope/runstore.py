@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from .errors import CorruptSnapshotError, IncompatibleRunError, RunNotFoundError, StepNotFoundError
 from .lru import LRU
+from .nodes import CHANNELS_FIRST, LAYOUTS, VECTOR, Node
 from .paths import MANIFEST, plugin_dir
 
 FORMAT = "tb_microscope.run"
@@ -126,49 +127,7 @@ def new_run_id() -> str:
 # --- the manifest ----------------------------------------------------------------------------
 
 
-CHANNELS_FIRST = "channels_first"  # N x C x H x W: units are channels
-CHANNELS_LAST = "channels_last"  # N x H x W x C: units are channels
-TOKENS = "tokens"  # N x T x D, `prefix` leading tokens (class, registers), then a patch grid
-VECTOR = "vector"  # N x F: units are features
-LAYOUTS = (CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR)
 _V1_KINDS = {"spatial": CHANNELS_FIRST, "vector": VECTOR}
-
-
-@dataclass(frozen=True)
-class Node:
-    """A place in the model: the output of one named submodule (its last call in a forward).
-
-    `layout` says how its output is laid out (see LAYOUTS); units are channels for maps and
-    features for tokens and vectors. `output` is where the node's tensor is in what the module
-    returns: a path of tuple indexes and dict keys, empty when it returns the tensor itself
-    (a Hugging Face layer returns a tuple or a ModelOutput, say).
-    """
-
-    name: str
-    layout: str
-    units: int
-    shape: tuple[int, ...]  # one example's output shape at the example input size
-    module: str  # the submodule's class name
-    calls: int  # how many times one forward pass calls it
-    prefix: int = 0  # tokens: how many leading tokens are not patches (class, registers)
-    output: tuple[int | str, ...] = ()
-
-    @property
-    def kind(self) -> str:
-        """ "spatial" for feature maps (either layout), else the layout."""
-        return "spatial" if self.layout in (CHANNELS_FIRST, CHANNELS_LAST) else self.layout
-
-    def tensor_of(self, output):
-        """The node's tensor in what its module returned (TypeError where the path does not fit:
-        a tensor is not indexed by the path, which would slice it)."""
-        for step in self.output:
-            if isinstance(output, torch.Tensor):
-                raise TypeError(f"the module returned a tensor, not a structure holding {step!r}")
-            output = output[step]
-        return output
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape), "output": list(self.output)}
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ import pytest
 
 import tb_microscope
 from conftest import SCRIPTS
-from tb_microscope.capture import layout_of
+from tb_microscope.nodes import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR, layout_of
 from tb_microscope.rendering.param import canvas_for
-from tb_microscope.runstore import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR
 
 CF, CL = CHANNELS_FIRST, CHANNELS_LAST
 

@@ -89,7 +89,8 @@ def test_manifest_records_nodes_edges_and_input_spec(tmp_path, tiny, example):
         logger.log(0)
     run = tb_microscope.open_run(tmp_path)
     nodes = {n.name: n for n in run.nodes}
-    assert list(nodes) == ["conv1", "bn", "conv2", "drop", "fc"]
+    assert list(nodes) == ["conv1", "bn", "conv2", "fc"]  # eval-mode dropout passes its input on
+    assert "(Dropout ×1: drop)" in run.manifest.model.architecture.note
     assert (nodes["conv1"].kind, nodes["conv1"].units, nodes["conv1"].shape) == (
         "spatial",
         8,
@@ -102,8 +103,7 @@ def test_manifest_records_nodes_edges_and_input_spec(tmp_path, tiny, example):
         ("input", "conv1"),
         ("conv1", "bn"),
         ("bn", "conv2"),
-        ("conv2", "drop"),
-        ("drop", "fc"),
+        ("conv2", "fc"),
     }
     spec = run.input_spec
     assert spec.shape == [3, 16, 16] and spec.normalize == {"mean": mean, "std": std}
@@ -135,7 +135,9 @@ def test_nodes_narrow_the_list_and_unknown_names_are_listed(tmp_path, tiny, exam
     }
     with pytest.raises(tb_microscope.NodeNotFoundError) as err:
         tb_microscope.Logger(tmp_path / "b", tiny, example, nodes=["conv9"])
-    assert "'conv9'" in str(err.value) and "conv1, bn, conv2, drop, fc" in str(err.value)
+    assert "'conv9'" in str(err.value) and "nodes: conv1, bn, conv2, fc" in str(err.value)
+    with pytest.raises(tb_microscope.NodeNotFoundError, match="'drop' .*output is their input"):
+        tb_microscope.Logger(tmp_path / "b", tiny, example, nodes=["drop"])
     assert not (tmp_path / "b").exists()
 
 
@@ -426,8 +428,12 @@ def test_every_listed_node_of_an_exported_program_can_be_tapped(tmp_path):
     ]
     assert run.node("blocks.1.shared").calls == 1
     note = run.manifest.model.architecture.note
-    assert "4 nodes the program does not run left out" in note, note
-    assert "Identity ×3, StochasticDepth ×1" in note and "position as blocks.1.shared" in note
+    assert "4 modules whose output is their input in eval mode" in note, note
+    assert (
+        "(Identity ×3, StochasticDepth ×1: norm_pre, blocks.0.scale, blocks.1.scale, drop_path)"
+        in note
+    )
+    assert "position as blocks.1.shared" in note
     assert "1 node whose output the program does not keep left out (pool)" in note
     assert ("blocks.0.conv", "blocks.1.shared") not in run.edges
     assert ("blocks.0", "blocks.1.shared") in run.edges, run.edges
@@ -472,7 +478,7 @@ def test_missing_steps_and_nodes_are_named_with_what_exists(tmp_path, tiny, exam
     run = tb_microscope.open_run(tmp_path)
     with pytest.raises(tb_microscope.StepNotFoundError, match=r"step 7 is not logged .* 0, 1, 2"):
         run.load_model(7)
-    with pytest.raises(tb_microscope.NodeNotFoundError, match="nodes: conv1, bn, conv2, drop, fc"):
+    with pytest.raises(tb_microscope.NodeNotFoundError, match="nodes: conv1, bn, conv2, fc"):
         run.node("layer9")
 
 
@@ -530,3 +536,39 @@ def test_a_capture_process_that_does_not_answer_in_time_is_replaced_by_an_in_pro
     x = torch.rand(2, 3, 16, 16)
     tiny.eval()
     torch.testing.assert_close(run.load_model(0)(x), tiny(x))
+
+
+@pytest.mark.parametrize("imagenet", [True, False])
+def test_unnormalized_float_probe_images_are_read_as_images_with_one_warning(
+    tmp_path, tiny, imagenet
+):
+    images = torch.rand(6, 3, 16, 16)
+    imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = imagenet_stats if imagenet else ([0.5] * 3, [0.5] * 3)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    example = (images[:2] - m) / s
+    expected = r"probe= holds float images in \[0, 1\] that look not normalized"
+    with pytest.warns(RuntimeWarning, match=expected) as w:
+        logger = tb_microscope.Logger(tmp_path, tiny, example, probe=images, normalize=(mean, std))
+    assert sum("probe=" in str(x.message) for x in w) == 1
+    with logger:
+        logger.log(0)
+    probe = tb_microscope.open_run(tmp_path).probe_images()
+    assert (probe.float() / 255 - images).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_probe_values_outside_the_value_range_are_named_in_a_warning(tmp_path, tiny, example):
+    normalized = (torch.rand(4, 3, 16, 16) - 0.45) / 0.22  # normalized, but normalize= not given
+    with pytest.warns(RuntimeWarning, match=r"lie outside value_range \[0, 1\].*normalize="):
+        tb_microscope.Logger(tmp_path, tiny, example, probe=normalized).close()
+
+
+def test_normalized_probe_images_raise_no_warning(tmp_path, tiny):
+    images = torch.rand(6, 3, 16, 16)
+    normalized = (images - 0.5) / 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger = tb_microscope.Logger(
+            tmp_path, tiny, normalized[:2], probe=normalized, normalize=([0.5] * 3, [0.25] * 3)
+        )
+    logger.close()

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MicroscopeError, NodeNotFoundError
+from ..nodes import Node
 from ..run import Run
-from ..runstore import Node
 from .cache import RenderCache, ResultKey
 from .engine import RenderCancelled, default_device
 from .param import InputSpace

@@ -33,8 +33,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MicroscopeError
+from ..nodes import TOKENS, Node
 from ..run import Run
-from ..runstore import TOKENS, Node
 from .heap import kept_heap
 from .param import Canvas, FourierImages, InputSpace, RandomTransforms, canvas_for, centred
 from .tap import NodeTap, frozen

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..errors import MicroscopeError
+from ..nodes import Node
 from ..run import Run
-from ..runstore import Node
 from .param import InputSpace
 from .tap import NodeTap
 

@@ -11,65 +11,11 @@ The forward pass stops as soon as the node's output is captured.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from torch.utils import _pytree
 
 from ..errors import MicroscopeError
-from ..runstore import CHANNELS_LAST, TOKENS, Node
-
-
-@dataclass
-class NodeActivations:
-    maps: torch.Tensor  # N x C x H x W, or N x F for a vector node
-    cls: torch.Tensor | None = None  # N x D: a token node's class token, where it has one
-
-    def float(self) -> NodeActivations:
-        return NodeActivations(self.maps.float(), None if self.cls is None else self.cls.float())
-
-
-def node_view(tensor: torch.Tensor, node: Node) -> NodeActivations:
-    """A node's output tensor (as its module returned it) in the tap's layout."""
-    if node.layout == CHANNELS_LAST:
-        return NodeActivations(tensor.permute(0, 3, 1, 2))
-    if node.layout == TOKENS:
-        patches = tensor[:, node.prefix :, :].transpose(1, 2)  # N x D x T
-        count = patches.shape[2]
-        side = math.isqrt(count)
-        grid = (side, side) if side * side == count else (1, count)
-        cls = tensor[:, 0, :] if node.prefix else None
-        return NodeActivations(patches.reshape(*patches.shape[:2], *grid), cls)
-    return NodeActivations(tensor)
-
-
-def node_tensor(output, node: Node) -> torch.Tensor:
-    """The node's tensor in what its module returned: at the node's path, or else (a module of
-    an exported program can return other things than the eager one did: a flat list, sizes it
-    passes on) a floating-point tensor of the node's rank, one of the node's shape first."""
-    rank = len(node.shape) + 1
-
-    def fits(value) -> bool:
-        return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == rank
-
-    try:
-        found = node.tensor_of(output)
-    except (IndexError, KeyError, TypeError):
-        found = None
-    if fits(found):
-        return found
-    candidates = [leaf for leaf in _pytree.tree_leaves(output) if fits(leaf)]
-    if not candidates:
-        raise MicroscopeError(f"node {node.name!r}'s module returned no tensor of rank {rank}")
-    same = [c for c in candidates if tuple(c.shape[1:]) == tuple(node.shape)]
-    return (same or candidates)[0]
-
-
-def replace_tensor(output, old: torch.Tensor, new: torch.Tensor):
-    """What a module returned, with its tensor `old` replaced by `new`."""
-    return _pytree.tree_map(lambda leaf: new if leaf is old else leaf, output)
+from ..nodes import Node, NodeActivations, node_tensor, node_view
 
 
 class _Stop(Exception):

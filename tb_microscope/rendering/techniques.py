@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MicroscopeError
-from .tap import NodeActivations
+from ..nodes import NodeActivations
 
 Objective = Callable[[NodeActivations, torch.Tensor], torch.Tensor]
 

@@ -20,11 +20,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MicroscopeError
+from ..nodes import Node, node_tensor, node_view, replace_tensor
 from ..run import Run
-from ..runstore import Node
 from .engine import check_units, default_device
 from .param import InputSpace
-from .tap import NodeTap, frozen, node_tensor, node_view, replace_tensor
+from .tap import NodeTap, frozen
 
 # Modules that act on each unit separately: a unit's weights come from before them.
 ELEMENTWISE = {
