@@ -71,7 +71,7 @@ def main() -> None:
         import mlflow
 
         import tb_microscope
-        from tb_microscope.mlflow_store import list_runs
+        from tb_microscope.integrations.mlflow import list_runs
         from tb_microscope.rendering import RenderCache, render_cached
 
         torch.manual_seed(0)

@@ -33,8 +33,9 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import default_device, learning_rate, usable_numerics
+from tb_microscope.rendering.engine import default_device, learning_rate
 from tb_microscope.rendering.heap import kept_heap, page_faults
+from tb_microscope.rendering.numerics import usable_numerics
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.tap import NodeTap
 

@@ -177,6 +177,9 @@ export function modelView(app, state) {
       h('p', {class: 'muted', text: 'Pick a node to see its units. Nodes are grouped by the '
         + 'module that holds them (▸ opens a group); edges come from the exported graph, and an '
         + 'arc is a connection that skips nodes.'}),
+      model.note ? h('details', {class: 'capture-note muted'},
+        h('summary', {text: 'What the capture left out, and why'}),
+        h('p', {text: model.note})) : null,
       dynamics?.el,
       h('div', {class: 'model-tools'}, filter, shownCount),
       graph),

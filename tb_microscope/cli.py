@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import MicroscopeError
+from .limits import check_iterations, check_size
 
 if TYPE_CHECKING:
     from .run import Run
@@ -165,10 +166,10 @@ def _check_render_syntax(args: argparse.Namespace) -> None:
     alone takes seconds): a typo is answered at once."""
     for what in ("steps", "units"):
         parse_indexes(getattr(args, what), 0, what)  # syntax only: nothing is below 0
-    if args.size is not None and not 8 <= args.size <= 1024:
-        raise MicroscopeError(f"--size must be from 8 to 1024; got {args.size}")
-    if args.iterations is not None and not 1 <= args.iterations <= 100_000:
-        raise MicroscopeError(f"--iterations must be from 1 to 100000; got {args.iterations}")
+    if args.size is not None:
+        check_size(args.size, "--size")
+    if args.iterations is not None:
+        check_iterations(args.iterations, "--iterations")
     if args.bands:
         try:
             args.bands = tuple(int(b) for b in args.bands.split(","))

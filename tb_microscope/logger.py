@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, mlflow_store
-from .capture import Capture, capture_in_child, discover_nodes, select_nodes, unwrap
+from . import __version__
+from .capture import Capture, ChildCapture, discover_nodes, select_nodes, unwrap
 from .errors import IncompatibleRunError, first_line, summarize
-from .mlflow_store import ArtifactUploader
+from .integrations import mlflow as mlflow_integration
+from .integrations.mlflow import ArtifactUploader
 from .runstore import (
     EXPORT,
     EXPORTED_ARCHITECTURE,
@@ -176,9 +177,9 @@ class Logger:
         self.mlflow_run_id: str | None = None
         if isinstance(logdir, str) and logdir == "mlflow":
             if not self._inert:
-                uri = mlflow_store.tracking_uri(tracking_uri)
-                self.mlflow_run_id = mlflow_store.active_run_id(run_id)
-                logdir = mlflow_store.staging_dir(uri, self.mlflow_run_id)
+                uri = mlflow_integration.tracking_uri(tracking_uri)
+                self.mlflow_run_id = mlflow_integration.active_run_id(run_id)
+                logdir = mlflow_integration.staging_dir(uri, self.mlflow_run_id)
         elif run_id is not None or tracking_uri is not None:
             raise ValueError(
                 "run_id= and tracking_uri= name an MLflow run: use them with "
@@ -228,7 +229,7 @@ class Logger:
         self.store.remove_stale_temporaries()
         self._fingerprint = weights_fingerprint(self._model)
         if self.mlflow_run_id is not None:  # a run logged elsewhere: go on with it
-            mlflow_store.adopt_remote(self.store, self.mlflow_run_id, uri)
+            mlflow_integration.adopt_remote(self.store, self.mlflow_run_id, uri)
         if self.store.has_manifest():
             self._resume()
         if self.mlflow_run_id is not None:
@@ -342,7 +343,7 @@ class Logger:
         self._capture_done = manifest.model.architecture.kind != PENDING
         existing = self.store.steps()
         if self.mlflow_run_id is not None:  # uploaded snapshots leave the staging directory
-            existing = sorted(set(existing) | set(mlflow_store.uploaded_steps(self.store)))
+            existing = sorted(set(existing) | set(mlflow_integration.uploaded_steps(self.store)))
         self._logged.update(existing)
         self._last_logged = existing[-1] if existing else None
 
@@ -435,20 +436,21 @@ class Logger:
         try:
             model = cpu_copy(self._model, tensors, aliases)
         except Exception:  # a module that cannot be deep-copied: capture the live model, now
-            self._capture(self._model, self._example)
+            child = ChildCapture(self._model, self._example, self.nodes, self._eager_edges)
+            self._capture(child.start())
             return
+        # forked here, on the training thread between its steps (see ChildCapture), and waited
+        # for on a thread of its own
+        child = ChildCapture(model, self._example.detach().cpu(), self.nodes, self._eager_edges)
         self._capturing = threading.Thread(
-            target=self._capture,
-            args=(model, self._example.detach().cpu()),
-            name="tb_microscope-capture",
-            daemon=True,
+            target=self._capture, args=(child.start(),), name="tb_microscope-capture", daemon=True
         )
         self._capturing.start()
 
-    def _capture(self, model: nn.Module, example: torch.Tensor) -> None:
+    def _capture(self, child: ChildCapture) -> None:
         name = type(self._model).__name__
         try:
-            result = capture_in_child(model, example, self.nodes, self._eager_edges)
+            result = child.result()
         except Exception as e:
             why = first_line(e)
             self._policy.fail(

@@ -25,8 +25,8 @@ from .errors import (
     RunNotFoundError,
     summarize,
 )
+from .integrations.mlflow import MlflowRunStore, parse_mlflow_uri
 from .lru import LRU
-from .mlflow_store import MlflowRunStore, parse_mlflow_uri
 from .nodes import Node
 from .paths import is_mlflow_uri
 from .runstore import EXPORT, PENDING, PICKLE, InputSpec, RunStore

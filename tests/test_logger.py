@@ -90,7 +90,10 @@ def test_manifest_records_nodes_edges_and_input_spec(tmp_path, tiny, example):
     run = tb_microscope.open_run(tmp_path)
     nodes = {n.name: n for n in run.nodes}
     assert list(nodes) == ["conv1", "bn", "conv2", "fc"]  # eval-mode dropout passes its input on
-    assert "(Dropout ×1: drop)" in run.manifest.model.architecture.note
+    assert (
+        "1 module whose output is its input in eval mode (Dropout ×1: drop)"
+        in run.manifest.model.architecture.note
+    )
     assert (nodes["conv1"].kind, nodes["conv1"].units, nodes["conv1"].shape) == (
         "spatial",
         8,
@@ -136,7 +139,10 @@ def test_nodes_narrow_the_list_and_unknown_names_are_listed(tmp_path, tiny, exam
     with pytest.raises(tb_microscope.NodeNotFoundError) as err:
         tb_microscope.Logger(tmp_path / "b", tiny, example, nodes=["conv9"])
     assert "'conv9'" in str(err.value) and "nodes: conv1, bn, conv2, fc" in str(err.value)
-    with pytest.raises(tb_microscope.NodeNotFoundError, match="'drop' .*output is their input"):
+    with pytest.raises(
+        tb_microscope.NodeNotFoundError,
+        match="'drop' is left out, as 1 module whose output is its input",
+    ):
         tb_microscope.Logger(tmp_path / "b", tiny, example, nodes=["drop"])
     assert not (tmp_path / "b").exists()
 
@@ -572,3 +578,43 @@ def test_normalized_probe_images_raise_no_warning(tmp_path, tiny):
             tmp_path, tiny, normalized[:2], probe=normalized, normalize=([0.5] * 3, [0.25] * 3)
         )
     logger.close()
+
+
+class Locked(nn.Module):
+    """A model whose forward takes a lock: held by another thread when the capture forks, it
+    stays held in the child for ever."""
+
+    lock = threading.Lock()
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        with self.lock:
+            return self.conv(x)
+
+
+def test_a_capture_process_stuck_on_a_lock_is_replaced_by_a_capture_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("TB_MICROSCOPE_CAPTURE_STALL", "2")
+    model = Locked()
+    logger = tb_microscope.Logger(tmp_path, model, torch.rand(2, 3, 16, 16))
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with Locked.lock:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.log(0)  # forks while the lock is held
+        release.set()
+        holder.join()
+        logger.close()
+    said = [str(w.message) for w in caught]
+    assert any("capture process used no CPU for 2 s (stuck)" in s for s in said), said
+    assert tb_microscope.open_run(tmp_path).architecture == "export"

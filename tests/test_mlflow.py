@@ -35,7 +35,7 @@ from conftest import (
     tensorboard,
 )
 from tb_microscope.errors import IncompatibleRunError, MicroscopeError, RunNotFoundError
-from tb_microscope.mlflow_store import TAG, MlflowUnavailableError, mirror_dir, staging_dir
+from tb_microscope.integrations.mlflow import TAG, MlflowUnavailableError, mirror_dir, staging_dir
 from tb_microscope.rendering import RenderCache, RenderKey
 from tb_microscope.runstore import RunStore
 

@@ -86,8 +86,8 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch(tmp_path):
     assert "invalid choice: 'rendr'" in proc.stdout
     assert "--units takes numbers and ranges like 0-15,32 or 64-; got '0-3,x'" in proc.stdout
     assert "--steps takes numbers and ranges like 0-15,32 or 64-; got '5-x'" in proc.stdout
-    assert "--size must be from 8 to 1024; got 2000" in proc.stdout
-    assert "--iterations must be from 1 to 100000; got 0" in proc.stdout
+    assert "--size must be a whole number of pixels from 8 to 1024, got 2000" in proc.stdout
+    assert "--iterations must be a whole number from 1 to 100000, got 0" in proc.stdout
     assert "--bands takes three channel numbers like 3,2,1; got 'red,green,blue'" in proc.stdout
     assert f"no tb_microscope runs to render under '{tmp_path}/empty'" in proc.stdout
     assert f"'{tmp_path}/missing' is not a directory" in proc.stdout

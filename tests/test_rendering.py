@@ -19,19 +19,16 @@ from conftest import run_python
 from tb_microscope.cli import parse_indexes
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
+from tb_microscope.rendering.batching import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
+from tb_microscope.rendering.canvas import fitted_canvas
 from tb_microscope.rendering.engine import (
-    BATCH_CAPS,
     CHECKS_PER_PASS,
-    MEMORY_SHARE,
     QUALITIES,
-    Numerics,
     RenderCancelled,
     StopChecks,
-    batch_size_for,
-    fitted_canvas,
     learning_rate,
-    sample_bytes,
 )
+from tb_microscope.rendering.numerics import Numerics
 from tb_microscope.rendering.param import PAD, InputSpace
 from tb_microscope.rendering.probe import probe_activations
 from tb_microscope.rendering.tap import NodeTap, frozen
@@ -154,7 +151,7 @@ def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size(con
     Under the engine's numerics (for a convolutional network, bf16 with oneDNN on a CPU that
     has it) a sample's forward and input gradient are bitwise the same alone and in batches of
     16 and 64."""
-    from tb_microscope.rendering.engine import default_numerics
+    from tb_microscope.rendering.numerics import default_numerics
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -626,7 +623,7 @@ def test_steps_and_units_take_numbers_ranges_and_open_ranges():
         (["--nodes", "nope"], "node 'nope' is not in run 'demo'; nodes: conv1"),
         (["--units", "abc"], "--units takes numbers and ranges"),
         (["--technique", "examples"], "draws no image"),
-        (["--size", "3"], "--size must be from 8 to 1024"),
+        (["--size", "3"], "--size must be a whole number of pixels from 8 to 1024, got 3"),
         (["--steps", "9999"], "matches no logged step (logged steps: demo: 0 1 2"),
     ],
 )

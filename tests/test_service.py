@@ -1,5 +1,6 @@
 """The render service: newest request first, unpolled work dropped or cancelled, bounded tables."""
 
+import logging
 import time
 
 import pytest
@@ -197,3 +198,16 @@ def test_showing_a_runs_nodes_loads_its_program_before_a_node_is_opened(run_dir,
     wait(lambda: any(key[0] == "program" for key, _ in service.memory.items()))
     programs = [key for key, _ in service.memory.items() if key[0] == "program"]
     assert programs == [("program", run.id, run.signature, "cpu")]
+
+
+def test_a_failed_render_is_logged_with_its_traceback(run_dir, tmp_path, caplog):
+    service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=60)
+    run = service.run(run_dir)
+    bands = (0, 1, 7)  # the model takes three channels: refused inside the render, a ValueError
+    bad = Group(run_dir, run.id, 1, run.snapshot_version(1), "conv2", "channel", 16, 4, 0, bands)
+    with caplog.at_level(logging.WARNING, logger="tb_microscope.server.service"):
+        wait(lambda: service.request(bad, [0])[0]["status"] == "failed", 120)
+        wait(service.idle, 30)
+    (record,) = [r for r in caplog.records if r.name == "tb_microscope.server.service"]
+    assert f"render of conv2 at step 1 of run '{run_dir}' failed" == record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ValueError

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from playwright.sync_api import expect, sync_playwright
+from torch import nn
 
 import tb_microscope
 from conftest import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, http, tensorboard
@@ -561,3 +562,19 @@ def test_aligned_compare_pairs_each_unit_with_its_match_in_the_other_run(served,
     frame.locator("#align").click()  # off: units in their own order again
     expect(frame.locator(".pane.right .cell").first).to_have_attribute("data-unit", "0")
     assert "align" not in url_state(page)
+
+
+def test_the_model_view_says_which_modules_the_capture_left_out_and_why(served, page):
+    base, logdir = served
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)
+    )
+    with tb_microscope.Logger(logdir / "dropout", model, torch.rand(2, 3, 16, 16)) as logger:
+        logger.log(0)
+    wait_for_run(base, "dropout")
+    frame = open_tab(page, base, run="dropout")
+    expect(frame.locator(".nodes a[data-node='2']")).to_have_count(0)
+    note = frame.locator("details.capture-note")
+    note.locator("summary").click()
+    expect(note).to_contain_text("1 module whose output is its input in eval mode (Dropout ×1: 2)")
+    shoot(page, "model-capture-note")

@@ -9,7 +9,7 @@ module with its weights on the `meta` device; reading that back runs code from t
 directory, so readers must opt in.
 """
 
-from .child import CaptureProcessError, capture_in_child
+from .child import CaptureProcessError, ChildCapture, capture_in_child
 from .discovery import discover_nodes, eval_mode, innermost_edges, select_nodes, unwrap
 from .export import Capture, ExportTimeout, capture, exported_edges, program_nodes, time_limit
 from .pickled import load_pickled, pickle_architecture, pickle_refusal
@@ -17,6 +17,7 @@ from .pickled import load_pickled, pickle_architecture, pickle_refusal
 __all__ = [
     "Capture",
     "CaptureProcessError",
+    "ChildCapture",
     "ExportTimeout",
     "capture",
     "capture_in_child",

@@ -260,6 +260,13 @@ def _edges_between(kept: set[str], raw_edges: set[tuple[str, str]]) -> set[tuple
     return {(a, b) for b in kept for a in sources(b, set()) if a != b}
 
 
+def _modules(reason: str, count: int) -> str:
+    """`3 modules whose output is their input`, `1 module whose output is its input`."""
+    if count != 1:
+        return f"{count} modules {reason}"
+    return "1 module " + reason.replace("their", "its").replace("that return ", "that returns ")
+
+
 def _left_out_note(left_out: dict[str, list[str]], modules: dict, outputs: dict) -> str | None:
     """`left out: 2 modules whose output is their input in eval mode (Dropout ×2: a, b)`: every
     module by name, so that the note accounts for every module the forward pass called."""
@@ -279,8 +286,7 @@ def _left_out_note(left_out: dict[str, list[str]], modules: dict, outputs: dict)
             ]
         else:
             shown = names
-        what = "1 module" if len(names) == 1 else f"{len(names)} modules"
-        parts.append(f"{what} {reason} ({kinds_text}: {', '.join(shown)})")
+        parts.append(f"{_modules(reason, len(names))} ({kinds_text}: {', '.join(shown)})")
     return "left out: " + "; ".join(parts) if parts else None
 
 
@@ -371,7 +377,9 @@ def select_nodes(
     if missing:
         why = {name: reason for reason, names in (left_out or {}).items() for name in names}
         reasons = "".join(
-            f"; {name!r} is left out, as a module {why[name]}" for name in missing if name in why
+            f"; {name!r} is left out, as {_modules(why[name], 1)}"
+            for name in missing
+            if name in why
         )
         raise NodeNotFoundError(
             f"nodes= names {', '.join(map(repr, missing))} are not nodes of this model "

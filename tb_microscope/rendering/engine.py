@@ -15,28 +15,35 @@ scale and rotation), driven by our own loop rather than lucent's `render_vis`:
   silent on the starting noise, common in small models, still gets a picture;
 - CUDA when present (bf16 autocast, channels_last), the CPU otherwise (bf16 with oneDNN for
   convolutional networks where the CPU computes bf16 natively, fp32 otherwise).
+
+This module is the optimization loop and `render`; its parts are their own modules: the
+redirected ReLU (`relu.py`), the numerics (`numerics.py`), the canvas a model runs at
+(`canvas.py`), batch sizes (`batching.py`) and the device's memory (`memory.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..errors import MicroscopeError
+from ..limits import check_iterations, check_size
 from ..nodes import TOKENS, Node
 from ..run import Run
+from .batching import batch_size_for
+from .canvas import fitted_canvas
 from .heap import kept_heap
-from .param import Canvas, FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .memory import is_out_of_memory
+from .numerics import Numerics, usable_numerics
+from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
 from .techniques import Technique, channel, class_token, get_technique
 
@@ -86,7 +93,6 @@ def gradient_gains(
     return gains, [i for i, m in zip(images, means) if m == 0]
 
 
-REDIRECT_ITERATIONS = 16  # lucid's: ReLU gradients are redirected for the first 16 iterations
 CHECKS_PER_PASS = 16  # how many times a forward (and a backward) asks whether to stop
 
 
@@ -184,238 +190,6 @@ def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | Non
             f"bands must be three channel indexes from 0 to {channels - 1}, got {bands!r}"
         )
     return chosen
-
-
-class _RedirectedReLU(torch.autograd.Function):
-    """ReLU (or, with `high`, a ReLU capped there: MobileNets' ReLU6) whose backward, for a
-    sample whose gradient it would block entirely, lets through the gradient that pushes inputs
-    below zero up. Decided per sample, so batch-mates never interact."""
-
-    @staticmethod
-    def forward(ctx, x, forced, high=None):
-        out = x.clamp_min(0) if high is None else x.clamp(0, high)
-        ctx.save_for_backward(out)
-        ctx.forced = forced if forced is not None and len(forced) == len(x) else None
-        ctx.high = high
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        if ctx.high is None:
-            passed = torch.ops.aten.threshold_backward(grad, out, 0)  # ReLU's own gradient
-            return _redirected(ctx, grad, passed, None), None, None
-        passed = torch.ops.aten.hardtanh_backward(grad, out, 0.0, ctx.high)  # ReLU6's own
-        # raising an input above `high` changes nothing: below zero only
-        return _redirected(ctx, grad, passed, out <= 0), None, None
-
-
-def _redirected(ctx, grad, passed, below):
-    # A sample is blocked when none of its gradient passes; then its inputs below the range pass
-    # the gradient that raises them too (the loss is minimized: a negative gradient).
-    # abs().amax() is the cheapest per-sample test on the CPU (boolean reductions are several
-    # times slower, and a flatten copies a channels-last tensor); there, the rare blocked case
-    # is only computed when it occurs.
-    level = passed.abs()
-    if level.dim() > 1:  # reduced over the sample's values in their memory order: no copy
-        level = level.amax(dim=tuple(range(1, level.dim())))
-    blocked = level == 0
-    if ctx.forced is not None:
-        blocked = blocked | ctx.forced
-    if grad.device.type == "cpu" and not bool(blocked.any()):
-        return passed
-    redirect = blocked.view(-1, *[1] * (grad.dim() - 1)) & (grad <= 0)
-    if below is not None:
-        redirect &= below
-    return torch.where(redirect, grad, passed)
-
-
-_RELUS = {
-    torch.relu,
-    F.relu,
-    torch.ops.aten.relu.default,
-    torch.relu_,
-    F.relu_,
-    torch.ops.aten.relu_.default,
-}
-_HARDTANHS = {F.hardtanh, torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
-
-
-def _relu6_input(func, args, kwargs) -> torch.Tensor | None:
-    """The input of a hardtanh call that is a ReLU6 (from 0 to 6), else None."""
-    if func is F.relu6:
-        return args[0] if args else kwargs["input"]
-    if func not in _HARDTANHS:
-        return None
-    names = ("input" if func is F.hardtanh else "self", "min_val", "max_val")
-    given = dict(zip(names, args)) | kwargs
-    if given.get("min_val", -1.0) == 0 and given.get("max_val", 1.0) == 6:
-        return given[names[0]]
-    return None
-
-
-class RedirectedReLUs(TorchFunctionMode):
-    """Every ReLU (and ReLU6) of the forward pass as `_RedirectedReLU`. An in-place one becomes
-    out-of-place: exported graphs use its result, not its mutated input.
-
-    `forced` (one flag per image) redirects an image's gradient at every ReLU of its batch size,
-    blocked or not: for a unit whose only activity the image cannot change, so that its image
-    got no gradient at all (a first-layer unit that fires only where the convolution's zero
-    padding meets the grey canvas, and nowhere on the image)."""
-
-    def __init__(self, forced: torch.Tensor | None = None):
-        super().__init__()
-        self.forced = forced
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if torch.is_grad_enabled():
-            if func in _RELUS:
-                x = args[0] if args else kwargs["input"]
-                return _RedirectedReLU.apply(x, self.forced)
-            x = _relu6_input(func, args, kwargs)
-            if x is not None:
-                return _RedirectedReLU.apply(x, self.forced, 6.0)
-        return func(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """How the engine computes, per device (`benchmarks/numerics.py` measures each choice for
-    speed and for batch invariance: a unit's picture alone and among others must agree).
-
-    `onednn`: the CPU's convolutions from oneDNN rather than PyTorch's own; `nnpack`: NNPACK's
-    for batches of 16 and more (PyTorch's default when oneDNN is off); `channels_last`: the
-    input in N x H x W x C memory order; `autocast`: a lower-precision dtype (bf16);
-    `tf32`: TF32 matrix products on CUDA."""
-
-    onednn: bool = False
-    nnpack: bool = False
-    channels_last: bool = False
-    autocast: torch.dtype | None = None
-    tf32: bool = False
-
-    def _switch(self, device: torch.device) -> Callable[[], None]:
-        """Sets the process-wide switches these numerics need on `device`; returns what puts
-        them back."""
-        if device.type == "cuda":
-            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-
-            def restore() -> None:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-            return restore
-        # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
-        # switch, which makes this CPU build print a warning about Intel GPUs.
-        previous = torch.backends.mkldnn.set_flags(self.onednn, _fp32_precision=None)
-        nnpack = torch.backends.nnpack.set_flags(self.nnpack)
-
-        def restore() -> None:
-            torch.backends.nnpack.set_flags(*nnpack)
-            torch.backends.mkldnn.set_flags(previous[0], _fp32_precision=None)
-
-        return restore
-
-    def _switches(self, device: torch.device) -> tuple:
-        return (self.tf32,) if device.type == "cuda" else (self.onednn, self.nnpack)
-
-    @contextmanager
-    def applied(self, device: torch.device) -> Iterator[None]:
-        """These numerics while the block runs. The switches are process-wide, so workers on
-        several devices share them: the first to enter sets them, the last to leave puts them
-        back, and one that needs other switches waits until nobody uses the current ones."""
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        switches = self._switches(device)
-        with _SWITCHES:
-            while _IN_USE[kind]["count"] and _IN_USE[kind]["switches"] != switches:
-                _SWITCHES.wait()
-            if not _IN_USE[kind]["count"]:
-                _IN_USE[kind].update(switches=switches, restore=self._switch(device))
-            _IN_USE[kind]["count"] += 1
-        try:
-            with torch.autocast(kind, dtype=self.autocast, enabled=bool(self.autocast)):
-                yield  # autocast is per thread
-        finally:
-            with _SWITCHES:
-                _IN_USE[kind]["count"] -= 1
-                if not _IN_USE[kind]["count"]:
-                    _IN_USE[kind]["restore"]()
-                    _SWITCHES.notify_all()
-
-
-_SWITCHES = threading.Condition()  # guards _IN_USE: the numerics switches in use per device kind
-_IN_USE = {kind: {"count": 0, "switches": None, "restore": None} for kind in ("cpu", "cuda")}
-
-
-def default_numerics(device: torch.device, model: nn.Module | None = None) -> Numerics:
-    """The fastest choice that keeps pictures batch-invariant, as measured by
-    benchmarks/numerics.py (the README's numerics table).
-
-    On a CPU with AVX512-BF16 (and without AMX, whose kernels were not measured), a `model`
-    with more than one convolution kernel runs under bf16 autocast with oneDNN's convolutions
-    and channels-last input: each sample computed alike at every batch size, and 2x to 8x
-    faster than in fp32 (depthwise convolutions most). Transformers, whose one kernel is a
-    patch embedding, stay in fp32: torchvision's ViT-B took 1.7x longer in bf16 (its attention
-    copies its bf16 inputs around), other ViTs gained 1.1x to 1.3x. Otherwise on the CPU:
-    PyTorch's own convolutions without NNPACK. oneDNN's fp32 kernels, and NNPACK's (PyTorch's
-    choice for batches of 16 and more when oneDNN is off), compute a sample differently by
-    batch size (1e-5 apart), which 32 iterations amplify to pictures 4 to 9 levels apart on
-    average; PyTorch's own compute each sample alike. On CUDA (not measured yet): bf16
-    autocast and channels-last."""
-    if device.type == "cuda":
-        return Numerics(channels_last=True, autocast=torch.bfloat16)
-    if model is not None and cpu_has_bf16() and convolution_kernels(model) > 1:
-        return Numerics(onednn=True, channels_last=True, autocast=torch.bfloat16)
-    return Numerics()
-
-
-def usable_numerics(
-    model: nn.Module, run: Run, node: Node, size: int, device: torch.device
-) -> Numerics:
-    """`default_numerics`, unless the model has an operation without a kernel for its lower
-    precision on this device (an antialiased resize has no bf16 one on the CPU): then fp32.
-    Found by one image's forward and backward to the node; remembered per model, node and
-    size."""
-    chosen = default_numerics(device, model)
-    if not chosen.autocast:
-        return chosen
-    key = ("numerics", node.name, node.calls, size, str(device))
-    known = _MEASURED.setdefault(model, {})
-    if key not in known:
-        x = grey_image(model, run, size, device)
-        try:
-            with chosen.applied(device):
-                maps = NodeTap(model, node)(InputSpace(run.input_spec, device)(x)).maps
-                maps.float().sum().backward()
-            known[key] = chosen
-        except RuntimeError as e:  # NotImplementedError among them
-            if str(chosen.autocast).removeprefix("torch.") not in str(e).lower():
-                raise
-            known[key] = Numerics()
-    return known[key]
-
-
-def grey_image(model: nn.Module, run: Run, size: int, device: torch.device) -> torch.Tensor:
-    """One mid-grey input of the canvas the engine optimizes at `size`, needing a gradient."""
-    canvas = fitted_canvas(model, run, size, device)
-    x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
-    return x.requires_grad_(True)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively in the kernels the numerics were measured on."""
-    cpu = torch.cpu
-    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-    amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    return bool(native and not amx and torch.backends.mkldnn.is_available())
-
-
-def convolution_kernels(model: nn.Module) -> int:
-    """How many of `model`'s weights are convolution kernels (three or more dimensions)."""
-    return sum(
-        1 for name, p in model.named_parameters() if name.endswith("weight") and p.dim() >= 3
-    )
 
 
 def check_technique(technique: Technique, node: Node) -> None:
@@ -531,133 +305,11 @@ def optimize(
     )
 
 
-BATCH_CAPS = {"cuda": 32, "cpu": 16}  # the most units per optimization, per device type
-MEMORY_SHARE = 0.5  # of the device's free memory, one optimization may plan to use
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes the device can still give: CUDA's free memory plus what PyTorch holds unused;
-    on the CPU, Linux's MemAvailable. None where it cannot be told."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-# per model: what was measured on it (an image's bytes, the numerics it can run under)
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CANVASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-STRIDES = (8, 16, 32, 64)  # the multiples a canvas's side grows to where the model needs one
-
-
-def fitted_canvas(model: nn.Module, run: Run, size: int, device: torch.device) -> Canvas:
-    """`canvas_for`'s canvas, with a side the model runs at.
-
-    Some models take only multiples of their stride: DLA and HRNet add feature maps from paths
-    that round odd sizes differently, and run at multiples of 32 px alone. Where a forward pass
-    fails at the canvas's side, the side grows to the next multiple of 8, 16, 32 or 64 that
-    runs (the image keeps its size, with more grey around it). Tried once per model and size;
-    a model of one fixed input size has nothing to try."""
-    canvas = canvas_for(run, size)
-    height, width = run.input_spec.dim("height"), run.input_spec.dim("width")
-    if height["size"] is not None or width["size"] is not None:
-        return canvas
-    known = _CANVASES.setdefault(model, {})
-    if size not in known:
-        least = max(height["min"] or 1, width["min"] or 1)
-        most = min(height["max"] or 1 << 30, width["max"] or 1 << 30)
-        side = canvas.input[0]
-        sides = [side] + [-(-side // m) * m for m in STRIDES]
-        space = InputSpace(run.input_spec, device)
-        first_error = None
-        for tried in dict.fromkeys(s for s in sides if least <= s <= most):
-            x = torch.full((1, run.input_spec.channels, tried, tried), 0.5, device=device)
-            try:
-                with torch.no_grad():
-                    model(space(x))
-            except Exception as e:  # whatever the model raises at a size it does not take
-                if _is_out_of_memory(e):
-                    raise
-                first_error = first_error or e
-                continue
-            fits = Canvas((tried, tried), canvas.image, True, canvas.strength)
-            known[size] = canvas if tried == side else fits
-            break
-        else:
-            raise first_error or MicroscopeError(f"no input size fits run '{run.name}'")
-    return known[size]
-
-
-def sample_bytes(
-    model: nn.Module,
-    run: Run,
-    node: Node,
-    size: int,
-    device: torch.device,
-    numerics: Numerics | None = None,
-) -> int:
-    """Memory one image takes in an optimization of `node` at `size`: what the forward pass to
-    the node keeps for the backward (measured on one image, with the numerics the engine uses;
-    the model's weights are not counted), twice over for the gradients the backward makes.
-    Remembered per model, node and size."""
-    numerics = numerics or usable_numerics(model, run, node, size, device)
-    key = (node.name, node.calls, size, str(device), numerics)
-    known = _MEASURED.setdefault(model, {})
-    if key not in known:
-        x = grey_image(model, run, size, device)
-        storages: dict[int, int] = {}
-        weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:  # the same for any batch: not per image
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with numerics.applied(device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            maps = NodeTap(model, node)(InputSpace(run.input_spec, device)(x)).maps
-        known[key] = 2 * (sum(storages.values()) + maps.numel() * maps.element_size())
-    return known[key]
-
-
-def batch_size_for(
-    model: nn.Module,
-    run: Run,
-    node: Node,
-    size: int,
-    device: torch.device,
-    numerics: Numerics | None = None,
-    free: int | None = None,
-) -> int:
-    """How many images one optimization takes on `device`: as many as fit in MEMORY_SHARE of
-    its free memory (`free` bytes, by default `free_memory(device)`), at most BATCH_CAPS's
-    (beyond which the first pictures only come later), at least one."""
-    cap = BATCH_CAPS.get(device.type, BATCH_CAPS["cpu"])
-    free = free_memory(device) if free is None else free
-    if free is None:
-        return cap
-    fits = int(free * MEMORY_SHARE) // sample_bytes(model, run, node, size, device, numerics)
-    return max(1, min(cap, fits))
-
-
 def _scaled(progress, done: int, chunk: int, total: int):
     """A chunk's progress callback, reporting the fraction of the whole render."""
     if progress is None:
         return None
     return lambda fraction: progress((done + fraction * chunk) / total)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    text = str(error)
-    cpu_words = "can't allocate memory"
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or cpu_words in text
 
 
 def render(
@@ -704,10 +356,8 @@ def render(
     target = run.node(node)
     units = [0] if spec.whole_node else check_units(target, units)
     check_technique(spec, target)
-    if not isinstance(size, int) or not 8 <= size <= 1024:
-        raise ValueError(f"size must be a whole number of pixels from 8 to 1024, got {size!r}")
-    if not isinstance(iterations, int) or not 1 <= iterations <= 100_000:
-        raise ValueError(f"iterations must be from 1 to 100000, got {iterations!r}")
+    check_size(size)
+    check_iterations(iterations)
     display_bands(run.input_spec.channels, bands)  # refuses bad bands before any work
     canvas_for(run, size)  # and sizes the model cannot take
     device = torch.device(device) if device is not None else default_device()
@@ -737,7 +387,7 @@ def render(
                     should_stop=should_stop,
                 )
             except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not _is_out_of_memory(e) or batch == 1:
+                if not is_out_of_memory(e) or batch == 1:
                     raise
                 batch = max(1, batch // 2)
                 if device.type == "cuda":

@@ -25,15 +25,9 @@ import torch
 
 from ..lru import LRU
 from ..run import Run, open_run
+from .batching import BATCH_CAPS, batch_size_for
 from .cache import CachedImage, RenderCache, RenderKey, encode_png
-from .engine import (
-    BATCH_CAPS,
-    RenderCancelled,
-    RenderResult,
-    available_devices,
-    batch_size_for,
-    render,
-)
+from .engine import RenderCancelled, RenderResult, available_devices, render
 from .tap import frozen
 from .techniques import get_technique
 

@@ -23,6 +23,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+from .. import limits
 from ..errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -32,11 +33,11 @@ from ..errors import (
     RunNotFoundError,
     StepNotFoundError,
 )
+from ..integrations.mlflow import MlflowRuns
 from ..paths import PLUGIN_NAME
 from ..rendering import TECHNIQUES, get_technique
 from ..rendering.engine import QUALITIES, Quality, check_technique, check_units, display_bands
 from ..rendering.weights import default_source
-from .mlflow_runs import MlflowRuns
 from .service import (
     DONE,
     FAILED,
@@ -256,6 +257,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                             "class": model.cls,
                             "parameters": model.parameters,
                             "architecture": model.architecture.kind,
+                            "note": model.architecture.note,
                         },
                         "nodes": len(run.nodes),
                         "input": run.input_spec.to_json(),
@@ -353,10 +355,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             version,
             node.name,
             technique.name,
-            self._preview.size if preview else _int(args, "size", self._size, 8, 1024),
+            self._preview.size if preview else _int(args, "size", self._size, *limits.SIZE),
             self._preview.iterations
             if preview
-            else _int(args, "iterations", self._iterations, 1, 100_000),
+            else _int(args, "iterations", self._iterations, *limits.ITERATIONS),
             _int(args, "seed", 0),
             self._bands(run, args),
             preview,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -54,6 +55,15 @@ from ..run import Run
 from ..runstore import RunStore
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+log = logging.getLogger(__name__)
+
+
+def _describe(work: Work) -> str:
+    """`render of conv2 units at step 30 of run 'x'`: a piece of work, for a log line."""
+    what = "render" if isinstance(work, Group) else work.kind
+    node = f" of {work.node}" if work.node else ""
+    steps = ", ".join(str(step) for step, _ in work.snapshots)
+    return f"{what}{node} at step {steps} of run '{work.run}'"
 
 
 class QueueFullError(MicroscopeError):
@@ -384,7 +394,10 @@ class RenderService:
             for device in self.devices:
                 try:
                     run.prepare(device)
-                except Exception:  # said by the render that needs it
+                except Exception:  # the render that needs it says why to the tab
+                    log.warning(
+                        "loading run '%s' ahead of its renders failed", run.name, exc_info=True
+                    )
                     return
 
         threading.Thread(target=load, daemon=True, name="tb_microscope-prefetch").start()
@@ -537,6 +550,10 @@ class RenderService:
                 outcome = "cancelled"
             except Exception as e:  # reported to the pollers; the worker goes on
                 outcome, message = "failed", f"{type(e).__name__}: {e}"
+                if isinstance(e, MicroscopeError):  # said to the user, who can act on it
+                    log.warning("%s failed: %s", _describe(work), message)
+                else:  # a bug, or a fault of the machine: keep its traceback for whoever looks
+                    log.exception("%s failed", _describe(work))
             with self._lock:  # the outcome is counted as the job leaves the running table
                 if outcome != "skipped":
                     self.stats[outcome] += 1

@@ -1,4 +1,6 @@
-"""The MLflow runs the tab lists next to the log directory's (`--microscope_mlflow_tracking_uri`).
+"""Listing MLflow runs: those at a tracking server that hold tb_microscope data (`list_runs`), and
+the list the tab shows next to the log directory's runs (`MlflowRuns`,
+`--microscope_mlflow_tracking_uri`).
 
 The list is asked of the tracking server at most every `LIST_EVERY_S` seconds, and each run's
 mirror is synced (new snapshots, a replaced manifest) at most every `SYNC_EVERY_S` seconds, when
@@ -8,18 +10,84 @@ mirror; a run deleted in MLflow is listed with its error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from ..errors import MicroscopeError, RunNotFoundError
-from ..mlflow_store import ListedRun, MlflowRunStore, MlflowUnavailableError, list_runs
+from ...errors import MicroscopeError, RunNotFoundError
+from .common import TAG, MlflowUnavailableError, import_mlflow, mlflow_error
+from .mirror import MlflowRunStore
 
 LIST_EVERY_S = 10.0
 SYNC_EVERY_S = 5.0
 PREFIX = "mlflow:"
 
 log = logging.getLogger("tb_microscope")
+
+
+def _all_pages(search: Callable, what: str, uri: str) -> list:
+    """Every item of a paged MLflow search, `search(page_token)` giving one page."""
+    items, token = [], None
+    while True:
+        try:
+            page = search(token)
+        except Exception as e:
+            raise mlflow_error(e, what, uri) from e
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedRun:
+    name: str  # "mlflow:<experiment>/<run name>", with the id's start when names repeat
+    mlflow_run_id: str
+    deleted: bool
+
+
+def list_runs(uri: str, experiments: list[str] | None = None) -> list[ListedRun]:
+    """The MLflow runs at `uri` that hold tb_microscope data (deleted ones too, marked), in the
+    `experiments` named (by name or id; default all)."""
+    import_mlflow()
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    found = _all_pages(
+        lambda token: client.search_experiments(
+            view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        ),
+        "the experiments",
+        uri,
+    )
+    if experiments:
+        wanted = set(experiments)
+        found = [x for x in found if x.name in wanted or x.experiment_id in wanted]
+    names = {x.experiment_id: x.name for x in found}
+    runs = []
+    ids = list(names)
+    for start in range(0, len(ids), 100):  # the server takes at most 100 experiments at once
+        runs += _all_pages(
+            lambda token, some=ids[start : start + 100]: client.search_runs(
+                some,
+                filter_string=f"tags.`{TAG}` LIKE '%'",
+                run_view_type=ViewType.ALL,
+                max_results=1000,
+                page_token=token,
+            ),
+            "the runs",
+            uri,
+        )
+    labels = [f"mlflow:{names[r.info.experiment_id]}/{r.info.run_name}" for r in runs]
+    out = []
+    for run, label in zip(runs, labels):
+        if labels.count(label) > 1:
+            label = f"{label} ({run.info.run_id[:8]})"
+        out.append(ListedRun(label, run.info.run_id, run.info.lifecycle_stage == "deleted"))
+    return sorted(out, key=lambda r: r.name)
 
 
 class MlflowRuns:
