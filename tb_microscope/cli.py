@@ -373,7 +373,8 @@ def render_jobs(
     once (files stay whole then too: they are written to a temporary name first).
     """
     from .rendering import RenderCache
-    from .rendering.sweep import InProcessExecutor, Settings, group_size, plan, store
+    from .rendering.execution import InProcessExecutor
+    from .rendering.sweep import Settings, group_size, plan, store
 
     executor = executor or InProcessExecutor(devices)
     settings = Settings(technique, size, iterations, seed, bands, batch_size)

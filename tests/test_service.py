@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tb_microscope.demo.train import train
-from tb_microscope.server.service import Group, RenderService, _Models, state_bytes
+from tb_microscope.server.service import RenderService, RenderWork, _Models, state_bytes
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def run_dir(tmp_path_factory):
 def group_of(service, run_dir, step, iterations=4, node="conv2"):
     run = service.run(run_dir)
     version = run.snapshot_version(step)
-    return Group(run_dir, run.id, step, version, node, "channel", 16, iterations, 0)
+    return RenderWork(run_dir, run.id, step, version, node, "channel", 16, iterations, 0)
 
 
 def wait(condition, seconds=60):
@@ -204,7 +204,9 @@ def test_a_failed_render_is_logged_with_its_traceback(run_dir, tmp_path, caplog)
     service = RenderService(device="cpu", cache_dir=str(tmp_path), abandon_after=60)
     run = service.run(run_dir)
     bands = (0, 1, 7)  # the model takes three channels: refused inside the render, a ValueError
-    bad = Group(run_dir, run.id, 1, run.snapshot_version(1), "conv2", "channel", 16, 4, 0, bands)
+    bad = RenderWork(
+        run_dir, run.id, 1, run.snapshot_version(1), "conv2", "channel", 16, 4, 0, bands
+    )
     with caplog.at_level(logging.WARNING, logger="tb_microscope.server.service"):
         wait(lambda: service.request(bad, [0])[0]["status"] == "failed", 120)
         wait(service.idle, 30)

@@ -1,12 +1,15 @@
-"""`RayExecutor`: a sweep's groups rendered by actors on a Ray cluster (extra `tb-microscope[ray]`).
+"""`RayExecutor`: groups rendered by actors on a Ray cluster (extra `tb-microscope[ray]`).
 
 One actor per GPU of the cluster, else one per CPU (each with one torch thread); each keeps the
 runs it opened and its last models, so the planner's order (consecutive groups share a model)
-saves loads. Actors open runs by their source (a directory the cluster's machines share, or
-runs:/<id> of an MLflow server they reach) and send the pictures back to the driver, which alone
-writes the cache. An actor that dies (killed, out of memory, its machine lost) is replaced and its
-group given to the next free actor, so every unit is rendered and stored once; a group whose
-actors die `MAX_ATTEMPTS` times stops the sweep with the error.
+saves loads, and an executor keeps its actors from one `execute` to the next until `close`.
+Actors open runs by their source (a directory the cluster's machines share, or runs:/<id> of an
+MLflow server they reach) and send the pictures back to the caller, which alone writes the
+cache. An actor that dies (killed, out of memory, its machine lost) is replaced and its group
+given to the next free actor, so every unit is rendered and stored once; a group whose actors
+die `MAX_ATTEMPTS` times fails with the error. This is the one road for every caller: the CLI's
+sweeps and the plugin's render service, whose workers each hold an executor of one actor from a
+shared `ActorPool`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError
-from .sweep import Group, OnResult, Renderer, Settings
+from .execution import OnProgress, OnResult
+from .sweep import Group, Renderer, Settings
 
 MAX_ATTEMPTS = 3
+CANCEL_GRACE_S = 2.0  # how long a cancelled render may take to stop before its actor is killed
 
 
 def _import_ray():
@@ -103,21 +108,23 @@ def actor_plan(ray, workers: int | None, threads: int) -> tuple[int, dict, str]:
 
 class RayExecutor:
     """Renders groups on the Ray cluster at `address`: "local" starts one on this machine for
-    the executor's life, "auto" joins the one in RAY_ADDRESS, anything else is its address."""
+    the executor's life, "auto" joins the one in RAY_ADDRESS, anything else is its address; or,
+    given a `pool`, on that pool's cluster with `workers` actors of its own."""
 
     def __init__(
         self,
-        address: str,
+        address: str | None = None,
         *,
         allow_pickle: bool = False,
         workers: int | None = None,
         threads: int = 1,
+        pool: ActorPool | None = None,
         say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     ):
-        self.pool = ActorPool(address, allow_pickle, threads, workers)
+        self._own = pool is None and address == "local"
+        self.pool = pool or ActorPool(address, allow_pickle, threads, workers)
         self._ray, self.say = self.pool._ray, say
-        self._own = address == "local"
-        self.workers = self.pool.size
+        self.workers = workers or self.pool.size
         self.actors: dict[int, object] = {}
         self.replaced = 0
 
@@ -132,20 +139,32 @@ class RayExecutor:
         self.actors[slot] = actor = self.pool.spawn()
         return actor
 
+    def _kill(self, slot: int) -> None:
+        actor = self.actors.pop(slot, None)
+        if actor is not None:
+            self._ray.kill(actor)
+
     def execute(
         self,
         groups: Sequence[Group],
         settings: Settings,
         on_result: OnResult,
         should_stop: Callable[[], bool],
+        progress: OnProgress | None = None,  # an actor's progress is not heard; a group's end is
     ) -> None:
         ray = self._ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import (
+            GetTimeoutError,
+            RayActorError,
+            RayTaskError,
+            TaskCancelledError,
+        )
 
         pending: deque[Group] = deque(groups)
         for slot in range(min(self.workers, len(groups))):
-            self._spawn(slot)
-        idle: deque[int] = deque(self.actors)
+            if slot not in self.actors:
+                self._spawn(slot)
+        idle: deque[int] = deque(sorted(self.actors))
         running: dict = {}  # object ref -> (slot, group)
         attempts: Counter = Counter()
         try:
@@ -159,10 +178,12 @@ class RayExecutor:
                     try:
                         rendered = ray.get(ref)
                     except RayTaskError as e:  # the render itself failed: it would again
+                        idle.append(slot)
                         raise task_failure(e, group, f"Ray actor {slot + 1}") from None
                     except RayActorError as e:
                         attempts[group] += 1
                         if attempts[group] >= MAX_ATTEMPTS:
+                            self.actors.pop(slot, None)
                             raise MicroscopeError(
                                 f"{MAX_ATTEMPTS} Ray actors died rendering {group.node} units "
                                 f"{group.units[0]}-{group.units[-1]} at step {group.step} of "
@@ -177,21 +198,35 @@ class RayExecutor:
                         self._spawn(slot)
                         idle.append(slot)
                         continue
+                    if progress is not None:
+                        progress(group, 1.0)
                     on_result(group, rendered, f"ray actor {slot + 1}")
                     idle.append(slot)
-        finally:  # stopped, failed or done: the actors go, and their unfinished work with them
-            for actor in self.actors.values():
-                ray.kill(actor)
-            self.actors.clear()
+        finally:  # stopped or failed: what still runs is cancelled, its actor killed if it lingers
+            if running:
+                for ref in running:
+                    ray.cancel(ref)
+                deadline = time.monotonic() + CANCEL_GRACE_S
+                for ref, (slot, _) in running.items():
+                    try:
+                        ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                    except (TaskCancelledError, RayTaskError, RayActorError):
+                        pass  # stopped, as asked (or already gone)
+                    except GetTimeoutError:
+                        self._kill(slot)
 
     def close(self) -> None:
-        if self._ray.is_initialized():
+        """Kill this executor's actors; shut down the cluster it started ("local")."""
+        for slot in list(self.actors):
+            self._kill(slot)
+        if self._own and self._ray.is_initialized():
             self._ray.shutdown()
 
 
 class ActorPool:
-    """Actors for a long-lived process (the plugin's render service): `size` of them, each used
-    by one of the caller's threads through `renderer(slot)`."""
+    """How actors are made on a cluster: `size` of them (one per GPU, else per `threads` CPUs),
+    each spawned by an executor; the plugin's render service shares one pool among the
+    executors of its workers."""
 
     def __init__(
         self,
@@ -210,54 +245,3 @@ class ActorPool:
 
     def spawn(self):
         return self._actor.options(**self._options).remote(*self._args)
-
-    def renderer(self) -> RemoteRenderer:
-        return RemoteRenderer(self)
-
-
-class RemoteRenderer:
-    """Renders one group at a time on an actor of its own (made when first needed, replaced when
-    it dies; killed when a render is cancelled and does not stop within a second or two)."""
-
-    def __init__(self, pool: ActorPool):
-        self.pool, self._actor = pool, None
-        self.device_kind = pool.device_kind
-
-    def render(
-        self,
-        group: Group,
-        settings: Settings,
-        should_stop: Callable[[], bool],
-        progress: Callable[[float], None] | None = None,  # not heard from the actor
-    ):
-        from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
-
-        from .engine import RenderCancelled
-
-        ray = self.pool._ray
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            if self._actor is None:
-                self._actor = self.pool.spawn()
-            ref = self._actor.render.remote(group, settings)
-            cancelled_at = None
-            try:
-                while True:
-                    ready, _ = ray.wait([ref], timeout=0.2)
-                    if ready:
-                        return ray.get(ref)
-                    if cancelled_at is None and should_stop():
-                        cancelled_at = time.monotonic()
-                        ray.cancel(ref)
-                    if cancelled_at is not None and time.monotonic() - cancelled_at > 2.0:
-                        ray.kill(self._actor)
-                        self._actor = None
-                        raise RenderCancelled()
-            except RayActorError:
-                self._actor = None
-                if attempt == MAX_ATTEMPTS:
-                    raise
-            except TaskCancelledError:
-                raise RenderCancelled() from None
-            except RayTaskError as e:  # reported to the tab's pollers as the render's failure
-                raise task_failure(e, group, "the Ray actor") from None
-        raise AssertionError("unreachable")

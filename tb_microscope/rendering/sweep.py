@@ -3,20 +3,18 @@
 One planner (`plan`) turns (runs x steps x nodes x units) and the render settings into
 `Group`s, each one optimization (at most a batch of units of one node at one step), minus what the
 cache already holds, ordered so that consecutive groups share a model (run, then step, then
-node, in the order asked). Executors run the groups behind one interface, `execute(groups,
-on_result, should_stop)`: `InProcessExecutor` (a worker thread per device, here) and
-`RayExecutor` (`ray_executor.py`, actors on a Ray cluster). Results always come back to the
-caller, which alone writes them into the cache (`store`): no file is written twice, and the files
-are the same whichever executor rendered them.
+node, in the order asked). Executors (`execution.py`: in this process, or on a Ray cluster)
+render the groups, each with a `Renderer` (here, or in a Ray actor); results always come back to
+the caller, which alone writes them into the cache (`store`): no file is written twice, and the
+files are the same whichever executor rendered them.
 
-Every render goes through the planner: the CLI's `render` and the demo (`cli.render_jobs`, with
-an executor), `render_cached` (one node's units at one step, here) and the plugin's render
-service (each queued request, on its worker's `Renderer` or Ray actor).
+Every render goes through the planner: the CLI's `render` and the demo (`cli.render_jobs`), the
+plugin's render service (each queued request, on its worker's executor) and `render_cached`
+(one node's units at one step, here).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +25,7 @@ from ..lru import LRU
 from ..run import Run, open_run
 from .batching import BATCH_CAPS, batch_size_for
 from .cache import CachedImage, RenderCache, RenderKey, encode_png
-from .engine import RenderCancelled, RenderResult, available_devices, render
+from .engine import RenderResult, render
 from .tap import frozen
 from .techniques import get_technique
 
@@ -270,61 +268,3 @@ def render_cached(
             progress=progress, should_stop=should_stop, on_chunk=stored,
         )  # fmt: skip
     return found
-
-
-OnResult = Callable[[Group, Rendered, str], None]  # (group, its images, which worker)
-
-
-class InProcessExecutor:
-    """A worker thread per device of this process, each taking the next group."""
-
-    def __init__(self, devices: Sequence[torch.device] | None = None, allow_pickle=False):
-        self.devices = list(devices or available_devices())
-        self.allow_pickle = allow_pickle
-
-    @property
-    def device_kind(self) -> str:
-        return self.devices[0].type
-
-    def describe(self) -> str:
-        return ", ".join(str(d) for d in self.devices)
-
-    def execute(
-        self,
-        groups: Sequence[Group],
-        settings: Settings,
-        on_result: OnResult,
-        should_stop: Callable[[], bool],
-    ) -> None:
-        pending = list(reversed(groups))
-        lock = threading.Lock()
-        failures: list[BaseException] = []
-
-        def work(index: int, device: torch.device) -> None:
-            renderer = Renderer(device, self.allow_pickle)
-            name = f"{device} (worker {index + 1})"
-            try:
-                while not should_stop() and not failures:
-                    with lock:
-                        if not pending:
-                            return
-                        group = pending.pop()
-                    rendered = renderer.render(group, settings, should_stop)
-                    with lock:
-                        on_result(group, rendered, name)
-            except RenderCancelled:
-                pass
-            except BaseException as e:  # said by the caller; the other workers stop
-                failures.append(e)
-
-        workers = [
-            threading.Thread(target=work, args=(i, d), daemon=True, name=f"render-{d}")
-            for i, d in enumerate(self.devices)
-        ]
-        for worker in workers:
-            worker.start()
-        while any(worker.is_alive() for worker in workers):
-            for worker in workers:
-                worker.join(0.1)
-        if failures:
-            raise failures[0]

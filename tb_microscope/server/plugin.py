@@ -44,9 +44,9 @@ from .service import (
     QUEUED,
     RUNNING,
     Analysis,
-    Group,
     QueueFullError,
     RenderService,
+    RenderWork,
     Work,
 )
 
@@ -333,7 +333,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "preview": None if preview is None else dataclasses.asdict(preview),
         }
 
-    def _group(self, run, step, node, args) -> Group:
+    def _group(self, run, step, node, args) -> RenderWork:
         quality = args.get("quality", "full")
         if quality not in QUALITIES:
             raise errors.InvalidArgumentError(
@@ -348,7 +348,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError(
                 f"technique {technique.name!r} is not an image: use the {technique.name} route"
             )
-        return Group(
+        return RenderWork(
             str(run.path),
             run.id,
             step,
@@ -366,13 +366,13 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def _request(self, work: Work, units: list[int]) -> dict[int, dict]:
         try:
-            if isinstance(work, Group) and not work.preview and self._preview is not None:
+            if isinstance(work, RenderWork) and not work.preview and self._preview is not None:
                 return self._with_previews(work, units)
             return self.service.request(work, units)
         except QueueFullError as e:
             raise UnavailableError(str(e)) from e
 
-    def _with_previews(self, group: Group, units: list[int]) -> dict[int, dict]:
+    def _with_previews(self, group: RenderWork, units: list[int]) -> dict[int, dict]:
         """The full render's statuses; a unit not rendered yet is also asked for as a preview
         (first, so that the service takes it first), and once that is there, its status says
         `preview: true` (the image route gives it with `quality=preview`)."""

@@ -2,8 +2,8 @@
 
 Two kinds of work, both keyed by the run's id and the versions of the snapshots they read, never
 by the run's path:
-- a `Group`: units of one (run, step, node, technique, size, iterations, seed), rendered in one
-  optimization; a request for more units of a queued group joins it, identical requests share it;
+- a `RenderWork`: units of one (run, step, node, technique, size, iterations, seed); a request
+  for more units of queued work joins it, identical requests share it;
 - an `Analysis`: one computed view of one unit (its dataset examples, weights or history), of
   a node over training (its dynamics; every node's, without a node) or of a node's units
   matched with another run's (align).
@@ -11,10 +11,11 @@ by the run's path:
 The work asked about most recently goes first. Whatever nobody has asked about for
 `abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
 before it starts, and cancelled within about a second once it runs; the `cancel` call does the
-same at once. A Group's units are planned by the sweep planner (`rendering/sweep.py`: the units the
-cache lacks, one optimization per batch) and rendered here or, with a Ray cluster, on the worker's
-actor. Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin
-serves them from. A failure is kept for the pollers (in a bounded table, for `retry_after`
+same at once. A RenderWork's units are planned by the sweep planner (`rendering/sweep.py`: the
+units the cache lacks, one optimization per group) and rendered by the worker's executor
+(`rendering/execution.py`): in this process, or, with a Ray cluster, on an actor of its own.
+Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin serves them
+from. A failure is kept for the pollers (in a bounded table, for `retry_after`
 seconds) and the worker carries on. Every table is bounded: the queue (a full one raises
 `QueueFullError`), loaded models and programs (in bytes), runs, caches and failures.
 """
@@ -51,6 +52,7 @@ from ..rendering import (
     unit_weights,
 )
 from ..rendering.engine import RenderCancelled, available_devices
+from ..rendering.execution import Executor, InProcessExecutor
 from ..run import Run
 from ..runstore import RunStore
 
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 
 def _describe(work: Work) -> str:
     """`render of conv2 units at step 30 of run 'x'`: a piece of work, for a log line."""
-    what = "render" if isinstance(work, Group) else work.kind
+    what = "render" if isinstance(work, RenderWork) else work.kind
     node = f" of {work.node}" if work.node else ""
     steps = ", ".join(str(step) for step, _ in work.snapshots)
     return f"{what}{node} at step {steps} of run '{work.run}'"
@@ -75,7 +77,7 @@ class RunChangedError(MicroscopeError):
 
 
 @dataclass(frozen=True)
-class Group:
+class RenderWork:
     """Units that can share one optimization."""
 
     run: str  # the run's directory
@@ -127,7 +129,7 @@ class Analysis:
         return dict(self.options).get(name)
 
 
-Work = Group | Analysis
+Work = RenderWork | Analysis
 
 
 @dataclass
@@ -177,15 +179,21 @@ class _Models:
         return self.memory.get_or_make(key, load)
 
 
-class _JobRenderer(sweep.Renderer):
-    """Renders a job's groups in this process, with the run the service opened and the models
-    in its memory (shared with the runs' programs)."""
+class _ServiceRenderer(sweep.Renderer):
+    """Renders a worker's groups in this process, with the run the service opened for the job
+    (`use`) and the models in the service's memory (shared with the runs' programs)."""
 
-    def __init__(self, run: Run, models: _Models):
+    def __init__(self, models: _Models):
         super().__init__(models.device)
-        self._run, self.memory = run, models
+        self.memory = models
+        self._run: Run | None = None
+
+    def use(self, run: Run) -> None:
+        self._run = run
 
     def run(self, group: sweep.Group) -> Run:
+        if self._run is None or self._run.id != group.run_id:
+            raise RunChangedError(f"run {group.source} was logged again while this waited")
         return self._run
 
     def model(self, run: Run, group: sweep.Group) -> torch.nn.Module:
@@ -316,7 +324,7 @@ class RenderService:
         # stay here, on this process's device).
         self.pool = None
         if ray_address:
-            from ..rendering.ray_executor import ActorPool
+            from ..rendering.ray_executor import ActorPool, RayExecutor
 
             self.pool = ActorPool(ray_address, allow_pickle)
         self.cache_dir = cache_dir
@@ -344,19 +352,25 @@ class RenderService:
             "cancelled": 0,
         }
         self.recent: deque[tuple[Work, list[int], float]] = deque(maxlen=64)  # finished work
-        slots = (
-            [(self.devices[0], self.pool.renderer()) for _ in range(self.pool.size)]
-            if self.pool is not None
-            else [(d, None) for d in self.devices]
-        )
+        # One executor per worker: its renders here, or on an actor of its own of the cluster.
+        slots = []
+        for device in [self.devices[0]] * self.pool.size if self.pool else self.devices:
+            models = _Models(device, self.memory)
+            renderer = _ServiceRenderer(models)
+            executor = (
+                RayExecutor(pool=self.pool, workers=1)
+                if self.pool is not None
+                else InProcessExecutor(renderers=[renderer])
+            )
+            slots.append((models, renderer, executor))
         self._workers = [
             threading.Thread(
                 target=self._work,
-                args=(_Models(d, self.memory), remote),
+                args=slot,
                 daemon=True,
-                name=f"tb_microscope-render-{i}-{d}",
+                name=f"tb_microscope-render-{i}-{slot[0].device}",
             )
-            for i, (d, remote) in enumerate(slots)
+            for i, slot in enumerate(slots)
         ]
         for worker in self._workers:
             worker.start()
@@ -406,12 +420,12 @@ class RenderService:
         """The units whose images (or result) are not in the cache yet. The run and its cache
         are looked up once for all of them: the tab asks for a grid's units twice a second."""
         cache = self.cache(self.run(work.run))
-        if isinstance(work, Group):
+        if isinstance(work, RenderWork):
             return [u for u in units if not all(key in cache for key in work.keys(u))]
         return [] if cache.result_path(work.result_key).is_file() else list(units)
 
     def request(self, work: Work, units: list[int]) -> dict[int, dict]:
-        """Ask for units' images (a Group) or a unit's result (an Analysis, its one unit).
+        """Ask for units' images (a RenderWork) or a unit's result (an Analysis, its one unit).
         Returns each unit's status; `done` once it is in the cache."""
         finished = self._finished
         wanted = self.missing(work, units)
@@ -529,7 +543,7 @@ class RenderService:
     def _abandoned(self, job: _Job) -> bool:
         return job.cancelled.is_set() or time.monotonic() - job.touched > self.abandon_after
 
-    def _work(self, models: _Models, remote=None) -> None:
+    def _work(self, models: _Models, renderer: _ServiceRenderer, executor: Executor) -> None:
         while True:
             job = self._next()
             work, units = job.work, job.units
@@ -544,8 +558,9 @@ class RenderService:
                 # Nothing to do when the cache got them meanwhile (from another process sharing
                 # it, say); only real work is counted.
                 if self.missing(work, units):
-                    self._execute(run, job, models, remote)
-                    outcome = "renders" if isinstance(work, Group) else "analyses"
+                    renderer.use(run)
+                    self._execute(run, job, models, executor)
+                    outcome = "renders" if isinstance(work, RenderWork) else "analyses"
             except RenderCancelled:
                 outcome = "cancelled"
             except Exception as e:  # reported to the pollers; the worker goes on
@@ -567,33 +582,40 @@ class RenderService:
                 del self._running[work]
                 self._finished += 1
 
-    def _execute(self, run: Run, job: _Job, models: _Models, remote=None) -> None:
+    def _execute(self, run: Run, job: _Job, models: _Models, executor: Executor) -> None:
         work = job.work
         cache = self.cache(run)
 
         def should_stop() -> bool:
             return self._abandoned(job)
 
-        if isinstance(work, Group):
-            self._render(run, cache, job, remote or _JobRenderer(run, models), should_stop)
+        if isinstance(work, RenderWork):
+            self._render(run, cache, job, executor, should_stop)
         else:
             result = ANALYSES[work.kind](self, run, work, models, should_stop)
             cache.put_result(work.result_key, result)
 
-    def _render(self, run: Run, cache: RenderCache, job: _Job, renderer, should_stop) -> None:
+    def _render(
+        self, run: Run, cache: RenderCache, job: _Job, executor: Executor, should_stop
+    ) -> None:
         """The job's units through the sweep planner (the groups the cache lacks, one
-        optimization each), rendered by this worker's renderer (here, or its Ray actor); each
+        optimization each), rendered by this worker's executor (here, or on its Ray actor); each
         group is stored as soon as it is back."""
         work, settings = job.work, job.work.settings
-        per_group = sweep.group_size(work.technique, renderer.device_kind, None)
+        per_group = sweep.group_size(work.technique, executor.device_kind, None)
         groups, _ = sweep.plan(
             [(run, work.step, work.node, job.units)], settings, None, per_group, self.cache
         )
-        count = len(groups)
-        for i, group in enumerate(groups):
+        done: list[sweep.Group] = []
 
-            def progress(fraction: float, done: int = i) -> None:
-                job.progress = (done + fraction) / count
-
-            rendered = renderer.render(group, settings, should_stop, progress)
+        def stored(group: sweep.Group, rendered: sweep.Rendered, worker: str) -> None:
             sweep.store(cache, group, settings, rendered)
+            done.append(group)
+            job.progress = len(done) / len(groups)
+
+        def progress(group: sweep.Group, fraction: float) -> None:
+            job.progress = (len(done) + fraction) / len(groups)
+
+        executor.execute(groups, settings, stored, should_stop, progress)
+        if len(done) < len(groups):  # stopped before the end: nobody waits for the rest
+            raise RenderCancelled()
