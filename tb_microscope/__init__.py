@@ -2,9 +2,9 @@
 
 `Logger` saves a model's weights at chosen steps into a run directory; `open_run` reads a run back
 (steps, nodes, edges) and rebuilds the model at any logged step without the training script;
-`render` draws feature visualizations of its units, `dataset_examples`, `unit_weights` and
-`unit_history` the other views of a unit; `node_dynamics`, `model_dynamics` and `align_units`
-show how nodes and units change over training and match units across runs.
+`render` draws feature visualizations of its units, `dataset_examples`, `attribution`,
+`unit_weights` and `unit_history` the other views of a unit; `node_dynamics`, `model_dynamics`
+and `align_units` show how nodes and units change over training and match units across runs.
 """
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
 
 __all__ = [
     "CorruptSnapshotError",
+    "ImageIndexError",
     "IncompatibleRunError",
     "Logger",
     "MicroscopeError",
@@ -35,6 +36,7 @@ __all__ = [
     "StepNotFoundError",
     "UnitIndexError",
     "align_units",
+    "attribution",
     "dataset_examples",
     "find_runs",
     "model_dynamics",
@@ -56,9 +58,11 @@ _LAZY = {
     "open_run": "run",
 }
 _RENDERING = {
+    "ImageIndexError",
     "RenderCache",
     "UnitIndexError",
     "align_units",
+    "attribution",
     "dataset_examples",
     "model_dynamics",
     "node_dynamics",

@@ -1,9 +1,10 @@
-"""Rendering: feature visualizations, dataset examples, weights and unit histories.
+"""Rendering: feature visualizations, dataset examples, attribution, weights and unit histories.
 
 (DESIGN.md called this package `render/`; it is `rendering/` so that `tb_microscope.render` is
 unambiguously the function.)
 """
 
+from .attribution import attribution
 from .cache import DiskBudget, RenderCache, RenderKey, ResultKey
 from .dynamics import (
     Alignment,
@@ -13,7 +14,7 @@ from .dynamics import (
     model_dynamics,
     node_dynamics,
 )
-from .engine import ENGINE_VERSION, RenderResult, UnitIndexError, render
+from .engine import ENGINE_VERSION, ImageIndexError, RenderResult, UnitIndexError, render
 from .examples import Example, dataset_examples
 from .history import unit_history
 from .sweep import render_cached
@@ -26,12 +27,14 @@ __all__ = [
     "ModelDynamics",
     "NodeDynamics",
     "align_units",
+    "attribution",
     "model_dynamics",
     "node_dynamics",
     "TECHNIQUES",
     "Connection",
     "DiskBudget",
     "Example",
+    "ImageIndexError",
     "RenderCache",
     "RenderKey",
     "RenderResult",

@@ -43,9 +43,10 @@ from .heap import kept_heap
 from .memory import is_out_of_memory
 from .numerics import Numerics, usable_numerics
 from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .probe import probe_images
 from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
-from .techniques import Technique, channel, class_token, get_technique
+from .techniques import Technique, channel, class_token, cosine, get_technique
 
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
@@ -113,6 +114,10 @@ class UnitIndexError(MicroscopeError, IndexError):
     """A unit index outside the node's units."""
 
 
+class ImageIndexError(MicroscopeError, IndexError):
+    """A probe image index outside the run's probe images."""
+
+
 class RenderCancelled(MicroscopeError):
     """The caller's `should_stop` said to stop: nobody waits for this render any more."""
 
@@ -153,7 +158,9 @@ class StopChecks:
 
 @dataclass
 class RenderResult:
-    """Images (uint8, N x H x W x 3); per image, its objective and the unit's mean activation."""
+    """Images (uint8, N x H x W x 3); per image, its objective and the unit's mean activation
+    (for a caricature, whose units are probe images: the cosine similarity of the node's
+    activations on it to those on its probe image)."""
 
     images: np.ndarray
     objective: np.ndarray
@@ -214,6 +221,63 @@ def check_units(node: Node, units: Sequence[int]) -> list[int]:
     return units
 
 
+def units_of(
+    run: Run, node: Node, technique: Technique, units: Sequence[int], image: int | None
+) -> list[int]:
+    """What a render of `technique` optimizes, checked: `units` of the node; [0] for a
+    whole-node technique; probe image indexes for one of probe images, `image` standing for
+    `units=[image]`."""
+    if image is not None and not technique.compares:
+        raise ValueError(
+            f"image= names the probe image of a caricature; technique {technique.name!r} "
+            "renders units: pass them as units"
+        )
+    if technique.compares:
+        if image is not None:
+            if list(units) not in ([], [image]):
+                raise ValueError(
+                    f"technique {technique.name!r} renders probe images: pass image={image} or "
+                    f"units=[{image}], not both (units={list(units)!r})"
+                )
+            units = [image]
+        if not units:
+            raise ValueError(
+                f"technique {technique.name!r} needs a probe image: pass image= (an index of "
+                f"run '{run.name}'s probe images)"
+            )
+        return check_images(run, units)
+    return [0] if technique.whole_node else check_units(node, units)
+
+
+def check_images(run: Run, images: Sequence[int], count: int | None = None) -> list[int]:
+    """Probe image indexes, checked against the run's probe images (which it must have; `count`
+    of them, where the caller read them already)."""
+    images = list(images)
+    count = len(probe_images(run)) if count is None else count
+    bad = [i for i in images if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count]
+    if bad:
+        raise ImageIndexError(
+            f"probe image {bad[0]!r} is out of range for run '{run.name}', which has {count} "
+            f"probe images (0 … {count - 1})"
+        )
+    return images
+
+
+def probe_pictures(run: Run, images: list[int], side: int, device: torch.device) -> torch.Tensor:
+    """Probe `images` in [0, 1] on `device`, resized to side x side: the image the engine
+    optimizes (lucid resizes the image to the model's size likewise)."""
+    pictures = probe_images(run)[images].to(device).float() / 255
+    if pictures.shape[-2:] != (side, side):
+        pictures = F.interpolate(pictures, size=(side, side), mode="bilinear", antialias=True)
+    return pictures
+
+
+def node_maps(tap: NodeTap, x: torch.Tensor, numerics: Numerics, device: torch.device):
+    """The node's maps (float) on inputs `x`, with no gradient: a caricature's target."""
+    with torch.no_grad(), numerics.applied(device):
+        return tap(x).maps.float()
+
+
 def optimize(
     model: nn.Module,
     run: Run,
@@ -232,6 +296,11 @@ def optimize(
 ) -> RenderResult:
     """One optimization of all `units` (times the technique's images per unit) as one batch.
 
+    For a technique of probe images (`caricature`), `units` are probe image indexes and the
+    objective compares the node's activations with those on the images: at every iteration, on
+    the image seen through the same random transforms as its picture, as in lucid's recipe
+    (against the untransformed image's alone, pictures ended further from it); at the end, both
+    untransformed.
     `progress`, if given, is called with the fraction of iterations done, every 16 iterations;
     `should_stop` is asked often (see `StopChecks`) and raises `RenderCancelled` when true.
     """
@@ -254,6 +323,15 @@ def optimize(
     optimizer = torch.optim.Adam(param.spectra, lr=learning_rate(iterations), fused=fused)
     numerics = numerics or usable_numerics(model, run, node, size, device)
     channels_last = numerics.channels_last and node.kind == "spatial"
+    # the objective while optimizing and on the final image, and what `activation` reports
+    optimized = measured = technique
+    measure = class_token if technique.class_token else channel
+    pictures = None
+    if technique.compares:  # a caricature: the node's activations on its probe image
+        pictures = probe_pictures(run, targets, canvas.image, device)
+        probe = centred(pictures, canvas.input) if canvas.padded else pictures
+        seen = node_maps(tap, space(probe), numerics, device)  # as the final picture is measured
+        measured, measure = technique.bound(seen), cosine(seen)
     gains: list[tuple[int, float]] = []
     silent: list[int] = list(range(len(param.spectra)))  # images whose gradient was all zero
     forced = None
@@ -266,11 +344,14 @@ def optimize(
             x = space(transforms(param(), iteration), centred=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if pictures is not None:  # the probe image through its picture's transforms
+                aims = space(transforms(pictures, iteration), centred=True)
+                optimized = technique.bound(node_maps(tap, aims, numerics, device))
             redirected = iteration < REDIRECT_ITERATIONS
             redirect = RedirectedReLUs(forced) if redirected else nullcontext()
             with numerics.applied(device), redirect:
                 act = tap(x).float()
-                loss = -technique.value(act, unit_index).sum()
+                loss = -optimized.value(act, unit_index).sum()
                 loss.backward()
             if silent and redirected:  # a host sync: mostly at the first iteration only
                 lifted, silent = gradient_gains(param.spectra, silent)
@@ -286,8 +367,7 @@ def optimize(
         shown = centred(images, canvas.input) if canvas.padded else images
         with numerics.applied(device):
             act = tap(space(shown)).float()
-        objective = technique.value(act, unit_index)
-        measure = class_token if technique.class_token else channel
+        objective = measured.value(act, unit_index)
         activation = measure(act, unit_index)  # the unit's mean (or class token) activation
     if canvas.image != size:  # optimized at the size the model takes: shown at the one asked
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
@@ -330,6 +410,7 @@ def render(
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_chunk: Callable[[RenderResult], None] | None = None,
+    image: int | None = None,
 ) -> RenderResult:
     """Feature visualizations of `units` of `node` at `step`.
 
@@ -338,9 +419,10 @@ def render(
     than three shows `bands` (three channel indexes; by default the first three) as RGB. A
     model that takes only its training size is rendered at that size and shown at `size`.
     `diversity` gives several images per unit (consecutive); `deepdream` one image for the whole
-    node (units are ignored). Units are optimized together in batches of `batch_size` images (by
-    default as many as the device's free memory holds, at most 32 on CUDA and 16 on the CPU:
-    `batch_size_for`); an out-of-memory error halves the batch and retries. `model` may
+    node (units are ignored); `caricature` one image per probe image, whose indexes are its
+    units (`image=i` is `units=[i]`). Units are optimized together in batches of `batch_size`
+    images (by default as many as the device's free memory holds, at most 32 on CUDA and 16 on
+    the CPU: `batch_size_for`); an out-of-memory error halves the batch and retries. `model` may
     pass a model already loaded for this step; `numerics` overrides the device's default
     (`default_numerics`); `progress` is called now and then with the
     fraction of the work done; `should_stop` is asked often, and `RenderCancelled` raised once
@@ -354,7 +436,7 @@ def render(
             f"tb_microscope.{other}() instead"
         )
     target = run.node(node)
-    units = [0] if spec.whole_node else check_units(target, units)
+    units = units_of(run, target, spec, units, image)
     check_technique(spec, target)
     check_size(size)
     check_iterations(iterations)

@@ -3,13 +3,14 @@
 An objective maps the node's activations for a batch (`NodeActivations`: maps of N x C x H x W
 or N x F, and a token node's class token) and the unit of each batch element to one value per
 element, to be maximized. Batch elements never interact, except within one unit's diversity
-group, so a unit's image does not depend on its batch-mates.
+group, so a unit's image does not depend on its batch-mates. A caricature's objective is made
+from the node's activations on a probe image (its target), one per batch element.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,43 @@ def diversity_penalty(act: torch.Tensor, group: int) -> torch.Tensor:
     return off_diagonal.reshape(n)
 
 
+CARICATURE_POWER = 2  # the cosine's exponent: how tightly the image keeps its target's direction
+CARICATURE_FLOOR = 0.1  # lucid's: the cosine counts at least this much
+
+
+def _flat_cosine(maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch element, the dot product of its whole map with its target's, and their cosine."""
+    maps, targets = maps.flatten(1), targets.flatten(1)
+    dot = (maps * targets).sum(1)
+    return dot, dot / (maps.norm(dim=1) * targets.norm(dim=1)).clamp_min(1e-12)
+
+
+def caricature(targets: torch.Tensor, power: float = CARICATURE_POWER) -> Objective:
+    """lucid's caricature objective (`dot_compare`): dot(act, target) x cosine(act, target)^power
+    over the node's whole map, batch element i against `targets[i]` (the node's activations on
+    its probe image). The dot product grows the activations, the cosine keeps them pointing
+    where the image's do: what the node sees in the image, exaggerated. (lucid divides the dot
+    product by the target's norm alone, a projection; this is the cosine, floored as lucid's.)"""
+
+    def objective(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
+        dot, cos = _flat_cosine(act.maps, targets)
+        return dot * cos.clamp_min(CARICATURE_FLOOR) ** power
+
+    return objective
+
+
+def cosine(targets: torch.Tensor) -> Objective:
+    """The cosine similarity of each batch element's whole map to `targets[i]`."""
+    return lambda act, units: _flat_cosine(act.maps, targets)[1]
+
+
+def _unbound(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
+    raise MicroscopeError(
+        "a caricature compares the node's activations with those on a probe image: render it "
+        "with tb_microscope.render(run, step, node, [], 'caricature', image=i)"
+    )
+
+
 @dataclass(frozen=True)
 class Technique:
     name: str
@@ -71,6 +109,18 @@ class Technique:
     whole_node: bool = False  # one image for the node; units are ignored
     diversity: float = 0.0  # weight of the diversity term, relative to the objective's size
     class_token: bool = False  # needs a node of tokens with a class token
+    # units are probe images; the objective is made from the node's activations on them
+    compare: Callable[[torch.Tensor], Objective] | None = None
+
+    @property
+    def compares(self) -> bool:
+        """Whether the technique's units are probe images (a caricature)."""
+        return self.compare is not None
+
+    def bound(self, targets: torch.Tensor) -> Technique:
+        """This technique of probe images with its objective made from `targets`, the node's
+        activations on them (batch element i's at i)."""
+        return replace(self, objective=self.compare(targets), compare=None)
 
     def value(self, act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
         """The quantity to maximize, per batch element."""
@@ -95,6 +145,7 @@ TECHNIQUES: dict[str, Technique] = {
         Technique("class_token", class_token, class_token=True),
         Technique("diversity", channel, images_per_unit=4, diversity=0.5),
         Technique("deepdream", deepdream, whole_node=True),
+        Technique("caricature", _unbound, compare=caricature),
         Technique("examples", None),
         Technique("weights", None),
     ]
