@@ -100,6 +100,62 @@ class TinyCNN(nn.Module):
         return self.fc(self.drop(x.mean((2, 3))))
 
 
+class FixedSizeFaceNet(nn.Module):
+    """A 48 px face detector's shape: conv, PReLU, ceil-mode max-pool three times, then a linear
+    head after a permute (it takes no other input size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 8, 3), nn.PReLU(8)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(8, 16, 3), nn.PReLU(16)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 16, 3), nn.PReLU(16)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(16, 32, 2), nn.PReLU(32)
+        self.dense5, self.prelu5 = nn.Linear(32 * 9, 64), nn.PReLU(64)
+        self.face, self.box = nn.Linear(64, 2), nn.Linear(64, 4)
+
+    def forward(self, x):
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x)).permute(0, 3, 2, 1).flatten(1)
+        x = self.prelu5(self.dense5(x))
+        return self.face(x), self.box(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.softmax, self.attn_drop = nn.Softmax(-1), nn.Dropout(0.1)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = self.attn_drop(self.softmax(q @ k.transpose(-1, -2)))
+        return self.proj((a @ v).transpose(1, 2).reshape(n, t, d))
+
+
+class FixedSizeViT(nn.Module):
+    """Sixteen patch tokens and no class token: its attention map, heads x 16 x 16, has the shape
+    of a 16 x 16 feature map of its 32 px input; position embeddings fix the input size."""
+
+    def __init__(self, prefix=0):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, prefix, 16))
+        self.pos = nn.Parameter(torch.randn(1, 16 + prefix, 16))
+        self.pos_drop, self.attn, self.norm = nn.Dropout(0.1), Attention(), nn.Identity()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = self.pos_drop(torch.cat([self.cls.expand(len(x), -1, -1), t], 1) + self.pos)
+        return self.head(self.norm(self.attn(t)).mean(1))
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)

@@ -12,32 +12,10 @@ from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
 import tb_microscope
-from conftest import train_step
+from conftest import FixedSizeViT, train_step
 from tb_microscope.capture import ExportTimeout, time_limit
 from tb_microscope.rendering.tap import NodesTap
 from tb_microscope.runstore import FORMAT_VERSION, SUMMARY_TAG, RunStore
-from tb_microscope.schedule import DenseEarly, make_schedule
-
-
-def test_default_schedule_logs_31_steps_over_100k_dense_early():
-    steps = DenseEarly().steps_until(100_000)
-    assert steps[:12] == [0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70]
-    assert steps[-3:] == [50_000, 70_000, 100_000]
-    assert len(steps) == 31
-    assert sum(s <= 1000 for s in steps) == 19
-
-
-def test_every_and_steps_combine():
-    schedule = make_schedule(every=100, steps=[5, 250])
-    assert schedule.steps_until(300) == [0, 5, 100, 200, 250, 300]
-
-
-@pytest.mark.parametrize(
-    "bad", [dict(every=0), dict(every=2.5), dict(steps=[-1]), dict(steps=["a"])]
-)
-def test_bad_schedules_are_refused(bad):
-    with pytest.raises(ValueError):
-        make_schedule(bad.get("every"), bad.get("steps"))
 
 
 def test_log_called_sparsely_still_snapshots_each_stretch_of_the_schedule(tmp_path, tiny, example):
@@ -618,3 +596,13 @@ def test_a_capture_process_stuck_on_a_lock_is_replaced_by_a_capture_here(tmp_pat
     said = [str(w.message) for w in caught]
     assert any("capture process used no CPU for 2 s (stuck)" in s for s in said), said
     assert tb_microscope.open_run(tmp_path).architecture == "export"
+
+
+def test_the_logged_run_lists_every_node_and_notes_the_rest(tmp_path):
+    model, x = FixedSizeViT(1), torch.rand(2, 3, 32, 32)
+    with tb_microscope.Logger(tmp_path, model, x, every=1) as logger:
+        logger.log(0)
+    run = tb_microscope.open_run(tmp_path)
+    assert [n.name for n in run.nodes] == ["patch", "attn", "attn.qkv", "attn.proj", "head"]
+    note = run.manifest.model.architecture.note
+    assert "pos_drop, attn.attn_drop, norm" in note and "attn.softmax" in note

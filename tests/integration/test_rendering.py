@@ -16,7 +16,6 @@ import torchvision
 
 import tb_microscope
 from conftest import run_python
-from tb_microscope.cli import parse_indexes
 from tb_microscope.demo.train import train
 from tb_microscope.rendering import RenderCache, RenderKey, render_cached
 from tb_microscope.rendering.batching import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
@@ -606,15 +605,6 @@ def test_render_command_quality_preview_renders_the_tabs_previews(trained, tmp_p
             assert json.loads(png.text["tb_microscope"])["key"]["iterations"] == 4
     refused = run_python(*args, "--quality", "best", check=False)
     assert refused.returncode == 2 and "invalid choice: 'best'" in refused.stderr
-
-
-def test_steps_and_units_take_numbers_ranges_and_open_ranges():
-    assert parse_indexes("0-2,5,7-", 10, "units") == [0, 1, 2, 5, 7, 8, 9]
-    assert parse_indexes("8-20,3,3", 10, "units") == [8, 9, 3]  # never past the limit, once each
-    assert parse_indexes("all", 3, "steps") == [0, 1, 2]
-    for bad in ("-3", "2-x", "1,,2", "five"):
-        with pytest.raises(tb_microscope.MicroscopeError, match=f"got '{bad}'"):
-            parse_indexes(bad, 10, "steps")
 
 
 @pytest.mark.parametrize(

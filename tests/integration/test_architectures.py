@@ -12,7 +12,7 @@ import pytest
 
 import tb_microscope
 from conftest import SCRIPTS
-from tb_microscope.nodes import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR, layout_of
+from tb_microscope.nodes import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR
 from tb_microscope.rendering.param import canvas_for
 
 CF, CL = CHANNELS_FIRST, CHANNELS_LAST
@@ -153,22 +153,3 @@ def test_token_nodes_have_neuron_and_class_token_views(logged, family):
     conv = _find(run, [n.name for n in run.nodes if n.layout == CF])
     with pytest.raises(tb_microscope.MicroscopeError, match="needs a node of tokens"):
         tb_microscope.render(run, 1, conv.name, [0], "class_token", size=16, iterations=1)
-
-
-@pytest.mark.parametrize(
-    "shape, size, shape2, size2, expected",
-    [
-        ((64, 56, 56), (224, 224), (64, 64, 72), (256, 288), (CF, 64, 0)),
-        ((56, 56, 96), (224, 224), (64, 72, 96), (256, 288), (CL, 96, 0)),
-        ((197, 768), (224, 224), (1 + 16 * 18, 768), (256, 288), (TOKENS, 768, 1)),
-        ((12, 197, 64), (224, 224), (12, 289, 64), (256, 288), None),  # per head
-        ((12, 197, 197), (224, 224), (12, 289, 289), (256, 288), None),  # attention map
-        ((256, 1, 1), (224, 224), (256, 1, 1), (256, 288), (CF, 256, 0)),  # pooled
-        ((14, 14, 96), (224, 224), None, None, (CL, 96, 0)),  # a fixed-size model
-        ((12, 197, 64), (224, 224), None, None, None),
-        ((261, 384), (224, 224), None, None, (TOKENS, 384, 5)),  # class + 4 registers
-        ((10,), (224, 224), None, None, (VECTOR, 10, 0)),
-    ],
-)
-def test_layouts_follow_the_input_size_not_the_shape(shape, size, shape2, size2, expected):
-    assert layout_of(shape, size, shape2, size2) == expected
