@@ -97,10 +97,16 @@ async function loadImage(params, signal) {
   return remember(url, URL.createObjectURL(await response.blob()));
 }
 
+// The image route's parameters for one picture of a unit; `image` only where a unit has several
+// (for a caricature, whose units are probe images, the route reads `image` as the probe image).
+function picture(group, unit, image, count) {
+  return count > 1 ? {...group, unit, image} : {...group, unit};
+}
+
 function known(group, unit, count) {
   const urls = [];
   for (let image = 0; image < count; image++) {
-    const url = recall(route('image', {...group, unit, image}));
+    const url = recall(route('image', picture(group, unit, image, count)));
     if (!url) return null;
     urls.push(url);
   }
@@ -156,7 +162,8 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
           try {
             const urls = [];
             for (let image = 0; image < count; image++) {
-              urls.push(await loadImage({...group, unit, image, quality: 'preview'}, signal));
+              urls.push(await loadImage({...picture(group, unit, image, count), quality: 'preview'},
+                signal));
             }
             previews.set(unit, urls);
           } catch (error) {
@@ -170,7 +177,7 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
       try {
         const urls = [];
         for (let image = 0; image < count; image++) {
-          urls.push(await loadImage({...group, unit, image}, signal));
+          urls.push(await loadImage(picture(group, unit, image, count), signal));
         }
         if (!signal.aborted) onUpdate(unit, {status: 'done', urls});
       } catch (error) {

@@ -44,8 +44,10 @@ class App {
   }
 
   async start() {
-    const [runs, techniques] = await Promise.all([getJson('runs'), getJson('techniques')]);
+    const [runs, techniques, settings] = await Promise.all([getJson('runs'),
+      getJson('techniques'), getJson('settings')]);
     this.runs = runs;
+    this.settings = settings;
     this.techniques = Object.fromEntries(techniques.map((t) => [t.name, t]));
     host.addEventListener('hashchange', () => this.update());
     document.addEventListener('keydown', (event) => this.onKey(event));
@@ -67,10 +69,11 @@ class App {
     return this.nodeLists.get(run);
   }
 
-  // The techniques that draw a unit's image on `node` (class token: a node of tokens with one).
+  // The techniques that draw a unit's image on `node` (class token: a node of tokens with one);
+  // not a caricature, which draws probe images (the examples tab shows it).
   unitImageTechniques(node) {
     return Object.values(this.techniques).filter((t) => t.image && !t.whole_node
-      && (!t.class_token || (node?.layout === 'tokens' && node.prefix > 0)));
+      && !t.probe_images && (!t.class_token || (node?.layout === 'tokens' && node.prefix > 0)));
   }
 
   // What names one render group: run, step, node and technique, and for a run of more than

@@ -1,4 +1,5 @@
-// The unit view: the unit drawn by each technique, its dataset examples and its weights (each
+// The unit view: the unit drawn by each technique, its dataset examples (with each one's
+// attribution overlaid, its attribution over training and its caricature) and its weights (each
 // input unit a link, to walk a circuit), a filmstrip of the unit over every logged step that plays
 // as an animation, and its evolution curve.
 
@@ -139,25 +140,220 @@ class Evolution {
   }
 }
 
-function examplesPanel(app, state, signal) {
-  const panel = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
-  const [, height, width] = app.run.probe?.shape || [0, 1, 1];
-  getResult('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
-    count: 12}, signal, waiting(panel.firstChild)).then((data) => {
-    panel.replaceChildren(...data.examples.map((example) => {
-      const [top, left, bottom, right] = example.box;
-      const box = h('div', {class: 'box', style: `top:${100 * top / height}%;`
-        + `left:${100 * left / width}%;height:${100 * (bottom - top) / height}%;`
-        + `width:${100 * (right - left) / width}%`});
-      return h('figure', {class: 'example'},
-        h('div', {class: 'example-image'}, h('img', {src: example.image, alt: ''}), box),
-        h('figcaption', {}, `probe #${example.index} · ${example.activation.toFixed(2)}`));
+// What the examples tab shows besides the examples, kept while the unit view lives, so that
+// scrubbing the steps keeps it: the attribution overlay (on or off), its method, the example whose
+// attribution over training is shown, the caricatures, and the attributions fetched so far.
+function examplesOptions(app) {
+  return {overlay: false, method: app.settings.attribution_methods[0], selected: null,
+    caricatures: false, results: new Map()};
+}
+
+// A probe image with an attribution's heat map over it (red raises the unit, blue lowers it);
+// the heat map stays hidden until it is there, or while the overlay is off.
+class OverlaidImage {
+  constructor(src, box, className = 'example-image') {
+    this.overlay = h('img', {class: 'attribution', alt: '', hidden: true});
+    this.state = h('span', {class: 'attribution-state'});
+    this.el = h('div', {class: className}, h('img', {src, alt: ''}), this.overlay, box,
+      this.state);
+  }
+
+  // {status: 'queued' | 'running'} while it is computed, then the result, or {error}.
+  show(result) {
+    this.el.dataset.attribution = result.overlay ? 'done' : result.error ? 'failed' : 'waiting';
+    this.el.title = result.error || (result.overlay ? `${result.method.replace('_', ' ')}: `
+      + `from ${result.min.toPrecision(3)} to ${result.max.toPrecision(3)}, `
+      + `sum ${result.sum.toPrecision(3)}` : '');
+    this.state.textContent = result.overlay ? '' : result.error ? 'failed'
+      : result.status === 'running' ? 'computing…' : 'queued…';
+    if (result.overlay && this.overlay.getAttribute('src') !== result.overlay) {
+      this.overlay.src = result.overlay;
+    }
+    this.overlay.hidden = !result.overlay;
+  }
+
+  hide() {
+    this.overlay.hidden = true;
+    this.state.textContent = '';
+    delete this.el.dataset.attribution;
+    this.el.title = '';
+  }
+}
+
+// The examples tab: the probe images that excite the unit most, its peak's region boxed. With the
+// overlay on, each example shows which of its pixels drive the unit (attribution, by the method
+// picked), and the example picked (the first, until one is clicked) has its attribution at every
+// logged step in a strip below. With caricatures on, each example shows what the node sees in
+// it, exaggerated.
+class ExamplesPanel {
+  constructor(app, state, options) {
+    Object.assign(this, {app, state, options, examples: []});
+    this.controller = new AbortController();
+    this.overlayToggle = h('input', {type: 'checkbox', id: 'attribution-overlay',
+      checked: options.overlay, onchange: () => this.setOverlay(this.overlayToggle.checked)});
+    this.methodSelect = select(app.settings.attribution_methods.map((m) => [m,
+      m.replace('_', ' ')]), options.method, (method) => this.setMethod(method),
+    {id: 'attribution-method', 'aria-label': 'attribution method'});
+    this.caricatureToggle = h('input', {type: 'checkbox', id: 'caricatures',
+      checked: options.caricatures,
+      onchange: () => this.setCaricatures(this.caricatureToggle.checked)});
+    this.notes = h('p', {class: 'muted notes', hidden: true});
+    this.grid = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
+    this.stripTitle = h('h3', {});
+    this.strip = h('div', {class: 'strip'});
+    this.stripSection = h('section', {class: 'attribution-strip', hidden: true}, this.stripTitle,
+      this.strip);
+    this.el = h('div', {class: 'examples-panel'},
+      h('div', {class: 'examples-controls'},
+        h('label', {class: 'control'}, this.overlayToggle, ' attribution'),
+        h('label', {class: 'control'}, 'method ', this.methodSelect),
+        h('span', {class: 'heat-legend muted'}, h('span', {class: 'key raises'}), 'raises the unit',
+          h('span', {class: 'key lowers'}), 'lowers it'),
+        h('label', {class: 'control'}, this.caricatureToggle, ' caricatures')),
+      this.notes, this.grid, this.stripSection);
+    const [, height, width] = app.run.probe?.shape || [0, 1, 1];
+    getResult('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
+      count: 12}, this.controller.signal, waiting(this.grid.firstChild)).then((data) => {
+      this.examples = data.examples.map((example) => this.exampleOf(example, height, width));
+      this.grid.replaceChildren(...this.examples.map((e) => e.el));
+      if (!data.examples.length) this.grid.replaceChildren(h('p', {text: 'no probe images'}));
+      this.refresh();
+    }).catch((error) => {
+      if (!this.controller.signal.aborted) this.grid.replaceChildren(errorBox(error.message));
+    });
+  }
+
+  exampleOf(example, height, width) {
+    const [top, left, bottom, right] = example.box;
+    const box = h('div', {class: 'box', style: `top:${100 * top / height}%;`
+      + `left:${100 * left / width}%;height:${100 * (bottom - top) / height}%;`
+      + `width:${100 * (right - left) / width}%`});
+    const image = new OverlaidImage(example.image, box);
+    const caricature = new UnitCell(null, {className: 'caricature'});
+    caricature.el.title = `caricature: what ${this.state.node} sees in probe #${example.index}, `
+      + 'exaggerated';
+    const el = h('figure', {class: 'example', dataset: {index: example.index},
+      onclick: () => this.select(example.index)},
+    image.el, caricature.el,
+    h('figcaption', {}, `probe #${example.index} · ${example.activation.toFixed(2)}`));
+    return {example, image, caricature, el};
+  }
+
+  setOverlay(on) {
+    this.options.overlay = on;
+    this.refresh();
+  }
+
+  setMethod(method) {
+    this.options.method = method;
+    this.refresh();
+  }
+
+  setCaricatures(on) {
+    this.options.caricatures = on;
+    this.showCaricatures();
+  }
+
+  select(index) {
+    if (!this.options.overlay || index === this.options.selected) return;
+    this.options.selected = index;
+    this.showStrip();
+  }
+
+  // The selected example: the one picked, else the first.
+  selected() {
+    return this.examples.find((e) => e.example.index === this.options.selected)
+      || this.examples[0];
+  }
+
+  refresh() {
+    this.attributions?.abort();
+    this.attributions = new AbortController();
+    const {overlay} = this.options;
+    this.methodSelect.disabled = !overlay;
+    this.el.classList.toggle('overlaid', overlay);
+    this.stripSection.hidden = !overlay || !this.examples.length;
+    for (const {example, image} of this.examples) {
+      if (!overlay) image.hide();
+      else this.attribute(this.state.step, example.index, (result) => image.show(result));
+    }
+    if (overlay) this.showStrip();
+    this.showCaricatures();
+  }
+
+  // The attribution of probe image `index` at `step` by the current method, to onResult as it
+  // comes (its waiting states first); kept for the unit view's life.
+  attribute(step, index, onResult) {
+    const {run, node, unit} = this.state;
+    const {method, results} = this.options;
+    const key = `${step}|${index}|${method}`;
+    if (results.has(key)) {
+      onResult(results.get(key));
+      return;
+    }
+    onResult({status: 'queued'});
+    const signal = this.attributions.signal;
+    getResult('attribution', {run, step, node, unit, image: index, method}, signal, onResult)
+      .then((result) => {
+        const {values, ...shown} = result;  // the heat map says enough here; keep it light
+        results.set(key, shown);
+        this.note(result.notes);
+        if (!signal.aborted) onResult(shown);
+      }).catch((error) => {
+        if (!signal.aborted) onResult({error: error.message});
+      });
+  }
+
+  note(notes = []) {
+    const known = new Set(this.notes.textContent ? this.notes.textContent.split('\n') : []);
+    notes.forEach((note) => known.add(note));
+    this.notes.textContent = [...known].join('\n');
+    this.notes.hidden = !known.size;
+  }
+
+  // The selected example's attribution at every logged step, the current step marked; a frame
+  // opens its step.
+  showStrip() {
+    const chosen = this.selected();
+    if (!chosen) return;
+    for (const e of this.examples) e.el.classList.toggle('selected', e === chosen);
+    const {index, image} = chosen.example;
+    this.stripTitle.textContent = `Probe #${index} over training: its attribution `
+      + `(${this.options.method.replace('_', ' ')}) at every logged step`;
+    this.strip.replaceChildren(...this.app.run.steps.map((step) => {
+      const frame = new OverlaidImage(image, null, 'strip-image');
+      this.attribute(step, index, (result) => frame.show(result));
+      return h('a', {class: `strip-frame${step === this.state.step ? ' current' : ''}`,
+        href: this.app.link({step}), dataset: {step},
+        onclick: (event) => {
+          event.preventDefault();
+          this.app.navigate({step});
+        }}, frame.el, h('span', {class: 'step', text: String(step)}));
     }));
-    if (!data.examples.length) panel.replaceChildren(h('p', {text: 'no probe images'}));
-  }).catch((error) => {
-    if (!signal.aborted) panel.replaceChildren(errorBox(error.message));
-  });
-  return panel;
+    requestAnimationFrame(() => {
+      const current = this.strip.querySelector('.current');
+      if (current) this.strip.scrollLeft = current.offsetLeft - this.strip.clientWidth / 2;
+    });
+  }
+
+  // Each example's caricature (the technique's units are probe images), in one render group.
+  showCaricatures() {
+    this.caricatureController?.abort();
+    this.caricatureController = new AbortController();
+    const on = this.options.caricatures && this.examples.length > 0;
+    this.el.classList.toggle('caricatured', on);
+    if (!on) return;
+    const cells = new Map(this.examples.map((e) => [e.example.index, e.caricature]));
+    const {run, step, node} = this.state;
+    watchUnits(this.app.group(run, step, node, 'caricature'), [...cells.keys()], 1,
+      (index, state) => cells.get(index).update(state), this.caricatureController.signal);
+  }
+
+  destroy() {
+    this.controller.abort();
+    this.attributions?.abort();
+    this.caricatureController?.abort();
+  }
 }
 
 function weightsPanel(app, state, signal) {
@@ -267,10 +463,15 @@ export class UnitView {
     this.controller = new AbortController();
     this.image?.destroy();
     this.image = null;
+    this.examples?.destroy();
+    this.examples = null;
     const signal = this.controller.signal;
     let panel;
-    if (state.technique === 'examples') panel = examplesPanel(this.app, state, signal);
-    else if (state.technique === 'weights') panel = weightsPanel(this.app, state, signal);
+    if (state.technique === 'examples') {
+      this.examplesOptions ??= examplesOptions(this.app);
+      this.examples = new ExamplesPanel(this.app, state, this.examplesOptions);
+      panel = this.examples.el;
+    } else if (state.technique === 'weights') panel = weightsPanel(this.app, state, signal);
     else {
       this.image = new UnitImage(this.app, state.run, state.node, state.unit, state.technique,
         state.step);
@@ -283,6 +484,7 @@ export class UnitView {
   destroy() {
     this.controller?.abort();
     this.image?.destroy();
+    this.examples?.destroy();
     this.filmstrip.destroy();
     this.evolution.destroy();
   }

@@ -207,7 +207,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise MicroscopeError(
             f"--technique {technique.name} draws no image; the techniques to "
             "render are channel, neuron, negative_channel, negative_neuron, "
-            "diversity and deepdream"
+            "diversity, deepdream and caricature"
         )
     quality = QUALITIES[args.quality]
     args.size = quality.size if args.size is None else args.size
@@ -241,12 +241,27 @@ def cmd_render(args: argparse.Namespace) -> int:
             wanted = set(parse_indexes(args.steps, logged[-1] + 1, "steps"))
             steps = [step for step in logged if step in wanted]
         nodes = [run.node(n) for n in args.nodes] if args.nodes else run.nodes
+        probe = 0
+        if technique.compares:  # one run without probe images does not stop the others
+            try:
+                probe = _probe_count(run, technique.name)
+            except MicroscopeError as e:
+                print(f"tb-microscope: skipping {run.path}: {e}", file=sys.stderr)
+                continue
         for step in steps:
             for node in nodes:
-                units = (
-                    [0] if technique.whole_node else parse_indexes(args.units, node.units, "units")
-                )
+                if technique.compares:  # a caricature's units are probe images
+                    units = parse_indexes(args.units, probe, "units")
+                elif technique.whole_node:
+                    units = [0]
+                else:
+                    units = parse_indexes(args.units, node.units, "units")
                 jobs.append((run, step, node.name, units))
+    if not jobs and technique.compares and not any(run.manifest.probe for run in opened):
+        raise MicroscopeError(
+            f"nothing to render: --technique {technique.name} draws probe images, and no run "
+            f"under '{logdir}' has any (see above)"
+        )
     if not jobs:
         logged = "; ".join(f"{run.name}: {_steps_line(run.steps)}" for run in opened)
         raise MicroscopeError(
@@ -287,6 +302,20 @@ def cmd_render(args: argparse.Namespace) -> int:
         logged = log_to_mlflow(jobs, technique, args.cache_dir, bands, **options)
         print(f"logged {logged} images into MLflow run {opened[0].name}")
     return 0
+
+
+def _probe_count(run, technique: str) -> int:
+    """How many probe images `run` has, for a technique whose units are probe images; none is
+    an error saying so and how to log them."""
+    from .rendering.probe import probe_images
+
+    probe = run.manifest.probe
+    try:
+        return probe.count if probe is not None else len(probe_images(run))
+    except MicroscopeError as e:
+        raise MicroscopeError(
+            f"--technique {technique} draws probe images (--units are their indexes): {e}"
+        ) from None
 
 
 def _mlflow_key(*parts: str) -> str:
@@ -333,7 +362,9 @@ def log_to_mlflow(jobs, technique, cache_dir, bands, *, size, iterations, seed) 
                         f"the picture of {node} unit {unit} at step {step} is not in the cache "
                         "(evicted meanwhile?); run the command again"
                     )
-                suffix = f"unit_{unit:04d}" + (f"_{image}" if technique.images_per_unit > 1 else "")
+                what = "probe" if technique.compares else "unit"  # a caricature's are probe images
+                suffix = f"{what}_{unit:04d}"
+                suffix += f"_{image}" if technique.images_per_unit > 1 else ""
                 name = "whole" if technique.whole_node else suffix
                 key = _mlflow_key(*prefix, node, name)
                 client.log_image(store.mlflow_run_id, cached.image, key=key, step=step)
@@ -693,12 +724,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--runs", nargs="+", help="run names (default: all runs)")
     render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 or 2000- (default: all)")
     render.add_argument("--nodes", nargs="+", help="node names (default: every node)")
-    render.add_argument("--units", default="all", help="e.g. 0-15,32 or 64- (default: all)")
+    render.add_argument(
+        "--units",
+        default="all",
+        help="e.g. 0-15,32 or 64- (default: all); for caricature, probe image indexes",
+    )
     render.add_argument(
         "--technique",
         default="channel",
         help="channel, neuron, negative_channel, negative_neuron, diversity, "
-        "deepdream (default: channel)",
+        "deepdream, caricature (of probe images: --units are their indexes; default: channel)",
     )
     render.add_argument(
         "--quality",

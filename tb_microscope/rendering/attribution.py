@@ -33,16 +33,25 @@ IG_STEPS = 50  # Captum's default number of steps along the path from the baseli
 IG_BATCH = 16  # images of the path per forward and backward: bounds memory on large models
 BASELINE_GREY = 0.5  # the baseline image of integrated gradients: mid-grey, in image space
 RELU = "torch.nn.modules.activation.ReLU"  # what torch.export records an nn.ReLU module as
+# A heat map's colours: red where a pixel raises the unit, blue where it lowers it.
+RAISES, LOWERS = (214, 39, 40), (31, 119, 180)
+HEAT_QUANTILE = 0.99  # |values| at this quantile and above are drawn at full strength
+HEAT_ALPHA = 0.8  # the most opaque a pixel of the heat map is: the image shows through
+HEAT_GAMMA = 2.0  # opacity grows as the square of the strength: the strongest pixels stand out
 
 
-def _captum():
-    """`captum.attr`, or an error that names the extra to install."""
+def captum_attr():
+    """`captum.attr`, or an error that names the extra to install (the plugin asks before it
+    queues an attribution, so that the tab says so at once)."""
     try:
         import captum.attr
     except ImportError:
         raise MicroscopeError(
             "attribution needs Captum: pip install 'tb-microscope[attribution]'"
         ) from None
+    # Captum warns of the hooks GuidedBackprop sets at every call: said once here, for good,
+    # rather than by a catch_warnings block, which would change every thread's filters
+    warnings.filterwarnings("ignore", "Setting backward hooks on ReLU")
     return captum.attr
 
 
@@ -133,31 +142,31 @@ def relus_as_modules(model: nn.Module):
             parent._modules[name] = original
 
 
-def _guided_backprop(model: nn.Module, node: Node, unit: int, x: torch.Tensor) -> torch.Tensor:
+def _guided_backprop(
+    model: nn.Module, node: Node, unit: int, x: torch.Tensor
+) -> tuple[torch.Tensor, str | None]:
     """Captum's GuidedBackprop, which overrides the gradient of the model's `nn.ReLU` modules
-    (only: a ReLU called as a function passes its plain gradient, as in Captum); warns where no
-    ReLU module ran before the node, which makes it the plain gradient."""
-    attr = _captum()
+    (only: a ReLU called as a function passes its plain gradient, as in Captum); with a note
+    where no ReLU module ran before the node, which makes it the plain gradient."""
+    attr = captum_attr()
     calls = []
     with relus_as_modules(model):
         objective = UnitObjective(model, node, unit)  # its tap on the node as it is now
         relus = [m for m in objective.modules() if isinstance(m, nn.ReLU)]
         handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in relus]
         try:
-            with warnings.catch_warnings():  # Captum warns of its hooks at every call
-                warnings.filterwarnings("ignore", "Setting backward hooks on ReLU")
-                result = attr.GuidedBackprop(objective).attribute(x)
+            result = attr.GuidedBackprop(objective).attribute(x)
         finally:
             for handle in handles:
                 handle.remove()
+    note = None
     if not calls:
-        warnings.warn(
+        note = (
             f"guided backprop on node {node.name!r}: no nn.ReLU module runs before it, so its "
             "attribution is the plain gradient (saliency); Captum's GuidedBackprop changes "
-            "only nn.ReLU modules' gradients",
-            stacklevel=3,
+            "only nn.ReLU modules' gradients"
         )
-    return result
+    return result, note
 
 
 def attribution(
@@ -190,13 +199,38 @@ def attribution(
       Captum).
     Computed in float32, whatever the engine's numerics. `model` may pass the model at `step`
     already loaded (used by one call at a time: hooks are set on it); `should_stop` is asked
-    often, and `RenderCancelled` raised once it returns True.
+    often, and `RenderCancelled` raised once it returns True. What the caller should know of
+    the result (guided backprop that could guide nothing) is said as a warning.
     """
+    values, notes = attribution_and_notes(
+        run, step, node, unit, image, method=method, device=device, model=model,
+        should_stop=should_stop,
+    )  # fmt: skip
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return values
+
+
+def attribution_and_notes(
+    run: Run,
+    step: int,
+    node: str,
+    unit: int,
+    image: int | torch.Tensor,
+    *,
+    method: str = "integrated_gradients",
+    device: str | torch.device | None = None,
+    model: nn.Module | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """`attribution`'s values, and the notes it would warn of, for a caller that shows them
+    itself (the plugin's tab): no warning is raised, so no warning filter need be touched."""
+    notes: list[str] = []
     if method not in METHODS:
         raise ValueError(
             f"attribution method {method!r} is not known; methods: {', '.join(METHODS)}"
         )
-    attr = _captum()
+    attr = captum_attr()
     target = run.node(node)
     (unit,) = check_units(target, [unit])
     pixels = image_input(run, image)
@@ -214,5 +248,26 @@ def attribution(
         elif method == "saliency":
             result = attr.Saliency(UnitObjective(model, target, unit)).attribute(x, abs=False)
         else:
-            result = _guided_backprop(model, target, unit, x)
-    return result.detach().sum(1)[0].float().cpu().numpy()
+            result, note = _guided_backprop(model, target, unit, x)
+            notes += [note] if note else []
+    return result.detach().sum(1)[0].float().cpu().numpy(), notes
+
+
+def heat_map(values: np.ndarray) -> np.ndarray:
+    """An attribution (H x W, signed) as an overlay for its image: uint8 H x W x 4 (RGBA), red
+    where a pixel raises the unit and blue where it lowers it, transparent where it is zero.
+    A pixel's strength is its magnitude against the 99th percentile of the magnitudes (so that
+    a few extreme pixels do not wash out the rest), at most 1; its opacity HEAT_ALPHA x
+    strength ** HEAT_GAMMA, so that the strongest pixels stand out and the image shows through
+    the rest (attributions are often dense: on the demo's conv2, the median pixel had 40% of the
+    99th percentile's magnitude). Each map is scaled on its own: its colours say where, its
+    values how much."""
+    values = np.asarray(values, dtype=np.float32)
+    magnitude = np.abs(values)
+    scale = float(np.quantile(magnitude, HEAT_QUANTILE)) if magnitude.size else 0.0
+    scale = scale if scale > 0 else float(magnitude.max(initial=0.0))
+    strength = np.clip(magnitude / scale, 0, 1) if scale > 0 else np.zeros_like(magnitude)
+    out = np.empty((*values.shape, 4), np.uint8)
+    out[..., :3] = np.where(values[..., None] >= 0, RAISES, LOWERS)
+    out[..., 3] = np.round(255 * HEAT_ALPHA * strength**HEAT_GAMMA)
+    return out

@@ -7,9 +7,9 @@ free there; the next iteration then touches fresh pages, each zeroed by the kern
 write. Both thresholds adapt to what the process freed before, so whether that happens depends
 on its history: ten 8 MiB tensors made and freed four times cost 81,960 page faults with glibc's
 starting thresholds, and none (or one block's 2,048, once) with the heap kept
-(tests/integration/test_rendering.py). In one process on this project's 2-core CPU, GoogLeNet `inception4a`
-(16 units, 96 px, bf16) took about 15,000 page faults an iteration, and a bare forward and
-backward to the node 113 ms where it took 86 to 91 ms with the heap kept; in another
+(tests/integration/test_rendering.py). In one process on this project's 2-core CPU, GoogLeNet
+`inception4a` (16 units, 96 px, bf16) took about 15,000 page faults an iteration, and a bare
+forward and backward to the node 113 ms where it took 86 to 91 ms with the heap kept; in another
 (`TB_MICROSCOPE_KEEP_HEAP=0 python benchmarks/render_throughput.py`), none.
 
 `kept_heap()` raises both thresholds (mmap for blocks up to 32 MiB, glibc's largest; trim only

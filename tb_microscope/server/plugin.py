@@ -36,7 +36,16 @@ from ..errors import (
 from ..integrations.mlflow import MlflowRuns
 from ..paths import PLUGIN_NAME
 from ..rendering import TECHNIQUES, get_technique
-from ..rendering.engine import QUALITIES, Quality, check_technique, check_units, display_bands
+from ..rendering.attribution import METHODS, captum_attr
+from ..rendering.engine import (
+    QUALITIES,
+    Quality,
+    check_images,
+    check_technique,
+    check_units,
+    display_bands,
+)
+from ..rendering.probe import probe_images
 from ..rendering.weights import default_source
 from .service import (
     DONE,
@@ -179,6 +188,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/examples": self._serve_examples,
             "/weights": self._serve_weights,
             "/history": self._serve_history,
+            "/attribution": self._serve_attribution,
             "/dynamics": self._serve_dynamics,
             "/thumbnails": self._serve_thumbnails,
             "/align": self._serve_align,
@@ -270,7 +280,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @staticmethod
     def techniques_impl() -> list[dict]:
-        """The techniques, so that the tab knows which draw images and how many per unit."""
+        """The techniques, so that the tab knows which draw images and how many per unit, and
+        which draw probe images rather than units (`probe_images`: a caricature)."""
         return [
             {
                 "name": t.name,
@@ -278,6 +289,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                 "images_per_unit": t.images_per_unit,
                 "whole_node": t.whole_node,
                 "class_token": t.class_token,
+                "probe_images": t.compares,
             }
             for t in TECHNIQUES.values()
         ]
@@ -325,12 +337,14 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def settings_impl(self) -> dict:
         """What a render is (size, iterations) at full quality and as a preview (None: no
-        previews), so that the tab asks for the preview first."""
+        previews), so that the tab asks for the preview first; and the attribution methods
+        (the first is the default)."""
         preview = self._preview
         return {
             "size": self._size,
             "iterations": self._iterations,
             "preview": None if preview is None else dataclasses.asdict(preview),
+            "attribution_methods": list(METHODS),
         }
 
     def _group(self, run, step, node, args) -> RenderWork:
@@ -390,14 +404,19 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
         """(200, PNG bytes) when rendered, else (202, status) while the service works on it.
 
-        `image` picks one of a unit's images where a technique draws several (diversity)."""
+        `image` picks one of a unit's images where a technique draws several (diversity); for a
+        technique of probe images (caricature) it names the probe image, which is what the
+        render is of (`unit`, as the render route names it, may say the same)."""
         run, step, node = self._unit_args(ctx, experiment, args)
         group = self._group(run, step, node, args)
         technique = get_technique(group.technique)
-        unit = _int(args, "unit", 0 if technique.whole_node else None)
-        image = _int(args, "image", 0, 0, technique.images_per_unit - 1)
-        with _public_errors():
-            check_units(node, [unit])
+        if technique.compares:
+            unit, image = self._probe_index(run, technique.name, args), 0
+        else:
+            unit = _int(args, "unit", 0 if technique.whole_node else None)
+            image = _int(args, "image", 0, 0, technique.images_per_unit - 1)
+            with _public_errors():
+                check_units(node, [unit])
         status = self._request(group, [unit])[unit]
         if status["status"] == DONE:
             cache = self.service.cache(run)
@@ -430,20 +449,59 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                     break
         return found
 
-    def _units(self, node, body: dict) -> list[int]:
+    def _units(self, run, node, group: RenderWork, body: dict) -> list[int]:
+        """The units a render or cancel names: of the node, or for a technique of probe images
+        (caricature) probe image indexes."""
         units = body.get("units", "all")
+        of_probe = get_technique(group.technique).compares
         if units == "all":
+            if of_probe:
+                return list(range(self._probe_count(run)))
             return list(range(node.units))
         if not isinstance(units, list):
             raise errors.InvalidArgumentError('units must be a list of unit indexes, or "all"')
+        if of_probe:
+            return self._probe_images(run, units)
         with _public_errors():
             return check_units(node, units)
 
+    @staticmethod
+    def _probe_count(run) -> int:
+        """How many probe images the run has (its manifest says, else its store); a run
+        without any is a 400 saying how to log them."""
+        with _public_errors():
+            probe = run.manifest.probe
+            return probe.count if probe is not None else len(probe_images(run))
+
+    def _probe_images(self, run, images: list) -> list[int]:
+        """Probe image indexes, checked against the run's probe images (a 400 saying the range,
+        or that the run has none and how to log them)."""
+        count = self._probe_count(run)
+        with _public_errors():
+            return check_images(run, images, count)
+
+    def _probe_index(self, run, technique: str, args) -> int:
+        """The probe image a caricature is of: `image=`, or `unit=` as the render route names a
+        caricature's units; both must agree."""
+        given = {name: _int(args, name) for name in ("image", "unit") if args.get(name) is not None}
+        if not given:
+            raise errors.InvalidArgumentError(
+                f"technique {technique!r} draws a probe image: pass image= (a probe image index)"
+            )
+        if len(set(given.values())) > 1:
+            raise errors.InvalidArgumentError(
+                f"image= names the probe image of a {technique}; unit= may only say the same, "
+                f"got image={given['image']} and unit={given['unit']}"
+            )
+        (index,) = self._probe_images(run, list(given.values())[:1])
+        return index
+
     def render_impl(self, ctx, experiment: str, body: dict) -> dict:
-        """Queue many units of one node at one step (`units`: a list, or "all")."""
+        """Queue many units of one node at one step (`units`: a list, or "all"; for a caricature,
+        probe image indexes)."""
         run, step, node = self._unit_args(ctx, experiment, body)
         group = self._group(run, step, node, body)
-        statuses = self._request(group, self._units(node, body))
+        statuses = self._request(group, self._units(run, node, group, body))
         return {"units": {str(u): s for u, s in statuses.items()}}
 
     def cancel_impl(self, ctx, experiment: str, body: dict) -> dict:
@@ -451,7 +509,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         and a running render nobody else waits for stops."""
         run, step, node = self._unit_args(ctx, experiment, body)
         group = self._group(run, step, node, body)
-        return {"cancelled": self.service.cancel(group, self._units(node, body))}
+        return {"cancelled": self.service.cancel(group, self._units(run, node, group, body))}
 
     def _analysis(self, ctx, experiment: str, args, kind: str, options: dict, steps=None):
         """A unit's computed view: (200, result) when computed, else (202, status) while a
@@ -533,6 +591,26 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         run = self._run(ctx, experiment, args.get("run", ""))
         return self._analysis(ctx, experiment, args, "history", {}, steps=run.steps)
 
+    def attribution_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        """Which pixels of probe image `image` drive the unit at the step, by `method` (one of
+        METHODS; the first by default): the signed values per pixel and a heat map to overlay
+        on the image. What is wrong in the request is said before anything is queued."""
+        run, _, node = self._unit_args(ctx, experiment, args)
+        method = args.get("method") or METHODS[0]
+        if method not in METHODS:
+            raise errors.InvalidArgumentError(
+                f"method must be one of {', '.join(METHODS)}, got {method!r}"
+            )
+        with _public_errors():
+            check_units(node, [_int(args, "unit")])
+        if args.get("image") is None:
+            raise errors.InvalidArgumentError("missing query parameter 'image' (a probe image)")
+        (image,) = self._probe_images(run, [_int(args, "image")])
+        with _public_errors():
+            captum_attr()  # without Captum: a 400 naming the extra to install
+        options = {"image": image, "method": method}
+        return self._analysis(ctx, experiment, args, "attribution", options)
+
     # --- handlers ----------------------------------------------------------------------------
     @staticmethod
     def _context(request):
@@ -602,6 +680,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_history(self, request):
         return self._json_or_pending(request, self.history_impl)
+
+    @wrappers.Request.application
+    def _serve_attribution(self, request):
+        return self._json_or_pending(request, self.attribution_impl)
 
     @wrappers.Request.application
     def _serve_dynamics(self, request):

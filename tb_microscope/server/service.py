@@ -4,7 +4,8 @@ Two kinds of work, both keyed by the run's id and the versions of the snapshots 
 by the run's path:
 - a `RenderWork`: units of one (run, step, node, technique, size, iterations, seed); a request
   for more units of queued work joins it, identical requests share it;
-- an `Analysis`: one computed view of one unit (its dataset examples, weights or history), of
+- an `Analysis`: one computed view of one unit (its dataset examples, weights, history, or a
+  probe image's attribution to it), of
   a node over training (its dynamics; every node's, without a node) or of a node's units
   matched with another run's (align).
 
@@ -51,6 +52,7 @@ from ..rendering import (
     unit_history,
     unit_weights,
 )
+from ..rendering.attribution import attribution_and_notes, heat_map
 from ..rendering.engine import RenderCancelled, available_devices
 from ..rendering.execution import Executor, InProcessExecutor
 from ..run import Run
@@ -110,8 +112,9 @@ class RenderWork:
 
 @dataclass(frozen=True)
 class Analysis:
-    """One computed view: `kind` is examples, weights or history (of one unit), dynamics (of a
-    node, or of every node when `node` is empty) or align (a node's units; unit 0)."""
+    """One computed view: `kind` is examples, weights, history or attribution (of one unit),
+    dynamics (of a node, or of every node when `node` is empty) or align (a node's units;
+    unit 0)."""
 
     run: str
     run_id: str
@@ -254,6 +257,47 @@ def _weights(service, run: Run, work: Analysis, models: _Models, should_stop) ->
     }
 
 
+ATTRIBUTION_DIGITS = 4  # significant digits of the values an attribution result holds
+
+
+def _significant(values: np.ndarray, digits: int = ATTRIBUTION_DIGITS) -> list[list[float]]:
+    """Rows of floats rounded to `digits` significant digits: a result a quarter the size."""
+    return [[float(f"{v:.{digits}g}") for v in row] for row in values.tolist()]
+
+
+def _attribution(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+    """A probe image's attribution to the unit at a step: the signed values per pixel (rounded),
+    their range and sum, the heat map to overlay on the image (a PNG data URL), and what the
+    tab should say of it (`notes`: guided backprop with no ReLU module to guide)."""
+    step, image, method = work.option("step"), work.option("image"), work.option("method")
+    values, notes = attribution_and_notes(
+        run,
+        step,
+        work.node,
+        work.unit,
+        image,
+        method=method,
+        device=models.device,
+        model=models.get(run, step),
+        should_stop=should_stop,
+    )
+    height, width = values.shape
+    return {
+        "unit": work.unit,
+        "step": step,
+        "image": image,
+        "method": method,
+        "height": height,
+        "width": width,
+        "values": _significant(values),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "sum": float(values.sum(dtype=np.float64)),
+        "overlay": _png_data_url(heat_map(values)),
+        "notes": notes,
+    }
+
+
 def _history(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
     steps = [step for step, _ in work.snapshots]
     history = unit_history(
@@ -300,6 +344,7 @@ ANALYSES: dict[str, Analyze] = {
     "examples": _examples,
     "weights": _weights,
     "history": _history,
+    "attribution": _attribution,
     "dynamics": _dynamics,
     "align": _align,
 }

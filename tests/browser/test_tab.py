@@ -245,6 +245,81 @@ def test_techniques_examples_and_weights_walk_a_circuit(served, page):
     assert url_state(page)["technique"] == "channel"
 
 
+# Every <img> under a selector: whether it decoded, its size, and how many of its pixels show
+# (alpha above 0): an overlay is transparent where it says nothing.
+OPAQUE_JS = """(selector) => [...document.querySelectorAll(selector)].map((img) => {
+  if (!img.complete || !img.naturalWidth) return {decoded: false};
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  let shown = 0;
+  for (let i = 3; i < data.length; i += 4) shown += data[i] > 0;
+  return {decoded: true, width: img.naturalWidth, shown, visible: img.offsetWidth > 0};
+})"""
+
+
+def assert_overlays(frame, selector, count, width=32):
+    """`count` attribution overlays under `selector`, each decoded at the probe images' size,
+    shown, and with pixels that are not transparent."""
+    expect(frame.locator(f"{selector} [data-attribution='done']")).to_have_count(
+        count, timeout=WAIT_MS
+    )
+    overlays = frame.evaluate(OPAQUE_JS, f"{selector} img.attribution")
+    assert len(overlays) == count, overlays
+    for overlay in overlays:
+        assert overlay["decoded"] and overlay["width"] == width and overlay["visible"], overlay
+        assert overlay["shown"] > 0.05 * width * width, overlay
+    return overlays
+
+
+def test_examples_show_attribution_over_each_and_over_training_and_caricatures(served, page):
+    base, logdir = served
+    steps = steps_of(logdir)
+    frame = open_tab(page, base, run="demo", node="conv2", unit=3, technique="examples")
+    examples = frame.locator(".example")
+    expect(examples).to_have_count(12, timeout=WAIT_MS)
+    assert frame.locator(".example img.attribution:visible").count() == 0  # off until asked
+    methods = frame.locator("#attribution-method option").all_inner_texts()
+    assert methods == ["integrated gradients", "saliency", "guided backprop"]
+
+    frame.locator("#attribution-overlay").check()
+    assert_overlays(frame, ".examples", 12)
+    strip = frame.locator(".attribution-strip .strip-frame")
+    expect(strip).to_have_count(len(steps))
+    assert strip.all_inner_texts() == [str(step) for step in steps]
+    assert_overlays(frame, ".attribution-strip", len(steps))
+    first = examples.first.get_attribute("data-index")
+    expect(frame.locator(".attribution-strip h3")).to_contain_text(f"Probe #{first} over training")
+    expect(frame.locator(".attribution-strip .strip-frame.current")).to_have_text(str(steps[-1]))
+
+    examples.nth(2).click()  # its attribution over training instead
+    picked = examples.nth(2).get_attribute("data-index")
+    expect(frame.locator(".attribution-strip h3")).to_contain_text(f"Probe #{picked} over")
+    expect(examples.nth(2)).to_have_class(re.compile("selected"))
+    assert_overlays(frame, ".attribution-strip", len(steps))
+    shoot(page, "unit-examples-attribution")
+
+    frame.locator("#caricatures").check()
+    caricatures = wait_rendered(frame, ".examples", 12)  # each example's caricature
+    assert_real_images(caricatures)
+    shoot(page, "unit-examples-caricatures")
+
+    frame.locator("#attribution-method").select_option("saliency")
+    expect(frame.locator(".attribution-strip h3")).to_contain_text("(saliency)")
+    assert_overlays(frame, ".examples", 12)
+    frame.locator(".attribution-strip .strip-frame").first.click()  # a frame opens its step
+    assert url_state(page)["step"] == str(steps[0])
+    expect(frame.locator(".example")).to_have_count(12, timeout=WAIT_MS)
+    assert frame.locator("#attribution-overlay").is_checked()  # kept across steps
+    assert_overlays(frame, ".examples", 12)
+    frame.locator("#attribution-overlay").uncheck()
+    expect(frame.locator(".attribution-strip")).to_be_hidden()
+    assert frame.locator(".example img.attribution:visible").count() == 0
+
+
 def test_compare_shows_two_steps_side_by_side(served, page):
     base, logdir = served
     steps = steps_of(logdir)

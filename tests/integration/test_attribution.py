@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import GuidedBackprop, IntegratedGradients, Saliency
+from PIL import Image
 from torch import nn
 
 import tb_microscope
+from conftest import run_python
 from tb_microscope import ImageIndexError, MicroscopeError
 from tb_microscope.rendering.attribution import METHODS
 from tb_microscope.rendering.engine import RenderCancelled
@@ -314,3 +316,26 @@ def test_a_caricature_is_deterministic_per_seed_node_and_image_and_needs_one(
     bare = tb_microscope.open_run(tmp_path)
     with pytest.raises(MicroscopeError, match="has no probe images"):
         tb_microscope.render(bare, 0, "conv2", [], "caricature", image=0, size=24, iterations=8)
+
+
+def test_the_render_command_draws_caricatures_of_the_probe_images_named_by_units(
+    edges, tmp_path, tiny, example
+):
+    args = ["-m", "tb_microscope.cli", "render", edges.path, "--technique", "caricature"]
+    args += ["--nodes", "conv2", "--units", "1,4", "--size", "24", "--iterations", "8"]
+    args += ["--cache-dir", tmp_path / "c"]
+    proc = run_python(*args)
+    assert "2 units: 2 rendered, 0 were already cached" in proc.stdout, proc.stdout
+    pictures = [np.asarray(Image.open(p).convert("RGB")) for p in (tmp_path / "c").rglob("*.png")]
+    engine = tb_microscope.render(
+        edges, 0, "conv2", [1, 4], "caricature", size=24, iterations=8, device="cpu"
+    )
+    assert len(pictures) == 2
+    assert any(np.array_equal(p, engine.images[0]) for p in pictures)
+    assert any(np.array_equal(p, engine.images[1]) for p in pictures)
+    with tb_microscope.Logger(tmp_path / "bare", tiny, example, steps=[0]) as logger:
+        logger.log(0)
+    refused = run_python(*args[:3], tmp_path / "bare", *args[4:], check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "--technique caricature draws probe images" in refused.stderr
+    assert "has no probe images" in refused.stderr

@@ -1,8 +1,10 @@
 """The plugin's routes through TensorBoard's own WSGI app, on a real data provider."""
 
 import argparse
+import base64
 import io
 import json
+import sys
 import threading
 import time
 
@@ -20,6 +22,7 @@ from werkzeug import wrappers
 
 import tb_microscope
 from tb_microscope.demo.train import train
+from tb_microscope.rendering.attribution import HEAT_ALPHA
 from tb_microscope.runstore import RunStore
 from tb_microscope.server.plugin import MicroscopePlugin
 
@@ -137,6 +140,8 @@ def test_techniques_say_which_draw_images_and_how_many(client):
     techniques = {t["name"]: t for t in json.loads(http.get(f"{BASE}/techniques").data)}
     assert techniques["diversity"]["images_per_unit"] == 4 and techniques["diversity"]["image"]
     assert techniques["deepdream"]["whole_node"] and not techniques["weights"]["image"]
+    assert techniques["caricature"]["probe_images"] and techniques["caricature"]["image"]
+    assert not any(t["probe_images"] for name, t in techniques.items() if name != "caricature")
 
 
 def test_each_diversity_image_is_served(client):
@@ -202,6 +207,95 @@ def test_examples_weights_and_history_routes(client):
     assert plugin.service.stats["analyses"] == 3
 
 
+def decode_png(data_url: str) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert data_url.startswith(prefix)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix) :]))))
+
+
+def test_attribution_is_computed_on_a_worker_and_is_the_librarys(client, logdir):
+    plugin, http = client
+    query = "attribution?run=demo&step=10&node=conv2&unit=3&image=5"
+    first = http.get(f"{BASE}/{query}")
+    assert first.status_code == 202 and json.loads(first.data)["status"] in ("queued", "running")
+    result = wait_for_json(http, query)
+    run = tb_microscope.open_run(logdir / "demo")
+    direct = tb_microscope.attribution(run, 10, "conv2", 3, 5, device="cpu")
+    values = np.array(result["values"])
+    assert values.shape == direct.shape == tuple(run.probe_images().shape[2:])  # 32 x 32
+    assert (result["method"], result["image"], result["step"]) == ("integrated_gradients", 5, 10)
+    np.testing.assert_allclose(values, direct, rtol=1e-3)  # four significant digits
+    assert result["sum"] == pytest.approx(float(direct.sum()), rel=1e-4)
+    assert abs(values.sum() - direct.sum()) <= 1e-3 * np.abs(direct).sum()
+    assert (result["min"], result["max"]) == pytest.approx((direct.min(), direct.max()))
+    overlay = decode_png(result["overlay"])  # RGBA: red raises the unit, blue lowers it
+    assert overlay.shape == (*direct.shape, 4)
+    strong = np.abs(direct) >= np.quantile(np.abs(direct), 0.99)
+    assert (overlay[..., 3][strong] == round(255 * HEAT_ALPHA)).all()  # the most opaque
+    assert (overlay[..., 3][direct == 0] == 0).all()
+    assert (overlay[..., 0][strong & (direct > 0)] > overlay[..., 2][strong & (direct > 0)]).all()
+    assert (overlay[..., 2][strong & (direct < 0)] > overlay[..., 0][strong & (direct < 0)]).all()
+    # the demo's ReLUs are functions: guided backprop is the gradient, and the result says so
+    guided = wait_for_json(http, query + "&method=guided_backprop")
+    assert guided["method"] == "guided_backprop"
+    assert any("no nn.ReLU module runs before it" in note for note in guided["notes"])
+    wait_until_idle(plugin)
+    analyses = plugin.service.stats["analyses"]
+    assert json.loads(http.get(f"{BASE}/{query}").data) == result  # from the cache
+    assert plugin.service.stats["analyses"] == analyses
+
+
+def test_a_bad_attribution_request_says_what_was_wrong(client):
+    plugin, http = client
+    good = "run=demo&step=10&node=conv2&unit=3"
+    for query, code, words in [
+        (f"{good}&image=0&method=lime", 400, b"integrated_gradients, saliency, guided_backprop"),
+        (f"{good}&image=128", 400, b"probe image 128 is out of range for run 'demo'"),
+        (f"{good}", 400, b"image"),
+        ("run=demo&step=10&node=conv2&unit=32&image=0", 400, b"unit 32 is out of range"),
+        ("run=demo&step=10&node=nope&unit=0&image=0", 404, b"nope"),
+        ("run=demo&step=4&node=conv2&unit=0&image=0", 404, b"4"),
+        ("run=nope&step=10&node=conv2&unit=0&image=0", 404, b"nope"),
+    ]:
+        response = http.get(f"{BASE}/attribution?{query}")
+        assert response.status_code == code and words in response.data, (query, response.data)
+    assert plugin.service.idle()  # nothing refused was queued
+
+
+def test_attribution_without_captum_names_the_extra_to_install(client, monkeypatch):
+    plugin, http = client
+    monkeypatch.setitem(sys.modules, "captum", None)  # what an environment without it imports
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    response = http.get(f"{BASE}/attribution?run=demo&step=10&node=conv2&unit=3&image=0")
+    assert response.status_code == 400, response.data
+    assert b"pip install 'tb-microscope[attribution]'" in response.data
+    assert plugin.service.idle()
+
+
+def test_a_caricature_through_the_image_route_is_the_engines(client, logdir):
+    _, http = client
+    query = "run=demo&step=10&node=conv2&technique=caricature"
+    picture = wait_for_png(http, f"{query}&image=7")
+    run = tb_microscope.open_run(logdir / "demo")
+    engine = tb_microscope.render(
+        run, 10, "conv2", [], "caricature", image=7, size=SIZE, iterations=ITERATIONS, device="cpu"
+    )
+    np.testing.assert_array_equal(picture, engine.images[0])
+    # the render route names a caricature's probe images as its units, and unit= may say so too
+    body = {"run": "demo", "step": 10, "node": "conv2", "technique": "caricature", "units": [7]}
+    assert json.loads(post(http, "render", body).data)["units"] == {"7": {"status": "done"}}
+    np.testing.assert_array_equal(wait_for_png(http, f"{query}&unit=7"), picture)
+    for bad, words in [
+        ("&image=128", b"probe image 128 is out of range"),
+        ("&image=7&unit=3", b"got image=7 and unit=3"),
+        ("", b"pass image="),
+    ]:
+        response = http.get(f"{BASE}/image?{query}{bad}")
+        assert response.status_code == 400 and words in response.data, (bad, response.data)
+    response = post(http, "render", {**body, "units": [128]})
+    assert response.status_code == 400 and b"probe image 128" in response.data
+
+
 def test_dynamics_and_align_routes_compute_on_a_worker_once(client, logdir):
     plugin, http = client
     whole = wait_for_json(http, "dynamics?run=demo")
@@ -235,9 +329,17 @@ def test_dynamics_of_a_run_without_probe_images_say_how_to_get_them(tmp_path, ti
         logger.log(0)
     plugin, http = make_plugin(tmp_path)
     node = tb_microscope.open_run(tmp_path / "plain").nodes[0].name
-    for path in ("dynamics?run=plain", f"align?run=plain&step=0&node={node}&run2=plain&step2=0"):
+    for path in (
+        "dynamics?run=plain",
+        f"align?run=plain&step=0&node={node}&run2=plain&step2=0",
+        f"attribution?run=plain&step=0&node={node}&unit=0&image=0",
+        f"image?run=plain&step=0&node={node}&technique=caricature&image=0",
+    ):
         response = http.get(f"{BASE}/{path}")
         assert response.status_code == 400 and b"probe=" in response.data, response.data
+    body = {"run": "plain", "step": 0, "node": node, "technique": "caricature", "units": [0]}
+    response = post(http, "render", body)
+    assert response.status_code == 400 and b"has no probe images" in response.data
     assert plugin.service.idle()
 
 
@@ -362,7 +464,12 @@ def test_a_preview_comes_first_and_the_full_render_replaces_it(logdir):
         microscope_preview_iterations=2,
     )
     settings = json.loads(http.get(f"{BASE}/settings").data)
-    assert settings == {"size": 32, "iterations": 400, "preview": {"size": 16, "iterations": 2}}
+    assert settings == {
+        "size": 32,
+        "iterations": 400,
+        "preview": {"size": 16, "iterations": 2},
+        "attribution_methods": ["integrated_gradients", "saliency", "guided_backprop"],
+    }
     body = {"run": "demo", "step": 5, "node": "conv1", "units": [0, 1, 2, 3]}
     deadline = time.monotonic() + 120
     while True:  # the previews arrive while the full render is still to come
