@@ -28,7 +28,9 @@ SIZE, ITERATIONS = 24, 8
 
 WAIT_MS = 120_000
 
-# Every <img> under a selector: whether it decoded, its size, and its pixels' spread and sum.
+# Every <img> under a selector: whether it decoded, its size, its pixels' spread and hash, how
+# many of them show (alpha above 0: an overlay is transparent where it says nothing), and
+# whether the image itself is laid out.
 IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].map((img) => {
   if (!img.complete || !img.naturalWidth) return {decoded: false};
   const canvas = document.createElement('canvas');
@@ -37,15 +39,17 @@ IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].map((img) 
   const context = canvas.getContext('2d');
   context.drawImage(img, 0, 0);
   const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
-  let sum = 0, squares = 0, n = 0, hash = 0;
+  let sum = 0, squares = 0, n = 0, hash = 0, shown = 0;
   for (let i = 0; i < data.length; i += 4) {
+    shown += data[i + 3] > 0;
     for (let c = 0; c < 3; c++) {
       sum += data[i + c]; squares += data[i + c] ** 2; n++;
       hash = (hash * 31 + data[i + c]) % 1000000007;
     }
   }
   const mean = sum / n;
-  return {decoded: true, width: img.naturalWidth, std: Math.sqrt(squares / n - mean ** 2), hash};
+  return {decoded: true, width: img.naturalWidth, std: Math.sqrt(squares / n - mean ** 2), hash,
+    shown, visible: img.offsetWidth > 0};
 })"""
 
 
@@ -245,29 +249,13 @@ def test_techniques_examples_and_weights_walk_a_circuit(served, page):
     assert url_state(page)["technique"] == "channel"
 
 
-# Every <img> under a selector: whether it decoded, its size, and how many of its pixels show
-# (alpha above 0): an overlay is transparent where it says nothing.
-OPAQUE_JS = """(selector) => [...document.querySelectorAll(selector)].map((img) => {
-  if (!img.complete || !img.naturalWidth) return {decoded: false};
-  const canvas = document.createElement('canvas');
-  canvas.width = img.naturalWidth;
-  canvas.height = img.naturalHeight;
-  const context = canvas.getContext('2d');
-  context.drawImage(img, 0, 0);
-  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
-  let shown = 0;
-  for (let i = 3; i < data.length; i += 4) shown += data[i] > 0;
-  return {decoded: true, width: img.naturalWidth, shown, visible: img.offsetWidth > 0};
-})"""
-
-
 def assert_overlays(frame, selector, count, width=32):
     """`count` attribution overlays under `selector`, each decoded at the probe images' size,
     shown, and with pixels that are not transparent."""
     expect(frame.locator(f"{selector} [data-attribution='done']")).to_have_count(
         count, timeout=WAIT_MS
     )
-    overlays = frame.evaluate(OPAQUE_JS, f"{selector} img.attribution")
+    overlays = frame.evaluate(IMAGES_JS, f"{selector} img.attribution")
     assert len(overlays) == count, overlays
     for overlay in overlays:
         assert overlay["decoded"] and overlay["width"] == width and overlay["visible"], overlay
