@@ -10,6 +10,7 @@ make the server render (or cancel) anything.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -102,6 +103,11 @@ def _public_errors():
         raise errors.InvalidArgumentError(f"{type(e).__name__}: {e}") from e
     except (MicroscopeError, ValueError, OSError) as e:
         raise errors.InvalidArgumentError(str(e)) from e
+
+
+def overlay_png(result: dict) -> bytes:
+    """The PNG of an attribution result's heat map (held in it as a data URL)."""
+    return base64.b64decode(result["overlay"].split(",", 1)[1])
 
 
 def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
@@ -594,7 +600,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def attribution_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
         """Which pixels of probe image `image` drive the unit at the step, by `method` (one of
         METHODS; the first by default): the signed values per pixel and a heat map to overlay
-        on the image. What is wrong in the request is said before anything is queued."""
+        on the image (with `format=png`, the route answers the heat map alone, as a PNG). What
+        is wrong in the request is said before anything is queued."""
         run, _, node = self._unit_args(ctx, experiment, args)
         method = args.get("method") or METHODS[0]
         if method not in METHODS:
@@ -683,7 +690,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_attribution(self, request):
-        return self._json_or_pending(request, self.attribution_impl)
+        code, body = self.attribution_impl(*self._context(request), request.args)
+        if code == 200 and request.args.get("format") == "png":  # the overlay alone
+            return http_util.Respond(request, overlay_png(body), "image/png")
+        return http_util.Respond(request, json.dumps(body), "application/json", code=code)
 
     @wrappers.Request.application
     def _serve_dynamics(self, request):

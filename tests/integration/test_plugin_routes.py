@@ -230,6 +230,9 @@ def test_attribution_is_computed_on_a_worker_and_is_the_librarys(client, logdir)
     assert (result["min"], result["max"]) == pytest.approx((direct.min(), direct.max()))
     overlay = decode_png(result["overlay"])  # RGBA: red raises the unit, blue lowers it
     assert overlay.shape == (*direct.shape, 4)
+    png = http.get(f"{BASE}/{query}&format=png")  # the heat map alone, as a PNG
+    assert png.status_code == 200 and png.headers["Content-Type"] == "image/png"
+    assert (np.asarray(Image.open(io.BytesIO(png.data))) == overlay).all()
     strong = np.abs(direct) >= np.quantile(np.abs(direct), 0.99)
     assert (overlay[..., 3][strong] == round(255 * HEAT_ALPHA)).all()  # the most opaque
     assert (overlay[..., 3][direct == 0] == 0).all()
