@@ -178,7 +178,8 @@ export function modelView(app, state) {
         + 'module that holds them (▸ opens a group); edges come from the exported graph, and an '
         + 'arc is a connection that skips nodes.'}),
       model.note ? h('details', {class: 'capture-note muted'},
-        h('summary', {text: 'Capture notes: what the program takes, which modules are left out and why'}),
+        h('summary', {text: 'Capture notes: what the program takes, which modules are left '
+          + 'out and why'}),
         h('p', {text: model.note})) : null,
       dynamics?.el,
       h('div', {class: 'model-tools'}, filter, shownCount),
