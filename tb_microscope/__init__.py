@@ -4,7 +4,8 @@
 (steps, nodes, edges) and rebuilds the model at any logged step without the training script;
 `render` draws feature visualizations of its units, `dataset_examples`, `attribution`,
 `unit_weights` and `unit_history` the other views of a unit; `node_dynamics`, `model_dynamics`
-and `align_units` show how nodes and units change over training and match units across runs.
+and `align_units` show how nodes and units change over training and match units across runs;
+`activation_atlas` draws the space a node's units span together, at any step.
 """
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ from .errors import (  # noqa: E402
 )
 
 __all__ = [
+    "Atlas",
     "CorruptSnapshotError",
     "ImageIndexError",
     "IncompatibleRunError",
@@ -35,6 +37,7 @@ __all__ = [
     "SnapshotWriteError",
     "StepNotFoundError",
     "UnitIndexError",
+    "activation_atlas",
     "align_units",
     "attribution",
     "dataset_examples",
@@ -58,9 +61,11 @@ _LAZY = {
     "open_run": "run",
 }
 _RENDERING = {
+    "Atlas",
     "ImageIndexError",
     "RenderCache",
     "UnitIndexError",
+    "activation_atlas",
     "align_units",
     "attribution",
     "dataset_examples",

@@ -7,6 +7,7 @@ from .errors import MicroscopeError
 
 SIZE = (8, 1024)  # pixels per side of a rendered picture
 ITERATIONS = (1, 100_000)  # optimization steps of one render
+GRID = (2, 50)  # an activation atlas's cells per side
 
 
 class SettingError(MicroscopeError, ValueError):
@@ -31,3 +32,9 @@ def check_size(size, what: str = "size") -> int:
 def check_iterations(iterations, what: str = "iterations") -> int:
     """`iterations` if it is a whole number within `ITERATIONS`; else a `SettingError`."""
     return _check(iterations, ITERATIONS, what, "")
+
+
+def check_grid(grid, what: str = "grid") -> int:
+    """`grid` if it is a whole number of atlas cells per side within `GRID`; else a
+    `SettingError`."""
+    return _check(grid, GRID, what, " of cells per side")

@@ -1,9 +1,11 @@
-"""Rendering: feature visualizations, dataset examples, attribution, weights and unit histories.
+"""Rendering: feature visualizations, dataset examples, attribution, weights, unit histories and
+activation atlases.
 
 (DESIGN.md called this package `render/`; it is `rendering/` so that `tb_microscope.render` is
 unambiguously the function.)
 """
 
+from .atlas import Atlas, activation_atlas
 from .attribution import attribution
 from .cache import DiskBudget, RenderCache, RenderKey, ResultKey
 from .dynamics import (
@@ -24,6 +26,8 @@ from .weights import Connection, unit_weights
 __all__ = [
     "ENGINE_VERSION",
     "Alignment",
+    "Atlas",
+    "activation_atlas",
     "ModelDynamics",
     "NodeDynamics",
     "align_units",

@@ -46,7 +46,7 @@ from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, cent
 from .probe import probe_images
 from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
-from .techniques import Technique, channel, class_token, cosine, get_technique
+from .techniques import Objective, Technique, channel, class_token, cosine, get_technique
 
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
@@ -293,6 +293,7 @@ def optimize(
     numerics: Numerics | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    measure: Objective | None = None,
 ) -> RenderResult:
     """One optimization of all `units` (times the technique's images per unit) as one batch.
 
@@ -303,6 +304,8 @@ def optimize(
     untransformed.
     `progress`, if given, is called with the fraction of iterations done, every 16 iterations;
     `should_stop` is asked often (see `StopChecks`) and raises `RenderCancelled` when true.
+    `measure`, if given, is what `activation` reports in place of the unit's channel mean (an
+    atlas cell's cosine with its direction, whose units are cells, not channels).
     """
     per_unit = technique.images_per_unit
     targets = [u for u in units for _ in range(per_unit)]
@@ -325,7 +328,7 @@ def optimize(
     channels_last = numerics.channels_last and node.kind == "spatial"
     # the objective while optimizing and on the final image, and what `activation` reports
     optimized = measured = technique
-    measure = class_token if technique.class_token else channel
+    measure = measure or (class_token if technique.class_token else channel)
     pictures = None
     if technique.compares:  # a caricature: the node's activations on its probe image
         pictures = probe_pictures(run, targets, canvas.image, device)
