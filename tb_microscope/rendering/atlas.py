@@ -37,7 +37,6 @@ alone too, so a filmstrip of steps fits it once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +51,7 @@ from ..run import Run
 from .batching import batch_size_for
 from .cache import RenderCache, ResultKey
 from .embedding import embed, resolve_method
-from .engine import Quality, RenderCancelled, default_device, optimize
-from .heap import kept_heap
-from .memory import is_out_of_memory
+from .engine import Quality, RenderCancelled, RenderResult, default_device, in_batches, optimize
 from .numerics import usable_numerics
 from .param import InputSpace, canvas_for
 from .tap import NodeTap, frozen
@@ -244,13 +241,6 @@ def direction_cosine(targets: torch.Tensor) -> Objective:
     return lambda act, units: _dot_and_cosine(act, targets)[1]
 
 
-def _scaled(progress: Callable[[float], None] | None, done: int, chunk: int, total: int):
-    """A batch's progress callback, reporting the fraction of all the pictures."""
-    if progress is None:
-        return None
-    return lambda fraction: progress((done + fraction * chunk) / total)
-
-
 def render_directions(
     model: nn.Module,
     run: Run,
@@ -276,37 +266,17 @@ def render_directions(
     if batch_size is None:
         batch_size = batch_size_for(model, run, node, size, device, numerics)
     aims = F.normalize(torch.from_numpy(targets).float(), dim=1).to(device)
-    pictures, start, batch = [], 0, max(1, batch_size)
-    with kept_heap() if device.type == "cpu" else nullcontext():
-        while start < len(ids):
-            chunk, aim = ids[start : start + batch], aims[start : start + batch]
-            scaled = _scaled(progress, start, len(chunk), len(ids))
-            try:
-                result = optimize(
-                    model,
-                    run,
-                    node,
-                    chunk,
-                    Technique(ATLAS, direction(aim)),
-                    size=size,
-                    iterations=iterations,
-                    seed=seed,
-                    device=device,
-                    numerics=numerics,
-                    progress=scaled,
-                    should_stop=should_stop,
-                    measure=direction_cosine(aim),
-                )
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not is_out_of_memory(e) or batch == 1:
-                    raise
-                batch = max(1, batch // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            pictures.append(result.images)
-            start += len(chunk)
-    return np.concatenate(pictures)
+
+    def chunk(start: int, stop: int, scaled) -> RenderResult:
+        aim = aims[start:stop]
+        return optimize(
+            model, run, node, ids[start:stop], Technique(ATLAS, direction(aim)), size=size,
+            iterations=iterations, seed=seed, device=device, numerics=numerics,
+            progress=scaled, should_stop=should_stop, measure=direction_cosine(aim),
+        )  # fmt: skip
+
+    results = in_batches(len(ids), max(1, batch_size), device, chunk, progress)
+    return np.concatenate([r.images for r in results])
 
 
 def mosaic(cells: list[Cell], grid: int, size: int) -> np.ndarray:

@@ -395,6 +395,38 @@ def _scaled(progress, done: int, chunk: int, total: int):
     return lambda fraction: progress((done + fraction * chunk) / total)
 
 
+def in_batches(
+    count: int,
+    batch: int,
+    device: torch.device,
+    optimize_chunk: Callable[[int, int, Callable[[float], None] | None], RenderResult],
+    progress: Callable[[float], None] | None = None,
+    on_chunk: Callable[[RenderResult], None] | None = None,
+) -> list[RenderResult]:
+    """`optimize_chunk(start, stop, progress)` over [0, count) in batches of `batch` pictures,
+    the batch halved when the device runs out of memory; on the CPU with the C heap's freed
+    memory kept for the next iteration (`heap.kept_heap`). `on_chunk` hears each result."""
+    results: list[RenderResult] = []
+    start = 0
+    with kept_heap() if device.type == "cpu" else nullcontext():
+        while start < count:
+            stop = min(start + batch, count)
+            try:
+                result = optimize_chunk(start, stop, _scaled(progress, start, stop - start, count))
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e) or batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            results.append(result)
+            if on_chunk is not None:
+                on_chunk(result)
+            start = stop
+    return results
+
+
 def render(
     run: Run,
     step: int,
@@ -451,37 +483,15 @@ def render(
     if batch_size is None:
         batch_size = batch_size_for(model, run, target, size, device, numerics)
     batch = max(1, batch_size // spec.images_per_unit)
-    results, start = [], 0
-    with kept_heap() if device.type == "cpu" else nullcontext():
-        while start < len(units):
-            chunk = units[start : start + batch]
-            try:
-                result = optimize(
-                    model,
-                    run,
-                    target,
-                    chunk,
-                    spec,
-                    size=size,
-                    iterations=iterations,
-                    seed=seed,
-                    device=device,
-                    bands=bands,
-                    numerics=numerics,
-                    progress=_scaled(progress, start, len(chunk), len(units)),
-                    should_stop=should_stop,
-                )
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                if not is_out_of_memory(e) or batch == 1:
-                    raise
-                batch = max(1, batch // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            results.append(result)
-            if on_chunk is not None:
-                on_chunk(result)
-            start += len(chunk)
+
+    def chunk(start: int, stop: int, scaled) -> RenderResult:
+        return optimize(
+            model, run, target, units[start:stop], spec, size=size, iterations=iterations,
+            seed=seed, device=device, bands=bands, numerics=numerics, progress=scaled,
+            should_stop=should_stop,
+        )  # fmt: skip
+
+    results = in_batches(len(units), batch, device, chunk, progress, on_chunk)
     return RenderResult(
         images=np.concatenate([r.images for r in results]),
         objective=np.concatenate([r.objective for r in results]),
