@@ -55,7 +55,7 @@ from .engine import Quality, RenderCancelled, RenderResult, default_device, in_b
 from .numerics import usable_numerics
 from .param import InputSpace, canvas_for
 from .tap import NodeTap, frozen
-from .techniques import CARICATURE_FLOOR, Objective, Technique
+from .techniques import CARICATURE_FLOOR, Objective, Technique, dot_and_cosine
 
 QUALITIES = {"full": Quality(64, 128), "preview": Quality(32, 24)}
 MAX_SAMPLES = 4096  # activations sampled over the probe images, at most
@@ -219,9 +219,7 @@ def _centre(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _dot_and_cosine(act: NodeActivations, targets: torch.Tensor):
-    vectors = _centre(act.maps)
-    dot = (vectors * targets).sum(1)
-    return dot, dot / vectors.norm(dim=1).clamp_min(1e-12)
+    return dot_and_cosine(_centre(act.maps), targets)
 
 
 def direction(targets: torch.Tensor, power: float = DIRECTION_POWER) -> Objective:

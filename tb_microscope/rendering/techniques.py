@@ -68,8 +68,9 @@ CARICATURE_POWER = 2  # the cosine's exponent: how tightly the image keeps its t
 CARICATURE_FLOOR = 0.1  # lucid's: the cosine counts at least this much
 
 
-def _flat_cosine(maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch element, the dot product of its whole map with its target's, and their cosine."""
+def dot_and_cosine(maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch element, the dot product of its map (or vector) with its target's, and their
+    cosine."""
     maps, targets = maps.flatten(1), targets.flatten(1)
     dot = (maps * targets).sum(1)
     return dot, dot / (maps.norm(dim=1) * targets.norm(dim=1)).clamp_min(1e-12)
@@ -83,7 +84,7 @@ def caricature(targets: torch.Tensor, power: float = CARICATURE_POWER) -> Object
     product by the target's norm alone, a projection; this is the cosine, floored as lucid's.)"""
 
     def objective(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
-        dot, cos = _flat_cosine(act.maps, targets)
+        dot, cos = dot_and_cosine(act.maps, targets)
         return dot * cos.clamp_min(CARICATURE_FLOOR) ** power
 
     return objective
@@ -91,7 +92,7 @@ def caricature(targets: torch.Tensor, power: float = CARICATURE_POWER) -> Object
 
 def cosine(targets: torch.Tensor) -> Objective:
     """The cosine similarity of each batch element's whole map to `targets[i]`."""
-    return lambda act, units: _flat_cosine(act.maps, targets)[1]
+    return lambda act, units: dot_and_cosine(act.maps, targets)[1]
 
 
 def _unbound(act: NodeActivations, units: torch.Tensor) -> torch.Tensor:
