@@ -316,11 +316,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def _probe_count(run, technique: str) -> int:
     """How many probe images `run` has, for a technique whose units are probe images; none is
     an error saying so and how to log them."""
-    from .rendering.probe import probe_images
+    from .rendering.probe import probe_count
 
-    probe = run.manifest.probe
     try:
-        return probe.count if probe is not None else len(probe_images(run))
+        return probe_count(run)
     except MicroscopeError as e:
         raise MicroscopeError(
             f"--technique {technique} draws probe images (--units are their indexes): {e}"

@@ -43,7 +43,7 @@ from .heap import kept_heap
 from .memory import is_out_of_memory
 from .numerics import Numerics, usable_numerics
 from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
-from .probe import probe_images
+from .probe import probe_count, probe_images
 from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
 from .techniques import Objective, Technique, channel, class_token, cosine, get_technique
@@ -253,7 +253,7 @@ def check_images(run: Run, images: Sequence[int], count: int | None = None) -> l
     """Probe image indexes, checked against the run's probe images (which it must have; `count`
     of them, where the caller read them already)."""
     images = list(images)
-    count = len(probe_images(run)) if count is None else count
+    count = probe_count(run) if count is None else count
     bad = [i for i in images if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count]
     if bad:
         raise ImageIndexError(

@@ -22,6 +22,13 @@ def probe_images(run: Run) -> torch.Tensor:
     return images
 
 
+def probe_count(run: Run) -> int:
+    """How many probe images the run has: its manifest says, without reading them (else its
+    store); none is `probe_images`' error saying how to log them."""
+    probe = run.manifest.probe
+    return probe.count if probe is not None else len(probe_images(run))
+
+
 def probe_activations(
     run: Run, model: nn.Module, node: Node, device: torch.device, batch: int = 64
 ) -> torch.Tensor:

@@ -46,7 +46,7 @@ from ..rendering.engine import (
     check_units,
     display_bands,
 )
-from ..rendering.probe import probe_images
+from ..rendering.probe import probe_count
 from ..rendering.weights import default_source
 from .service import (
     DONE,
@@ -476,8 +476,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         """How many probe images the run has (its manifest says, else its store); a run
         without any is a 400 saying how to log them."""
         with _public_errors():
-            probe = run.manifest.probe
-            return probe.count if probe is not None else len(probe_images(run))
+            return probe_count(run)
 
     def _probe_images(self, run, images: list) -> list[int]:
         """Probe image indexes, checked against the run's probe images (a 400 saying the range,
