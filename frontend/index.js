@@ -1,12 +1,14 @@
 // The Microscope tab. TensorBoard loads this ES module in the plugin's iframe and calls render().
 //
 // Views, picked by what the URL names: the model (a run's nodes and edges), a node (the grid of
-// its units at a step), a unit (its techniques, filmstrip and evolution), and compare (two panes).
+// its units at a step, or its activation atlas), a unit (its techniques, filmstrip and
+// evolution), and compare (two panes).
 // Everything the tab shows comes from the plugin's routes; nothing is loaded from other hosts.
 
 import {getJson} from './api.js';
 import {errorBox, h, select, StepSlider} from './dom.js';
 import {host, isOurTab, readState, stateHash, writeState} from './state.js';
+import {AtlasView, DEFAULT_GRID, GRID_RANGE} from './atlas.js';
 import {CompareView} from './compare.js';
 import {modelView} from './model.js';
 import {NodeView} from './node.js';
@@ -26,7 +28,7 @@ class App {
     this.seq = 0;
     this.nodeLists = new Map();
     this.runSelect = select([], '', (run) => this.navigate({run, step: null, node: null,
-      unit: null, compare: false}), {id: 'run', 'aria-label': 'run'});
+      unit: null, compare: false, atlas: null}), {id: 'run', 'aria-label': 'run'});
     this.slider = new StepSlider((step) => this.navigate({step}, true),
       (step) => this.navigate({step}), 'step');
     this.crumbs = h('nav', {class: 'crumbs', 'aria-label': 'view'});
@@ -161,6 +163,20 @@ class App {
       throw new Error(`bands '${state.bands}' are not three of run '${state.run}'s `
         + `${this.channels(state.run)} input channels (0 to ${this.channels(state.run) - 1})`);
     }
+    if (state.atlas) {
+      if (state.node === undefined) throw new Error('pick a node to see its activation atlas');
+      if (!run.probe) {
+        throw new Error(`run '${state.run}' has no probe images, which an activation atlas is `
+          + 'made of; log it with tb_microscope.Logger(..., probe=images) (a few hundred '
+          + 'training inputs)');
+      }
+    }
+    if (state.grid !== undefined && !(Number.isInteger(state.grid)
+      && state.grid >= GRID_RANGE[0] && state.grid <= GRID_RANGE[1])) {
+      throw new Error(`grid '${state.grid}' is not a number of atlas cells a side from `
+        + `${GRID_RANGE[0]} to ${GRID_RANGE[1]}`);
+    }
+    if (state.grid === DEFAULT_GRID) delete state.grid;
     if (state.compare) {
       if (state.node === undefined) throw new Error('pick a node or a unit to compare');
       if (!technique.image) state.technique = 'channel';  // the panes draw
@@ -183,7 +199,8 @@ class App {
     if (!isOurTab()) return;  // another TensorBoard tab is showing; its URL is not ours
     const seq = ++this.seq;
     const wanted = readState();
-    if (!Object.keys(wanted).some((key) => !['compare', 'align'].includes(key)) && this.state) {
+    if (!Object.keys(wanted).some((key) => !['compare', 'align', 'atlas'].includes(key))
+      && this.state) {
       writeState(this.state, true);  // back on our tab with a bare #tb_microscope: stay put
       return;
     }
@@ -203,13 +220,15 @@ class App {
     this.showHeader();
     const key = (state.compare ? `compare|${state.node}|${state.unit}|${state.technique}`
       : state.unit !== undefined ? `unit|${state.run}|${state.node}|${state.unit}`
-        : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`)
+        : state.node !== undefined && state.atlas ? `atlas|${state.run}|${state.node}|${state.grid}`
+          : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`)
       + `|${state.bands ?? ''}`;
     if (this.view?.key === key && this.view.update(state)) return;
     this.view?.destroy();
     const node = nodes.find((n) => n.name === state.node);
     if (state.compare) this.view = new CompareView(this, state);
     else if (state.unit !== undefined) this.view = new UnitView(this, state, node);
+    else if (node && state.atlas) this.view = new AtlasView(this, state, node);
     else if (node) this.view = new NodeView(this, state, node);
     else this.view = modelView(this, state);
     this.view.key = key;
@@ -274,7 +293,8 @@ class App {
         event.preventDefault();
         this.navigate(patch);
       }}));
-    const parts = [crumb('model', {node: null, compare: false}, state.node === undefined)];
+    const parts = [crumb('model', {node: null, compare: false, atlas: null},
+      state.node === undefined)];
     if (state.node !== undefined) {
       parts.push(' › ', crumb(state.node, {node: state.node, compare: false},
         state.unit === undefined && !state.compare));
@@ -318,7 +338,8 @@ class App {
       ArrowDown: () => state.unit !== undefined && state.unit < this.unitCount() - 1
         && {unit: state.unit + 1},
       Escape: () => (state.compare ? {compare: false}
-        : state.unit !== undefined ? {unit: null} : state.node !== undefined && {node: null}),
+        : state.unit !== undefined ? {unit: null} : state.atlas ? {atlas: null}
+          : state.node !== undefined && {node: null}),
     };
     if (event.key === ' ' && this.view instanceof UnitView) {
       event.preventDefault();

@@ -77,6 +77,27 @@ export class NodeGrid {
   }
 }
 
+// The head of a node's views: its name and shape, the switch between its units and its atlas
+// (an atlas needs the run's probe images), and the view's own `controls`.
+export function nodeHead(app, node, current, ...controls) {
+  const probe = Boolean(app.run.probe);
+  const view = (name, patch, title) => h('button', {class: 'view-switch', id: `view-${name}`,
+    text: name, title, 'aria-pressed': String(current === name),
+    disabled: name === 'atlas' && !probe,
+    onclick: () => current !== name && app.navigate(patch)});
+  return h('div', {class: 'view-head'},
+    h('h2', {}, h('span', {class: 'address', text: node.name})),
+    h('span', {class: 'muted',
+      text: `${node.module} · ${node.units} units · ${layoutText(node)} ${node.shape.join('×')}`}),
+    h('span', {class: 'switch', role: 'group', 'aria-label': 'view of the node'},
+      view('units', {atlas: null}, 'each unit\'s picture'),
+      view('atlas', {atlas: true}, probe
+        ? 'an activation atlas: the space the units span together, on the probe images'
+        : 'an atlas is made of probe images: log the run with tb_microscope.Logger(..., '
+          + 'probe=images)')),
+    ...controls);
+}
+
 export class NodeView {
   constructor(app, state, node) {
     this.app = app;
@@ -88,12 +109,8 @@ export class NodeView {
     this.dream = new UnitCell('DeepDream of the node', {className: 'dream'});
     this.dynamics = app.run.probe ? new NodeDynamics(app, state.run, node, state.sort) : null;
     this.el = h('section', {class: 'node-view'},
-      h('div', {class: 'view-head'},
-        h('h2', {}, h('span', {class: 'address', text: node.name})),
-        h('span', {class: 'muted',
-          text: `${node.module} · ${node.units} units · ${layoutText(node)} `
-            + `${node.shape.join('×')}`}),
-        h('label', {class: 'control'}, 'technique ', this.techniqueSelect)),
+      nodeHead(app, node, 'units', h('label', {class: 'control'}, 'technique ',
+        this.techniqueSelect)),
       h('div', {class: 'node-body'}, h('aside', {}, this.dream.el, this.dynamics?.el),
         this.grid.el));
     this.showDream(state.step);

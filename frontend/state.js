@@ -5,8 +5,9 @@
 
 const PREFIX = 'p.tb_microscope.';
 const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2', 'bands', 'sort',
-  'align'];
-const NUMBERS = new Set(['step', 'unit', 'step2']);
+  'align', 'atlas', 'grid'];
+const NUMBERS = new Set(['step', 'unit', 'step2', 'grid']);
+const FLAGS = ['compare', 'align', 'atlas'];  // true as '1' in the URL, else left out
 
 function hostWindow() {
   try {
@@ -29,7 +30,8 @@ export function isOurTab() {
   return tab === undefined || tab === 'tb_microscope';
 }
 
-// The state in the URL: strings, but numbers for step, unit and step2, and a boolean compare.
+// The state in the URL: strings, but numbers for step, unit, step2 and grid, and booleans for
+// the FLAGS.
 export function readState() {
   const state = {};
   for (const part of parts()) {
@@ -40,8 +42,7 @@ export function readState() {
     const text = decodeURIComponent(value);
     state[name] = NUMBERS.has(name) ? (/^\d+$/.test(text) ? Number(text) : text) : text;
   }
-  state.compare = state.compare === '1';
-  state.align = state.align === '1';
+  for (const flag of FLAGS) state[flag] = state[flag] === '1';
   return state;
 }
 
@@ -50,7 +51,7 @@ export function stateHash(state) {
   if (!kept.length) kept.push('tb_microscope');
   for (const key of KEYS) {
     let value = state[key];
-    if (key === 'compare' || key === 'align') value = value ? '1' : null;
+    if (FLAGS.includes(key)) value = value ? '1' : null;
     if (value === undefined || value === null || value === '') continue;
     kept.push(`${PREFIX}${key}=${encodeURIComponent(value)}`);
   }

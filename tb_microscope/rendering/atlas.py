@@ -63,18 +63,20 @@ MIN_COUNT = 3  # activations a cell needs to be drawn
 PROBE_BATCH = 32  # probe images per forward pass while sampling
 DIRECTION_POWER = 1  # lucid's atlas: dot x cosine ** 1
 WHITENING_RIDGE = 0.01  # of the activations' mean square, added to the correlation's diagonal
+NEAREST_UNITS = 3  # units named per cell as the nearest to its direction
 EMPTY = 255  # an empty cell's grey level (white)
 ATLAS = "atlas"
-# 1: the first form; changes to sampling, layout or rendering of atlases bump it
-ATLAS_VERSION = 1
+# 1: the first form; 2: cells name their nearest units. Changes to sampling, layout, rendering
+# or what an atlas holds bump it
+ATLAS_VERSION = 2
 
 
 @dataclass
 class Cell:
     """A non-empty cell of an atlas's grid: where it is, how many sampled activations fall in
     it, their mean (one value per unit, at the atlas's step), its picture (uint8 H x W x 3),
-    and the probe images of its activations, most typical first (the nearest to the mean;
-    each image once)."""
+    the probe images of its activations, most typical first (the nearest to the mean; each
+    image once), and the units nearest its direction (`nearest_units`), nearest first."""
 
     row: int
     col: int
@@ -82,6 +84,7 @@ class Cell:
     direction: np.ndarray
     image: np.ndarray
     examples: list[int]
+    units: list[int]
 
 
 @dataclass
@@ -106,14 +109,23 @@ class Atlas:
     size: int
     iterations: int
 
+    def rgba(self) -> np.ndarray:
+        """`image` with an alpha channel: the cells opaque, the empty ones transparent (for a
+        page of any background)."""
+        alpha = np.zeros(self.image.shape[:2], np.uint8)
+        for cell in self.cells:
+            top, left = cell.row * self.size, cell.col * self.size
+            alpha[top : top + self.size, left : left + self.size] = 255
+        return np.dstack([self.image, alpha])
+
     def sample_cells(self) -> np.ndarray:
         """Per sampled activation, the (row, col) of its grid cell: int M x 2."""
         return cell_indexes(self.coords, self.grid)
 
     def to_dict(self) -> dict:
         """What it is and where everything lies, as JSON can hold it (no pictures, no
-        directions): the settings, each cell's row, col, count and examples, each sample's
-        place (4 decimals) and source."""
+        directions): the settings, each cell's row, col, count, examples and nearest units,
+        each sample's place (4 decimals) and source."""
         return {
             "step": self.step,
             "node": self.node,
@@ -123,7 +135,13 @@ class Atlas:
             "size": self.size,
             "iterations": self.iterations,
             "cells": [
-                {"row": c.row, "col": c.col, "count": c.count, "examples": c.examples}
+                {
+                    "row": c.row,
+                    "col": c.col,
+                    "count": c.count,
+                    "examples": c.examples,
+                    "units": c.units,
+                }
                 for c in self.cells
             ],
             "coords": np.round(self.coords.astype(np.float64), 4).tolist(),
@@ -135,6 +153,19 @@ def cell_indexes(coords: np.ndarray, grid: int) -> np.ndarray:
     """Per place in [0, 1]^2, its cell's (row, col) in a grid x grid grid (row from y)."""
     cells = np.floor(np.asarray(coords, dtype=np.float64) * grid).astype(np.int64)
     return np.clip(cells, 0, grid - 1)[:, ::-1]
+
+
+def nearest_units(
+    directions: np.ndarray, activations: np.ndarray, count: int = NEAREST_UNITS
+) -> np.ndarray:
+    """Per direction (K x units, the cells' means), the `count` units nearest it, nearest first:
+    the units along which it lies furthest above the mean of all the sampled `activations`
+    (the largest components of the direction less that mean, so of its cosine with each unit's
+    axis from there). Measured from the mean, not from zero, so that the units that fire
+    strongly everywhere are not named for every cell; not in standard deviations, which would
+    name units that barely vary, whose pictures are faint."""
+    offsets = directions - activations.mean(0)
+    return np.argsort(-offsets, axis=1, kind="stable")[:, : min(count, directions.shape[1])]
 
 
 def sample_sources(
@@ -343,7 +374,7 @@ def _no_probe(run: Run) -> MicroscopeError:
 LAYOUT = {"coords", "sources", "layout"}  # the arrays a cached layout holds
 STORED = {  # the arrays a cached atlas holds
     "coords", "sources", "layout", "rows", "cols", "counts", "directions", "images", "examples",
-    "example_offsets",
+    "example_offsets", "units",
 }  # fmt: skip
 
 
@@ -357,6 +388,7 @@ def _stored_atlas(arrays: dict[str, np.ndarray], **fields) -> Atlas:
             arrays["directions"][i],
             arrays["images"][i],
             [int(e) for e in arrays["examples"][offsets[i] : offsets[i + 1]]],
+            [int(u) for u in arrays["units"][i]],
         )
         for i in range(len(arrays["rows"]))
     ]
@@ -389,6 +421,7 @@ def _atlas_arrays(atlas: Atlas) -> dict[str, np.ndarray]:
         else np.zeros((0, size, size, 3), np.uint8),
         "examples": np.array(examples, np.int64),
         "example_offsets": np.cumsum([0] + [len(c.examples) for c in atlas.cells]),
+        "units": np.array([c.units for c in atlas.cells], np.int64).reshape(len(atlas.cells), -1),
     }
 
 
@@ -411,6 +444,7 @@ def activation_atlas(
     cache_dir: str | RenderCache | None = None,
     model: nn.Module | None = None,
     layout_model: nn.Module | None = None,
+    load_model: Callable[[int], nn.Module] | None = None,
     batch_size: int | None = None,
     progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -428,7 +462,8 @@ def activation_atlas(
     Cached with the run's renders (or under `cache_dir`): the same call again reads it back
     without loading a model. `model` and `layout_model` may pass the models at `step` and
     `layout_step` already loaded (the second is needed only when the layout is not cached and
-    the steps differ); `batch_size` bounds the pictures per optimization as for `render`;
+    the steps differ), or `load_model(step)` load them (say, from a server's loaded models);
+    `batch_size` bounds the pictures per optimization as for `render`;
     `progress` hears the fraction done now and then; `should_stop` is asked often, and
     `RenderCancelled` raised once it returns True. Needs the run's probe images (the Logger's
     `probe=`).
@@ -467,7 +502,12 @@ def activation_atlas(
 
     report(0.0)
     device = torch.device(device) if device is not None else default_device()
-    model = frozen(model if model is not None else run.load_model(step, device))
+    if load_model is None:
+
+        def load_model(at: int) -> nn.Module:
+            return run.load_model(at, device)
+
+    model = frozen(model if model is not None else load_model(step))
     activations, sources = sampled_activations(
         run, model, target, images, seed, device, samples, should_stop
     )
@@ -477,10 +517,7 @@ def activation_atlas(
     else:
         fitted_on = activations
         if layout_step != step:
-            other = (
-                layout_model if layout_model is not None else run.load_model(layout_step, device)
-            )
-            other = frozen(other)
+            other = frozen(layout_model if layout_model is not None else load_model(layout_step))
             fitted_on, _ = sampled_activations(
                 run, other, target, images, seed, device, samples, should_stop
             )
@@ -508,7 +545,11 @@ def activation_atlas(
         progress=lambda fraction: report(0.1 + 0.9 * fraction),
         should_stop=should_stop,
     )
-    cells = [Cell(*cell[:4], picture, cell[4]) for cell, picture in zip(found, pictures)]
+    nearest = nearest_units(directions, activations)
+    cells = [
+        Cell(*cell[:4], picture, cell[4], [int(u) for u in units])
+        for cell, picture, units in zip(found, pictures, nearest)
+    ]
     atlas = Atlas(mosaic(cells, grid, size), cells, coords, sources, layout_method=used, **fields)
     cache.put_arrays(key, _atlas_arrays(atlas))
     report(1.0)

@@ -106,6 +106,13 @@ def encode_png(key: RenderKey, image: np.ndarray, objective: float, activation: 
     return buffer.getvalue()
 
 
+def encode_picture(image: np.ndarray) -> bytes:
+    """A PNG of uint8 H x W x 3 (or x 4: with transparency)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _writable(folder: Path) -> bool:
     """Whether files can be created in `folder` (made if missing). The probe file has a name of
     its own, so that two threads checking at once cannot remove each other's."""
@@ -269,6 +276,14 @@ class RenderCache:
 
     def put_result(self, key: ResultKey, result: dict) -> Path:
         return self._write(self.result_path(key), json.dumps(result).encode())
+
+    def picture_path(self, key: ResultKey) -> Path:
+        """Where the picture that goes with a computed result lies (an atlas's, say)."""
+        return self.root / RESULTS / f"{key.digest(self.run_id)}.png"
+
+    def put_picture(self, key: ResultKey, image: np.ndarray) -> Path:
+        """Store a result's picture (uint8 H x W x 3, or x 4 with transparency) as a PNG."""
+        return self._write(self.picture_path(key), encode_picture(image))
 
     def arrays_path(self, key: ResultKey) -> Path:
         return self.root / RESULTS / f"{key.digest(self.run_id)}.npz"

@@ -42,7 +42,14 @@ from .canvas import fitted_canvas
 from .heap import kept_heap
 from .memory import is_out_of_memory
 from .numerics import Numerics, usable_numerics
-from .param import FourierImages, InputSpace, RandomTransforms, canvas_for, centred
+from .param import (
+    FourierImages,
+    InputSpace,
+    RandomTransforms,
+    canvas_for,
+    centred,
+    display_bands,
+)
 from .probe import probe_count, probe_images
 from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
@@ -184,19 +191,6 @@ def unit_seed(seed: int, node: str, unit: int, image: int, stream: str) -> int:
     """A 63-bit seed that depends only on what identifies one image of one unit."""
     digest = hashlib.sha256(f"{seed}\0{node}\0{unit}\0{image}\0{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | None:
-    """Which of an image's channels are shown as red, green and blue: None for grey (one
-    channel) and RGB as it is; else `bands`, by default the first three."""
-    if channels == 1 or (channels == 3 and bands is None):
-        return None
-    chosen = list(bands) if bands is not None else [0, 1, min(2, channels - 1)]
-    if len(chosen) != 3 or not all(isinstance(b, int) and 0 <= b < channels for b in chosen):
-        raise ValueError(
-            f"bands must be three channel indexes from 0 to {channels - 1}, got {bands!r}"
-        )
-    return chosen
 
 
 def check_technique(technique: Technique, node: Node) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from ..run import Run
 from .engine import check_units, default_device
 from .param import InputSpace
-from .probe import probe_activations, probe_images
+from .probe import as_rgb, probe_activations, probe_images
 from .tap import NodeTap, frozen
 
 
@@ -24,11 +24,6 @@ class Example:
     box: tuple[int, int, int, int]  # (top, left, bottom, right): the pixels the peak depends on
     image: np.ndarray  # uint8 H x W x 3, the whole probe image
     crop: np.ndarray  # uint8, the image inside `box`
-
-
-def _to_rgb(image: torch.Tensor) -> np.ndarray:
-    image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-    return image.permute(1, 2, 0).contiguous().numpy()
 
 
 def _receptive_boxes(model, run, node, images, units, positions, device) -> list[tuple]:
@@ -92,7 +87,7 @@ def dataset_examples(
     )
     out: dict[int, list[Example]] = {u: [] for u in units}
     for (unit, i, value, position), box in zip(chosen, boxes):
-        picture = _to_rgb(images[i])
+        picture = as_rgb(images[i])
         top, left, bottom, right = box
         out[unit].append(
             Example(i, value, position, box, picture, picture[top:bottom, left:right].copy())

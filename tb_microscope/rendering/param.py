@@ -303,3 +303,16 @@ def _fixed_canvas(input_size: tuple[int, int]) -> Canvas:
     fits = [i for i in range(8, side) if i + 2 * round(PAD * i / REFERENCE_SIZE) <= side]
     image = max(fits, default=side)
     return Canvas(input_size, image, True, image / REFERENCE_SIZE)
+
+
+def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | None:
+    """Which of an image's channels are shown as red, green and blue: None for grey (one
+    channel) and RGB as it is; else `bands`, by default the first three."""
+    if channels == 1 or (channels == 3 and bands is None):
+        return None
+    chosen = list(bands) if bands is not None else [0, 1, min(2, channels - 1)]
+    if len(chosen) != 3 or not all(isinstance(b, int) and 0 <= b < channels for b in chosen):
+        raise ValueError(
+            f"bands must be three channel indexes from 0 to {channels - 1}, got {bands!r}"
+        )
+    return chosen

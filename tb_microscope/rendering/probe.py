@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import MicroscopeError
 from ..nodes import Node
 from ..run import Run
-from .param import InputSpace
+from .param import InputSpace, display_bands
 from .tap import NodeTap
 
 
@@ -20,6 +23,15 @@ def probe_images(run: Run) -> torch.Tensor:
             "to tb_microscope.Logger to get dataset examples and activation histories"
         )
     return images
+
+
+def as_rgb(image: torch.Tensor, bands: Sequence[int] | None = None) -> np.ndarray:
+    """A probe image (uint8 C x H x W) as uint8 H x W x 3: grey as grey, RGB as it is, other
+    channel counts through `bands` (by default the first three; see `display_bands`)."""
+    chosen = display_bands(image.shape[0], bands)
+    if chosen is None:
+        chosen = [0, 0, 0] if image.shape[0] == 1 else [0, 1, 2]
+    return image[chosen].permute(1, 2, 0).contiguous().numpy()
 
 
 def probe_count(run: Run) -> int:

@@ -17,7 +17,7 @@ import json
 import os
 import posixpath
 from importlib import resources
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
@@ -37,7 +37,9 @@ from ..errors import (
 from ..integrations.mlflow import MlflowRuns
 from ..paths import PLUGIN_NAME
 from ..rendering import TECHNIQUES, get_technique
+from ..rendering.atlas import QUALITIES as ATLAS_QUALITIES
 from ..rendering.attribution import METHODS, captum_attr
+from ..rendering.cache import encode_picture
 from ..rendering.engine import (
     QUALITIES,
     Quality,
@@ -46,7 +48,7 @@ from ..rendering.engine import (
     check_units,
     display_bands,
 )
-from ..rendering.probe import probe_count
+from ..rendering.probe import as_rgb, probe_count
 from ..rendering.weights import default_source
 from .service import (
     DONE,
@@ -103,6 +105,17 @@ def _public_errors():
         raise errors.InvalidArgumentError(f"{type(e).__name__}: {e}") from e
     except (MicroscopeError, ValueError, OSError) as e:
         raise errors.InvalidArgumentError(str(e)) from e
+
+
+def atlas_qualities(full: Quality) -> dict[str, Quality | None]:
+    """An atlas's cells at full quality and as a preview, never larger or longer than a unit's
+    render (the server's --microscope_size and --microscope_iterations); no preview where it
+    would not be cheaper."""
+    top, first = ATLAS_QUALITIES["full"], ATLAS_QUALITIES["preview"]
+    full = Quality(min(top.size, full.size), min(top.iterations, full.iterations))
+    preview = Quality(min(first.size, full.size), min(first.iterations, full.iterations))
+    cheaper = preview.size**2 * preview.iterations < full.size**2 * full.iterations
+    return {"full": full, "preview": preview if cheaper else None}
 
 
 def overlay_png(result: dict) -> bytes:
@@ -163,6 +176,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         )
         cheaper = 0 < size * size * iterations < self._size * self._size * self._iterations
         self._preview = Quality(size, iterations) if size > 0 and cheaper else None
+        self._atlas = atlas_qualities(Quality(self._size, self._iterations))
         cache_mb = getattr(flags, "microscope_cache_max_mb", DEFAULT_CACHE_MB)
         memory_mb = getattr(flags, "microscope_memory_mb", DEFAULT_MEMORY_MB)
         self.service = RenderService(
@@ -195,6 +209,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/weights": self._serve_weights,
             "/history": self._serve_history,
             "/attribution": self._serve_attribution,
+            "/atlas": self._serve_atlas,
+            "/probe": self._serve_probe,
             "/dynamics": self._serve_dynamics,
             "/thumbnails": self._serve_thumbnails,
             "/align": self._serve_align,
@@ -343,14 +359,18 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def settings_impl(self) -> dict:
         """What a render is (size, iterations) at full quality and as a preview (None: no
-        previews), so that the tab asks for the preview first; and the attribution methods
-        (the first is the default)."""
+        previews), so that the tab asks for the preview first; the attribution methods (the
+        first is the default); and an atlas's cells at each quality."""
         preview = self._preview
         return {
             "size": self._size,
             "iterations": self._iterations,
             "preview": None if preview is None else dataclasses.asdict(preview),
             "attribution_methods": list(METHODS),
+            "atlas": {
+                quality: None if q is None else dataclasses.asdict(q)
+                for quality, q in self._atlas.items()
+            },
         }
 
     def _group(self, run, step, node, args) -> RenderWork:
@@ -530,11 +550,20 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return self._computed(run, kind, node.name, unit, options, steps)
 
     def _computed(self, run, kind: str, node: str, unit: int, options: dict, steps):
+        return self._result(run, self._work(run, kind, node, unit, options, steps))
+
+    @staticmethod
+    def _work(run, kind: str, node: str, unit: int, options: dict, steps) -> Analysis:
         with _public_errors():
             snapshots = tuple((s, run.snapshot_version(s)) for s in steps)
-        work = Analysis(
+        return Analysis(
             str(run.path), run.id, kind, node, unit, tuple(sorted(options.items())), snapshots
         )
+
+    def _result(self, run, work: Analysis) -> tuple[int, dict]:
+        """(200, the result) when computed, else (202, status) once it is asked for; a failure
+        is a 400 saying why."""
+        unit = work.unit
         status = self._request(work, [unit])[unit]
         if status["status"] == DONE:
             result = self.service.cache(run).get_result(work.result_key)
@@ -545,12 +574,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError(status["error"])
         return 202, status
 
-    def _probe_needed(self, run) -> None:
+    def _probe_needed(self, run, what: str = "dynamics and unit matching are computed on") -> None:
         if run.manifest.probe is None:
             raise errors.InvalidArgumentError(
-                f"run '{run.name}' has no probe images, which dynamics and unit matching are "
-                "computed on; log it with tb_microscope.Logger(..., probe=images) (a few "
-                "hundred training inputs)"
+                f"run '{run.name}' has no probe images, which {what}; log it with "
+                "tb_microscope.Logger(..., probe=images) (a few hundred training inputs)"
             )
 
     def dynamics_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
@@ -616,6 +644,59 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             captum_attr()  # without Captum: a 400 naming the extra to install
         options = {"image": image, "method": method}
         return self._analysis(ctx, experiment, args, "attribution", options)
+
+    def _atlas_work(self, ctx, experiment: str, args) -> tuple[object, Analysis]:
+        """The run and the atlas work a request names: `grid` cells a side (20 by default),
+        `quality` full or preview, laid out at `layout_step` (default: the last logged step,
+        so that every step of the slider shares one layout)."""
+        run, step, node = self._unit_args(ctx, experiment, args)
+        self._probe_needed(run, "an activation atlas is made of")
+        grid = _int(args, "grid", 20, *limits.GRID)
+        quality = args.get("quality", "full")
+        if quality not in self._atlas:
+            raise errors.InvalidArgumentError(
+                f"quality must be one of {', '.join(self._atlas)}, got {quality!r}"
+            )
+        preview = quality == "preview" and self._atlas["preview"] is not None
+        settings = self._atlas["preview" if preview else "full"]
+        layout_step = run.steps[-1]
+        if args.get("layout_step") is not None:
+            layout_step = self._step(run, args, "layout_step")
+        options = {"step": step, "grid": grid, "layout_step": layout_step, "preview": preview}
+        options.update(size=settings.size, iterations=settings.iterations)
+        steps = sorted({step, layout_step})
+        return run, self._work(run, "atlas", node.name, 0, options, steps)
+
+    def atlas_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        """A node's activation atlas at a step (see `rendering/atlas.py`): (202, status) while a
+        worker computes it, then (200, the atlas as `Atlas.to_dict` has it, with `picture`: the
+        URL of its PNG, relative to the plugin's routes)."""
+        run, work = self._atlas_work(ctx, experiment, args)
+        code, body = self._result(run, work)
+        if code == 200:
+            query = {k: v for k, v in args.items() if k != "format"}
+            body = {**body, "picture": "atlas?" + urlencode({**query, "format": "png"})}
+        return code, body
+
+    def atlas_picture_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
+        """The atlas's picture: (200, PNG bytes; empty cells transparent), else (202, status)."""
+        run, work = self._atlas_work(ctx, experiment, args)
+        code, body = self._result(run, work)
+        if code == 200:
+            cache = self.service.cache(run)
+            data = cache.read(cache.picture_path(work.result_key))
+            if data is not None:
+                return 200, data
+            code, body = self._result(run, work)  # evicted since: computed again
+        return code, body
+
+    def probe_impl(self, ctx, experiment: str, args) -> bytes:
+        """Probe image `image` of a run as a PNG (more than three channels: `bands` as RGB)."""
+        run = self._run(ctx, experiment, args.get("run", ""))
+        (index,) = self._probe_images(run, [_int(args, "image")])
+        images = self.service.probe_images(run)
+        with _public_errors():
+            return encode_picture(as_rgb(images[index], self._bands(run, args)))
 
     # --- handlers ----------------------------------------------------------------------------
     @staticmethod
@@ -693,6 +774,22 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if code == 200 and request.args.get("format") == "png":  # the overlay alone
             return http_util.Respond(request, overlay_png(body), "image/png")
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_atlas(self, request):
+        if request.args.get("format") == "png":
+            code, body = self.atlas_picture_impl(*self._context(request), request.args)
+            if code == 200:
+                return http_util.Respond(request, body, "image/png")
+        else:
+            code, body = self.atlas_impl(*self._context(request), request.args)
+        return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_probe(self, request):
+        return http_util.Respond(
+            request, self.probe_impl(*self._context(request), request.args), "image/png"
+        )
 
     @wrappers.Request.application
     def _serve_dynamics(self, request):

@@ -5,9 +5,9 @@ by the run's path:
 - a `RenderWork`: units of one (run, step, node, technique, size, iterations, seed); a request
   for more units of queued work joins it, identical requests share it;
 - an `Analysis`: one computed view of one unit (its dataset examples, weights, history, or a
-  probe image's attribution to it), of
-  a node over training (its dynamics; every node's, without a node) or of a node's units
-  matched with another run's (align).
+  probe image's attribution to it), of a node at a step (its activation atlas, whose picture
+  is stored beside the result), of a node over training (its dynamics; every node's, without a
+  node) or of a node's units matched with another run's (align).
 
 The work asked about most recently goes first. Whatever nobody has asked about for
 `abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
@@ -24,7 +24,6 @@ seconds) and the worker carries on. Every table is bounded: the queue (a full on
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import logging
 import threading
@@ -35,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import MicroscopeError
 from ..lru import LRU
@@ -52,9 +50,12 @@ from ..rendering import (
     unit_history,
     unit_weights,
 )
+from ..rendering.atlas import activation_atlas
 from ..rendering.attribution import attribution_and_notes, heat_map
+from ..rendering.cache import encode_picture
 from ..rendering.engine import RenderCancelled, available_devices
 from ..rendering.execution import Executor, InProcessExecutor
+from ..rendering.probe import probe_images
 from ..run import Run
 from ..runstore import RunStore
 
@@ -113,8 +114,8 @@ class RenderWork:
 @dataclass(frozen=True)
 class Analysis:
     """One computed view: `kind` is examples, weights, history or attribution (of one unit),
-    dynamics (of a node, or of every node when `node` is empty) or align (a node's units;
-    unit 0)."""
+    atlas (of a node at a step; unit 0), dynamics (of a node, or of every node when `node` is
+    empty) or align (a node's units; unit 0). An atlas's preview (`preview`) goes first."""
 
     run: str
     run_id: str
@@ -131,8 +132,14 @@ class Analysis:
     def option(self, name: str):
         return dict(self.options).get(name)
 
+    @property
+    def preview(self) -> bool:
+        """A first look (an atlas's preview), which goes before full work."""
+        return bool(self.option("preview"))
+
 
 Work = RenderWork | Analysis
+PICTURED = {"atlas"}  # the analyses whose result has a picture beside it
 
 
 @dataclass
@@ -154,7 +161,7 @@ class _Job:
 def _priority(job: _Job) -> tuple:
     """Which queued job a free worker takes: previews first (the first look at what is on
     screen), then what was asked about most recently, then the oldest."""
-    return (getattr(job.work, "preview", False), job.touched, -job.order)
+    return (job.work.preview, job.touched, -job.order)
 
 
 def service_devices(device: str | None) -> list[torch.device]:
@@ -204,12 +211,10 @@ class _ServiceRenderer(sweep.Renderer):
 
 
 def _png_data_url(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(encode_picture(image)).decode()
 
 
-def _examples(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _examples(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     step = work.option("step")
     found = dataset_examples(
         run,
@@ -236,7 +241,7 @@ def _examples(service, run: Run, work: Analysis, models: _Models, should_stop) -
     }
 
 
-def _weights(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _weights(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     step = work.option("step")
     source, connections, _ = unit_weights(
         run,
@@ -265,7 +270,7 @@ def _significant(values: np.ndarray, digits: int = ATTRIBUTION_DIGITS) -> list[l
     return [[float(f"{v:.{digits}g}") for v in row] for row in values.tolist()]
 
 
-def _attribution(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _attribution(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     """A probe image's attribution to the unit at a step: the signed values per pixel (rounded),
     their range and sum, the heat map to overlay on the image (a PNG data URL), and what the
     tab should say of it (`notes`: guided backprop with no ReLU module to guide)."""
@@ -298,7 +303,29 @@ def _attribution(service, run: Run, work: Analysis, models: _Models, should_stop
     }
 
 
-def _history(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _atlas(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
+    """The node's activation atlas at the work's step (laid out at its `layout_step`): what
+    `Atlas.to_dict` holds, and the picture (empty cells transparent) stored beside it."""
+    found = activation_atlas(
+        run,
+        work.option("step"),
+        work.node,
+        grid=work.option("grid"),
+        size=work.option("size"),
+        iterations=work.option("iterations"),
+        preview=work.preview,
+        layout_step=work.option("layout_step"),
+        device=models.device,
+        cache_dir=service.cache(run),
+        load_model=lambda step: models.get(run, step),
+        progress=progress,
+        should_stop=should_stop,
+    )
+    service.cache(run).put_picture(work.result_key, found.rgba())
+    return found.to_dict()
+
+
+def _history(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     steps = [step for step, _ in work.snapshots]
     history = unit_history(
         run, work.node, work.unit, steps=steps, device=models.device, should_stop=should_stop
@@ -306,7 +333,7 @@ def _history(service, run: Run, work: Analysis, models: _Models, should_stop) ->
     return {"unit": work.unit, "history": history}
 
 
-def _dynamics(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _dynamics(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     """A node's dynamics (`work.node`), or every node's CKA (no node), over the work's steps."""
     options = dict(
         steps=[step for step, _ in work.snapshots],
@@ -319,7 +346,7 @@ def _dynamics(service, run: Run, work: Analysis, models: _Models, should_stop) -
     return model_dynamics(run, **options).to_dict()
 
 
-def _align(service, run: Run, work: Analysis, models: _Models, should_stop) -> dict:
+def _align(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
     """The node's units at the work's step matched with those of the other run at its step."""
     other = service.run(work.option("other"))
     if other.id != work.option("other_id") or other.snapshot_version(
@@ -339,12 +366,15 @@ def _align(service, run: Run, work: Analysis, models: _Models, should_stop) -> d
     return found.to_dict()
 
 
-Analyze = Callable[["RenderService", Run, Analysis, _Models, Callable[[], bool]], dict]
+Analyze = Callable[
+    ["RenderService", Run, Analysis, _Models, Callable[[], bool], Callable[[float], None]], dict
+]
 ANALYSES: dict[str, Analyze] = {
     "examples": _examples,
     "weights": _weights,
     "history": _history,
     "attribution": _attribution,
+    "atlas": _atlas,
     "dynamics": _dynamics,
     "align": _align,
 }
@@ -437,6 +467,16 @@ class RenderService:
             run.id, lambda: (RenderCache(run, self.cache_dir, self.budget), 0)
         )
 
+    def probe_images(self, run: Run) -> torch.Tensor:
+        """The run's probe images (uint8 N x C x H x W), kept with the loaded models: the tab
+        shows them one at a time, a few for each atlas cell the pointer crosses."""
+
+        def load():
+            images = probe_images(run)
+            return images, images.numel() * images.element_size()
+
+        return self.memory.get_or_make(("probe", run.id, run.signature), load)
+
     def prefetch(self, run: Run) -> None:
         """Load the run's architecture for this process's workers in the background, once per
         run (a Ray cluster's actors load their own): the tab asks for a run's nodes before it
@@ -467,7 +507,11 @@ class RenderService:
         cache = self.cache(self.run(work.run))
         if isinstance(work, RenderWork):
             return [u for u in units if not all(key in cache for key in work.keys(u))]
-        return [] if cache.result_path(work.result_key).is_file() else list(units)
+        key = work.result_key
+        done = cache.result_path(key).is_file()
+        if done and work.kind in PICTURED:  # its picture may have been evicted on its own
+            done = cache.picture_path(key).is_file()
+        return [] if done else list(units)
 
     def request(self, work: Work, units: list[int]) -> dict[int, dict]:
         """Ask for units' images (a RenderWork) or a unit's result (an Analysis, its one unit).
@@ -634,10 +678,13 @@ class RenderService:
         def should_stop() -> bool:
             return self._abandoned(job)
 
+        def progress(fraction: float) -> None:
+            job.progress = fraction
+
         if isinstance(work, RenderWork):
             self._render(run, cache, job, executor, should_stop)
         else:
-            result = ANALYSES[work.kind](self, run, work, models, should_stop)
+            result = ANALYSES[work.kind](self, run, work, models, should_stop, progress)
             cache.put_result(work.result_key, result)
 
     def _render(

@@ -360,6 +360,10 @@ def test_a_deep_link_reopens_the_unit_and_back_and_keys_move_around(served, page
         ({"run": "demo", "node": "conv1", "unit": 99}, "unit 99 is out of range"),
         ({"run": "gone", "node": "conv1"}, "run 'gone' has no tb_microscope data"),
         ({"run": "demo", "step": 4}, "step 4 is not logged in run 'demo'"),
+        (
+            {"run": "demo", "node": "conv1", "atlas": 1, "grid": 99},
+            "grid '99' is not a number of atlas cells a side from 2 to 50",
+        ),
     ],
 )
 def test_a_deep_link_to_something_missing_says_what(served, page, state, message):
@@ -641,3 +645,99 @@ def test_the_model_view_says_which_modules_the_capture_left_out_and_why(served, 
     note.locator("summary").click()
     expect(note).to_contain_text("1 module whose output is its input in eval mode (Dropout ×1: 2)")
     shoot(page, "model-capture-note")
+
+
+def atlas_of(frame, step, node):
+    """The atlas route's answer, as the tab got it (from the cache by now)."""
+    layout = frame.locator(".atlas-board").get_attribute("data-layout-step")
+    query = f"atlas?run=demo&step={step}&node={node}&grid=20&quality=full&layout_step={layout}"
+    return frame.evaluate(f"async () => (await fetch('{query}')).json()")
+
+
+def test_the_atlas_view_keeps_its_layout_over_steps_and_opens_a_cells_units(served, browser):
+    base, logdir = served
+    steps = steps_of(logdir)
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    frame = open_tab(page, base, run="demo", node="conv2")
+    frame.locator("#view-atlas").click()  # the node's units / atlas switch
+    assert url_state(page)["atlas"] == "1"
+    board = frame.locator(".atlas-board")
+    expect(board).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    expect(board).to_have_attribute("data-step", str(steps[-1]))
+    expect(board).to_have_attribute("data-layout-step", str(steps[-1]))
+    atlas = atlas_of(frame, steps[-1], "conv2")
+    assert board.get_attribute("data-cells") == str(len(atlas["cells"])) != "0"
+    (last,) = frame.evaluate(IMAGES_JS, ".atlas-picture")
+    assert last["decoded"] and last["width"] == 20 * SIZE and last["std"] > 10
+    # it fills most of a 1400 x 900 screen beside its panel, and is square
+    shape = board.bounding_box()
+    assert shape["width"] == pytest.approx(shape["height"], abs=1) and shape["width"] >= 600
+    panel = frame.locator(".atlas-panel").bounding_box()
+    assert panel["x"] >= shape["x"] + shape["width"] and panel["x"] + panel["width"] <= 1400
+
+    # pointing at the fullest cell: its count and its probe images
+    cell = max(atlas["cells"], key=lambda c: c["count"])
+    where = (
+        shape["x"] + (cell["col"] + 0.5) * shape["width"] / 20,
+        shape["y"] + (cell["row"] + 0.5) * shape["height"] / 20,
+    )
+    page.mouse.move(*where)
+    expect(frame.locator(".atlas-panel")).to_have_attribute(
+        "data-cell", f"{cell['row']},{cell['col']}"
+    )
+    total = len(atlas["coords"])
+    expect(frame.locator(".atlas-count")).to_contain_text(f"{cell['count']} of {total} activations")
+    examples = frame.locator(".atlas-example")
+    expect(examples).to_have_count(min(8, len(cell["examples"])))
+    expect(examples.first).to_have_attribute("alt", f"probe image {cell['examples'][0]}")
+    frame.wait_for_function(
+        "() => [...document.querySelectorAll('.atlas-example')]"
+        ".every((img) => img.complete && img.naturalWidth)"
+    )
+    shown = frame.evaluate(IMAGES_JS, ".atlas-example")
+    assert all(image["decoded"] and image["width"] == 32 for image in shown), shown
+
+    # a click pins it and draws the units its direction stands out on, each a link
+    page.mouse.click(*where)
+    units = frame.locator(".atlas-units .cell")
+    expect(units).to_have_count(len(cell["units"]))
+    assert [int(u.get_attribute("data-unit")) for u in units.all()] == cell["units"]
+    assert_real_images(wait_rendered(frame, ".atlas-units", len(cell["units"])), textured=0.6)
+    page.mouse.move(shape["x"] + shape["width"] + 200, shape["y"] + 40)  # off the atlas: pinned
+    expect(frame.locator(".atlas-panel h3")).to_contain_text("pinned")
+    shoot(page, "node-atlas")
+
+    # an earlier step: the same layout and cells, other pictures; the pinned cell stays
+    frame.locator("#step").focus()
+    frame.locator("#step").press("Home")
+    expect(board).to_have_attribute("data-step", str(steps[0]), timeout=WAIT_MS)
+    expect(board).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    early = atlas_of(frame, steps[0], "conv2")
+    assert (early["coords"], early["sources"]) == (atlas["coords"], atlas["sources"])
+    assert [(c["row"], c["col"]) for c in early["cells"]] == [
+        (c["row"], c["col"]) for c in atlas["cells"]
+    ]
+    (first,) = frame.evaluate(IMAGES_JS, ".atlas-picture")
+    assert first["decoded"] and first["hash"] != last["hash"]
+    expect(frame.locator(".atlas-panel")).to_have_attribute(
+        "data-cell", f"{cell['row']},{cell['col']}"
+    )
+    (then,) = [c for c in early["cells"] if (c["row"], c["col"]) == (cell["row"], cell["col"])]
+    wait_rendered(frame, ".atlas-units", len(then["units"]))  # the units it stands out on then
+    assert [int(u.get_attribute("data-unit")) for u in units.all()] == then["units"]
+    shoot(page, "node-atlas-step-0")
+
+    # a unit opens; Escape comes back to the atlas, then to the node's units
+    frame.locator(".atlas-units .cell").first.click()
+    expect(frame.locator(".unit-view")).to_be_visible()
+    assert url_state(page)["unit"] == str(then["units"][0]) and url_state(page)["atlas"] == "1"
+    page.keyboard.press("Escape")
+    expect(board).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(frame.locator(".node-view")).to_be_visible()
+    assert "atlas" not in url_state(page)
+    context.close()
+    assert not errors, f"the page threw: {errors}"

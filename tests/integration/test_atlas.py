@@ -15,7 +15,7 @@ import tb_microscope
 from tb_microscope import MicroscopeError, NodeNotFoundError, StepNotFoundError
 from tb_microscope.cli import main
 from tb_microscope.rendering import RenderCache, embedding
-from tb_microscope.rendering.atlas import sample_sources
+from tb_microscope.rendering.atlas import nearest_units, sample_sources
 from tb_microscope.rendering.engine import RenderCancelled
 
 SIZE = 32
@@ -116,6 +116,7 @@ def test_an_atlas_has_the_interfaces_shapes_and_types(logged, cache):
         tile = atlas.image[cell.row * 16 : cell.row * 16 + 16, cell.col * 16 : cell.col * 16 + 16]
         assert np.array_equal(tile, cell.image)
         assert len(set(cell.examples)) == len(cell.examples) and cell.examples
+        assert len(set(cell.units)) == 3 and all(0 <= u < 16 for u in cell.units)
         # the direction is the mean activation of the cell's samples
         inside = np.all(atlas.sample_cells() == (cell.row, cell.col), axis=1)
         assert inside.sum() == cell.count
@@ -125,12 +126,27 @@ def test_an_atlas_has_the_interfaces_shapes_and_types(logged, cache):
         assert (atlas.image[r * 16 : r * 16 + 16, c * 16 : c * 16 + 16] == 255).all()
     as_json = json.loads(json.dumps(atlas.to_dict()))
     assert len(as_json["cells"]) == len(atlas.cells) and len(as_json["sources"]) == m
+    assert [c["units"] for c in as_json["cells"]] == [c.units for c in atlas.cells]
     # the plain mean direction, unwhitened, draws other pictures of the same cells
     plain = tb_microscope.activation_atlas(
         run, 20, "conv2", grid=6, layout_method="pca", whiten=False, cache_dir=cache, **FAST
     )
     assert [(c.row, c.col) for c in plain.cells] == [(c.row, c.col) for c in atlas.cells]
     assert not np.array_equal(plain.image, atlas.image)
+
+
+def test_a_cells_nearest_units_are_those_it_lies_furthest_above_the_mean_along():
+    rng = np.random.default_rng(0)
+    activations = rng.normal(size=(300, 6))
+    activations[:, 0] += 10  # fires strongly everywhere
+    activations[:50, 3] += 4  # a cluster raised on unit 3, less on unit 5
+    activations[:50, 5] += 2
+    activations[:, 4] *= 0.01  # barely varies
+    directions = np.stack([activations[:50].mean(0), activations[50:].mean(0)])
+    nearest = nearest_units(directions, activations)
+    assert nearest.shape == (2, 3) and nearest[0, :2].tolist() == [3, 5]
+    assert 0 not in nearest[0, :2]  # the mean is the origin, not zero
+    assert nearest_units(directions, activations, count=10).shape == (2, 6)
 
 
 def test_the_layout_is_kept_over_training_and_only_pictures_and_directions_change(logged, cache):

@@ -80,6 +80,14 @@ def wait_for_json(client, path, seconds=120):
     pytest.fail(f"no result for {path}")
 
 
+def assert_refused(http, route, cases):
+    """Each of `cases` ((query, status code, words in the answer)) asked of `route`: refused with
+    that code, saying those words."""
+    for query, code, words in cases:
+        response = http.get(f"{BASE}/{route}?{query}")
+        assert response.status_code == code and words in response.data, (query, response.data)
+
+
 def wait_until_idle(plugin, seconds=60):
     deadline = time.monotonic() + seconds
     while not plugin.service.idle():
@@ -251,17 +259,19 @@ def test_attribution_is_computed_on_a_worker_and_is_the_librarys(client, logdir)
 def test_a_bad_attribution_request_says_what_was_wrong(client):
     plugin, http = client
     good = "run=demo&step=10&node=conv2&unit=3"
-    for query, code, words in [
-        (f"{good}&image=0&method=lime", 400, b"integrated_gradients, saliency, guided_backprop"),
-        (f"{good}&image=128", 400, b"probe image 128 is out of range for run 'demo'"),
-        (f"{good}", 400, b"image"),
-        ("run=demo&step=10&node=conv2&unit=32&image=0", 400, b"unit 32 is out of range"),
-        ("run=demo&step=10&node=nope&unit=0&image=0", 404, b"nope"),
-        ("run=demo&step=4&node=conv2&unit=0&image=0", 404, b"4"),
-        ("run=nope&step=10&node=conv2&unit=0&image=0", 404, b"nope"),
-    ]:
-        response = http.get(f"{BASE}/attribution?{query}")
-        assert response.status_code == code and words in response.data, (query, response.data)
+    assert_refused(
+        http,
+        "attribution",
+        [
+            (f"{good}&image=0&method=lime", 400, b"integrated_gradients, saliency, guided_"),
+            (f"{good}&image=128", 400, b"probe image 128 is out of range for run 'demo'"),
+            (f"{good}", 400, b"image"),
+            ("run=demo&step=10&node=conv2&unit=32&image=0", 400, b"unit 32 is out of range"),
+            ("run=demo&step=10&node=nope&unit=0&image=0", 404, b"nope"),
+            ("run=demo&step=4&node=conv2&unit=0&image=0", 404, b"4"),
+            ("run=nope&step=10&node=conv2&unit=0&image=0", 404, b"nope"),
+        ],
+    )
     assert plugin.service.idle()  # nothing refused was queued
 
 
@@ -297,6 +307,88 @@ def test_a_caricature_through_the_image_route_is_the_engines(client, logdir):
         assert response.status_code == 400 and words in response.data, (bad, response.data)
     response = post(http, "render", {**body, "units": [128]})
     assert response.status_code == 400 and b"probe image 128" in response.data
+
+
+def read_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_an_atlas_through_the_route_is_the_librarys(client, logdir, tmp_path):
+    plugin, http = client
+    query = "atlas?run=demo&step=3&node=conv2&grid=6"
+    first = http.get(f"{BASE}/{query}")
+    assert first.status_code == 202 and json.loads(first.data)["status"] in ("queued", "running")
+    result = wait_for_json(http, query)
+    run = tb_microscope.open_run(logdir / "demo")
+    direct = tb_microscope.activation_atlas(
+        run, 3, "conv2", grid=6, size=SIZE, iterations=ITERATIONS, device="cpu", cache_dir=tmp_path
+    )
+    assert result == {**direct.to_dict(), "picture": f"{query}&format=png"}
+    assert (result["step"], result["layout_step"], result["grid"]) == (3, 10, 6)  # the last step
+    assert all(len(cell["units"]) == 3 and cell["examples"] for cell in result["cells"])
+    picture = http.get(f"{BASE}/{result['picture']}")
+    assert picture.status_code == 200 and picture.headers["Content-Type"] == "image/png"
+    rgba = read_png(picture.data)  # the cells opaque, the empty ones transparent
+    assert rgba.shape == (6 * SIZE, 6 * SIZE, 4)
+    np.testing.assert_array_equal(rgba[..., :3], direct.image)
+    filled = np.zeros((6, 6), bool)
+    filled[[c["row"] for c in result["cells"]], [c["col"] for c in result["cells"]]] = True
+    alpha = rgba[..., 3].reshape(6, SIZE, 6, SIZE)
+    assert (alpha.transpose(0, 2, 1, 3)[filled] == 255).all()
+    assert (alpha.transpose(0, 2, 1, 3)[~filled] == 0).all()
+    # another step of the slider: the same layout and cells, other pictures
+    other = wait_for_json(http, "atlas?run=demo&step=10&node=conv2&grid=6")
+    assert (other["coords"], other["sources"]) == (result["coords"], result["sources"])
+    assert [(c["row"], c["col"]) for c in other["cells"]] == [
+        (c["row"], c["col"]) for c in result["cells"]
+    ]
+    later = read_png(http.get(f"{BASE}/{other['picture']}").data)
+    assert not np.array_equal(later, rgba)
+    wait_until_idle(plugin)
+    analyses = plugin.service.stats["analyses"]
+    assert json.loads(http.get(f"{BASE}/{query}").data) == result  # from the cache
+    assert plugin.service.stats["analyses"] == analyses
+    good = "run=demo&step=3&node=conv2"
+    assert_refused(
+        http,
+        "atlas",
+        [
+            (f"{good}&grid=1", 400, b"grid must be from 2 to 50"),
+            (f"{good}&grid=6&quality=best", 400, b"quality must be one of full, preview"),
+            (f"{good}&grid=6&layout_step=4", 404, b"4"),
+            ("run=demo&step=3&node=nope", 404, b"nope"),
+        ],
+    )
+    assert plugin.service.stats["analyses"] == analyses  # nothing refused was queued
+
+
+def test_an_atlas_preview_is_cheaper_and_never_beyond_the_servers_settings():
+    from tb_microscope.rendering.engine import Quality
+    from tb_microscope.server.plugin import atlas_qualities
+
+    assert atlas_qualities(Quality(128, 512)) == {
+        "full": Quality(64, 128),
+        "preview": Quality(32, 24),
+    }
+    assert atlas_qualities(Quality(48, 64)) == {"full": Quality(48, 64), "preview": Quality(32, 24)}
+    assert atlas_qualities(Quality(24, 8)) == {"full": Quality(24, 8), "preview": None}
+
+
+def test_the_probe_route_serves_a_probe_image(client, logdir):
+    _, http = client
+    images = tb_microscope.open_run(logdir / "demo").probe_images()
+    response = http.get(f"{BASE}/probe?run=demo&image=5")
+    assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    np.testing.assert_array_equal(read_png(response.data), images[5].permute(1, 2, 0).numpy())
+    assert_refused(
+        http,
+        "probe",
+        [
+            ("run=demo&image=128", 400, b"probe image 128 is out of range for run 'demo'"),
+            ("run=demo", 400, b"image"),
+            ("run=nope&image=0", 404, b"nope"),
+        ],
+    )
 
 
 def test_dynamics_and_align_routes_compute_on_a_worker_once(client, logdir):
@@ -337,6 +429,8 @@ def test_dynamics_of_a_run_without_probe_images_say_how_to_get_them(tmp_path, ti
         f"align?run=plain&step=0&node={node}&run2=plain&step2=0",
         f"attribution?run=plain&step=0&node={node}&unit=0&image=0",
         f"image?run=plain&step=0&node={node}&technique=caricature&image=0",
+        f"atlas?run=plain&step=0&node={node}",
+        "probe?run=plain&image=0",
     ):
         response = http.get(f"{BASE}/{path}")
         assert response.status_code == 400 and b"probe=" in response.data, response.data
@@ -472,6 +566,10 @@ def test_a_preview_comes_first_and_the_full_render_replaces_it(logdir):
         "iterations": 400,
         "preview": {"size": 16, "iterations": 2},
         "attribution_methods": ["integrated_gradients", "saliency", "guided_backprop"],
+        "atlas": {  # an atlas's cells: never larger or longer than a unit's render
+            "full": {"size": 32, "iterations": 128},
+            "preview": {"size": 32, "iterations": 24},
+        },
     }
     body = {"run": "demo", "step": 5, "node": "conv1", "units": [0, 1, 2, 3]}
     deadline = time.monotonic() + 120
