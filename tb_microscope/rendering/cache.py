@@ -153,7 +153,7 @@ class DiskBudget:
         found = []
         for folder, _, files in os.walk(root):
             for name in files:
-                if name.endswith((".png", ".json")):
+                if name.endswith((".png", ".json", ".npz")):
                     path = os.path.join(folder, name)
                     try:
                         st = os.stat(path)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import os
 import re
 import signal
 import subprocess
@@ -630,3 +631,22 @@ def test_render_command_refuses_bad_arguments_before_rendering(trained, tmp_path
     )
     assert proc.returncode == 2 and words in proc.stderr, proc.stderr
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_restarted_servers_disk_budget_counts_every_cached_file_and_evicts_the_oldest(tmp_path):
+    from tb_microscope.rendering.cache import DiskBudget
+
+    sizes = {"old.npz": 4000, "a.png": 1000, "results/b.json": 500, "results/c.npz": 3000}
+    for age, (name, size) in enumerate(sizes.items()):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))  # oldest first
+    (tmp_path / ".tmp-123").write_bytes(b"x" * 9999)  # not a cached file: not counted
+    budget = DiskBudget(max_bytes=10_000)
+    budget.track(tmp_path)
+    assert budget.total == sum(sizes.values())  # the atlases' arrays too
+    smaller = DiskBudget(max_bytes=6000)
+    smaller.track(tmp_path)
+    assert not (tmp_path / "old.npz").exists() and (tmp_path / "results/c.npz").exists()
+    assert smaller.total == 4500
