@@ -129,8 +129,11 @@ export class AtlasView {
       width: `${size}%`, height: `${size}%`});
   }
 
+  // Only when the pointer enters another cell: mousemove fires at every pixel.
   point(at) {
-    this.hovered = at && this.cells.has(`${at[0]},${at[1]}`) ? at : null;
+    const hovered = at && this.cells.has(`${at[0]},${at[1]}`) ? at : null;
+    if (String(hovered) === String(this.hovered)) return;
+    this.hovered = hovered;
     this.mark(this.hoverMark, this.hovered);
     this.board.style.cursor = this.hovered ? 'pointer' : 'default';
     this.describe(this.hovered ?? this.pinned);

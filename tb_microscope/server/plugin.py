@@ -560,13 +560,15 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             str(run.path), run.id, kind, node, unit, tuple(sorted(options.items())), snapshots
         )
 
-    def _result(self, run, work: Analysis) -> tuple[int, dict]:
+    def _result(self, run, work: Analysis, read=None) -> tuple[int, dict | bytes]:
         """(200, the result) when computed, else (202, status) once it is asked for; a failure
-        is a 400 saying why."""
+        is a 400 saying why. `read(cache)` reads the result (by default its JSON); None, when
+        it was evicted since, asks for it again."""
         unit = work.unit
         status = self._request(work, [unit])[unit]
         if status["status"] == DONE:
-            result = self.service.cache(run).get_result(work.result_key)
+            cache = self.service.cache(run)
+            result = read(cache) if read else cache.get_result(work.result_key)
             if result is not None:
                 return 200, result
             status = self._request(work, [unit])[unit]
@@ -681,14 +683,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def atlas_picture_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
         """The atlas's picture: (200, PNG bytes; empty cells transparent), else (202, status)."""
         run, work = self._atlas_work(ctx, experiment, args)
-        code, body = self._result(run, work)
-        if code == 200:
-            cache = self.service.cache(run)
-            data = cache.read(cache.picture_path(work.result_key))
-            if data is not None:
-                return 200, data
-            code, body = self._result(run, work)  # evicted since: computed again
-        return code, body
+
+        def picture(cache):
+            return cache.read(cache.picture_path(work.result_key))
+
+        return self._result(run, work, picture)
 
     def probe_impl(self, ctx, experiment: str, args) -> bytes:
         """Probe image `image` of a run as a PNG (more than three channels: `bands` as RGB)."""
