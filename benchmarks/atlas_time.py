@@ -28,7 +28,7 @@ import torchvision
 
 import tb_microscope
 from tb_microscope.demo.data import CLASSES, make_images
-from tb_microscope.rendering import RenderCache
+from tb_microscope.execution.cache import RenderCache
 
 
 def peak_mib() -> float:

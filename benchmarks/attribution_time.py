@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import tb_microscope
-from tb_microscope.rendering.attribution import METHODS
+from tb_microscope.analysis.attribution import METHODS
 
 
 def main() -> None:

@@ -452,7 +452,7 @@ def section_googlenet(args, cfg, device, clock) -> str:
     import torchvision
 
     try:
-        from tb_microscope.rendering.param import PAD
+        from tb_microscope.optvis.param import PAD
     except ImportError:
         PAD = 12
     size, iterations, count = (cfg[f"googlenet_{k}"] for k in ("size", "iterations", "units"))

@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 
 import tb_microscope
-from tb_microscope.schedule import DenseEarly
+from tb_microscope.training.schedule import DenseEarly
 
 
 def main() -> None:

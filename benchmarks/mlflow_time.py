@@ -71,8 +71,9 @@ def main() -> None:
         import mlflow
 
         import tb_microscope
-        from tb_microscope.integrations.mlflow import list_runs
-        from tb_microscope.rendering import RenderCache, render_cached
+        from tb_microscope.execution.cache import RenderCache
+        from tb_microscope.execution.planner import render_cached
+        from tb_microscope.store.mlflow import list_runs
 
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)

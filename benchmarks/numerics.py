@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 import tb_microscope
-from tb_microscope.rendering.numerics import Numerics, default_numerics
+from tb_microscope.optvis.numerics import Numerics, default_numerics
 
 MODELS = {  # each built for the size asked (a ViT takes only its own)
     "googlenet": (

@@ -29,7 +29,7 @@ from werkzeug import test as werkzeug_test
 from werkzeug import wrappers
 
 import tb_microscope
-from tb_microscope.rendering.engine import QUALITIES
+from tb_microscope.optvis.engine import QUALITIES
 from tb_microscope.server.plugin import MicroscopePlugin
 
 BASE = "/data/plugin/tb_microscope"

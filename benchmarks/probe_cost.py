@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import tb_microscope
+from tb_microscope.analysis.atlas import sampled_activations
 from tb_microscope.demo.data import make_images, normalize
 from tb_microscope.demo.model import SmallCNN
-from tb_microscope.rendering.atlas import sampled_activations
-from tb_microscope.runstore import PROBE, RunStore
+from tb_microscope.store.local import RunStore
+from tb_microscope.store.paths import PROBE
 
 
 def measure(root: Path, count: int, size: int) -> dict:

@@ -33,11 +33,11 @@ from lucent.optvis import objectives, param, render, transform
 from torch.utils.flop_counter import FlopCounterMode
 
 import tb_microscope
-from tb_microscope.rendering.engine import default_device, learning_rate
-from tb_microscope.rendering.heap import kept_heap, page_faults
-from tb_microscope.rendering.numerics import usable_numerics
-from tb_microscope.rendering.param import PAD, InputSpace
-from tb_microscope.rendering.tap import NodeTap
+from tb_microscope.optvis.engine import default_device, learning_rate
+from tb_microscope.optvis.heap import kept_heap, page_faults
+from tb_microscope.optvis.numerics import usable_numerics
+from tb_microscope.optvis.param import PAD, InputSpace
+from tb_microscope.optvis.tap import NodeTap
 
 
 def mean_activation(run, model, node, units, images: np.ndarray, device) -> np.ndarray:

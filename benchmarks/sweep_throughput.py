@@ -31,7 +31,7 @@ def main() -> None:
     import tb_microscope
     from tb_microscope.cli import render_jobs
     from tb_microscope.demo.model import SmallCNN
-    from tb_microscope.rendering.ray_executor import RayExecutor
+    from tb_microscope.execution.ray_executor import RayExecutor
 
     root = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     runs = []

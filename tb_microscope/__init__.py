@@ -54,31 +54,28 @@ __all__ = [
 # and a training script's `import tb_microscope` do not import torch until they need it, nor
 # the image and optimization code at all unless they render.
 _LAZY = {
-    "Logger": "logger",
-    "SnapshotWriteError": "logger",
+    "Logger": "training.logger",
+    "SnapshotWriteError": "training.logger",
     "Run": "run",
-    "find_runs": "paths",
+    "find_runs": "store.paths",
     "open_run": "run",
-}
-_RENDERING = {
-    "Atlas",
-    "ImageIndexError",
-    "RenderCache",
-    "UnitIndexError",
-    "activation_atlas",
-    "align_units",
-    "attribution",
-    "dataset_examples",
-    "model_dynamics",
-    "node_dynamics",
-    "render",
-    "unit_history",
-    "unit_weights",
+    "Atlas": "analysis.atlas",
+    "activation_atlas": "analysis.atlas",
+    "align_units": "analysis.dynamics",
+    "model_dynamics": "analysis.dynamics",
+    "node_dynamics": "analysis.dynamics",
+    "attribution": "analysis.attribution",
+    "dataset_examples": "analysis.examples",
+    "unit_history": "analysis.history",
+    "unit_weights": "analysis.weights",
+    "ImageIndexError": "optvis.engine",
+    "UnitIndexError": "optvis.engine",
+    "render": "optvis.engine",
+    "RenderCache": "execution.cache",
 }
 
 
 def __getattr__(name: str):
-    if name in _LAZY or name in _RENDERING:
-        module = importlib.import_module(f".{_LAZY.get(name, 'rendering')}", __name__)
-        return getattr(module, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'tb_microscope' has no attribute {name!r}")

@@ -48,7 +48,7 @@ def _shape(shape) -> str:
 
 
 def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
-    from .paths import is_mlflow_uri
+    from .store.paths import is_mlflow_uri
 
     m = run.manifest
     arch = m.model.architecture
@@ -96,7 +96,7 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .paths import find_runs, is_mlflow_uri
+    from .store.paths import find_runs, is_mlflow_uri
 
     if is_mlflow_uri(args.logdir):
         from .run import open_run
@@ -189,7 +189,7 @@ def _check_render_syntax(args: argparse.Namespace) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .paths import find_runs, is_mlflow_uri
+    from .store.paths import find_runs, is_mlflow_uri
 
     _check_render_syntax(args)
     mlflow = is_mlflow_uri(args.logdir)
@@ -207,8 +207,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise MicroscopeError(f"no tb_microscope runs to render under '{logdir}'")
     import torch
 
-    from .rendering import get_technique
-    from .rendering.engine import QUALITIES, display_bands
+    from .optvis.engine import QUALITIES, display_bands
+    from .optvis.techniques import get_technique
     from .run import open_run
 
     technique = get_technique(args.technique)
@@ -285,7 +285,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 "--device names this machine's devices; with --ray the "
                 "cluster's GPUs (else CPUs) are used"
             )
-        from .rendering.ray_executor import RayExecutor
+        from .execution.ray_executor import RayExecutor
 
         executor = RayExecutor(args.ray, allow_pickle=args.allow_pickle, workers=args.ray_workers)
         print(f"rendering on {executor.describe()}", file=sys.stderr)
@@ -316,7 +316,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def _probe_count(run, technique: str) -> int:
     """How many probe images `run` has, for a technique whose units are probe images; none is
     an error saying so and how to log them."""
-    from .rendering.probe import probe_count
+    from .optvis.probe import probe_count
 
     try:
         return probe_count(run)
@@ -349,7 +349,7 @@ def log_to_mlflow(jobs, technique, cache_dir, bands, *, size, iterations, seed) 
     per node and step. Returns how many images were logged."""
     from mlflow import MlflowClient
 
-    from .rendering import RenderCache, RenderKey
+    from .execution.cache import RenderCache, RenderKey
 
     logged = 0
     prefix = ("microscope",) if technique.name == "channel" else ("microscope", technique.name)
@@ -411,9 +411,9 @@ def render_jobs(
     to stop at their next check, never in the middle of writing a file; a second Ctrl-C stops at
     once (files stay whole then too: they are written to a temporary name first).
     """
-    from .rendering import RenderCache
-    from .rendering.execution import InProcessExecutor
-    from .rendering.sweep import Settings, group_size, plan, store
+    from .execution.cache import RenderCache
+    from .execution.executors import InProcessExecutor
+    from .execution.planner import Settings, group_size, plan, store
 
     executor = executor or InProcessExecutor(devices)
     settings = Settings(technique, size, iterations, seed, bands, batch_size)
@@ -463,7 +463,7 @@ def render_jobs(
 
 def open_one_run(text: str, allow_pickle: bool) -> Run:
     """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
-    from .paths import find_runs, is_mlflow_uri
+    from .store.paths import find_runs, is_mlflow_uri
 
     if is_mlflow_uri(text):
         from .run import open_run
@@ -491,7 +491,7 @@ def _number(value) -> str:
 
 
 def _write_output(text: str, output: str | None) -> None:
-    from .runstore import write_bytes_atomic
+    from .store.local import write_bytes_atomic
 
     if output:
         write_bytes_atomic(Path(output), text.encode())
@@ -509,7 +509,7 @@ def _output_format(args: argparse.Namespace) -> str:
 
 def cmd_dynamics(args: argparse.Namespace) -> int:
     run = open_one_run(args.run, args.allow_pickle)
-    from .rendering.dynamics import model_dynamics, node_dynamics
+    from .analysis.dynamics import model_dynamics, node_dynamics
 
     steps = None
     if args.steps != "all" and run.steps:
@@ -600,7 +600,7 @@ def parse_run_step(text: str, allow_pickle: bool) -> tuple[Run, int]:
 def cmd_align(args: argparse.Namespace) -> int:
     run_a, step_a = parse_run_step(args.a, args.allow_pickle)
     run_b, step_b = parse_run_step(args.b, args.allow_pickle)
-    from .rendering.dynamics import align_units
+    from .analysis.dynamics import align_units
 
     found = align_units(run_a, step_a, run_b, step_b, args.node, device=args.device)
     form = _output_format(args)
@@ -654,8 +654,8 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from .rendering.atlas import activation_atlas
-    from .runstore import write_bytes_atomic
+    from .analysis.atlas import activation_atlas
+    from .store.local import write_bytes_atomic
 
     try:
         device = torch.device(args.device) if args.device else None

@@ -8,14 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import (
-    EXPORT_LOCK,
-    check_program,
-    load_program,
-    move_program,
-    program_bytes,
-)
-from .capture import load_pickled, pickle_refusal
 from .errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -25,11 +17,21 @@ from .errors import (
     RunNotFoundError,
     summarize,
 )
-from .integrations.mlflow import MlflowRunStore, parse_mlflow_uri
 from .lru import LRU
 from .nodes import Node
-from .paths import is_mlflow_uri
-from .runstore import EXPORT, PENDING, PICKLE, InputSpec, RunStore
+from .store.architecture import (
+    EXPORT_LOCK,
+    check_program,
+    load_pickled,
+    load_program,
+    move_program,
+    pickle_refusal,
+    program_bytes,
+)
+from .store.local import RunStore
+from .store.manifest import EXPORT, PENDING, PICKLE, InputSpec
+from .store.mlflow import MlflowRunStore, parse_mlflow_uri
+from .store.paths import is_mlflow_uri
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..logger import Logger
+from ..training.logger import Logger
 from .data import MEAN, STD, make_images, normalize
 from .model import SmallCNN
 

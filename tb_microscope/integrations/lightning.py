@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..logger import Logger
+from ..training.logger import Logger
 
 try:
     from lightning.pytorch import Callback

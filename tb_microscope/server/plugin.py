@@ -25,6 +25,9 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from .. import limits
+from ..analysis.atlas import QUALITIES as ATLAS_QUALITIES
+from ..analysis.attribution import METHODS, captum_attr
+from ..analysis.weights import default_source
 from ..errors import (
     CorruptSnapshotError,
     IncompatibleRunError,
@@ -34,13 +37,8 @@ from ..errors import (
     RunNotFoundError,
     StepNotFoundError,
 )
-from ..integrations.mlflow import MlflowRuns
-from ..paths import PLUGIN_NAME
-from ..rendering import TECHNIQUES, get_technique
-from ..rendering.atlas import QUALITIES as ATLAS_QUALITIES
-from ..rendering.attribution import METHODS, captum_attr
-from ..rendering.cache import encode_picture
-from ..rendering.engine import (
+from ..execution.cache import encode_picture
+from ..optvis.engine import (
     QUALITIES,
     Quality,
     check_images,
@@ -48,8 +46,10 @@ from ..rendering.engine import (
     check_units,
     display_bands,
 )
-from ..rendering.probe import as_rgb, probe_count
-from ..rendering.weights import default_source
+from ..optvis.probe import as_rgb, probe_count
+from ..optvis.techniques import TECHNIQUES, get_technique
+from ..store.mlflow import MlflowRuns
+from ..store.paths import PLUGIN_NAME
 from .service import (
     DONE,
     FAILED,

@@ -35,29 +35,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..analysis.atlas import activation_atlas
+from ..analysis.attribution import attribution_and_notes, heat_map
+from ..analysis.dynamics import align_units, model_dynamics, node_dynamics
+from ..analysis.examples import dataset_examples
+from ..analysis.history import unit_history
+from ..analysis.weights import unit_weights
 from ..errors import MicroscopeError
+from ..execution import planner
+from ..execution.cache import DiskBudget, RenderCache, RenderKey, ResultKey, encode_picture
+from ..execution.executors import Executor, InProcessExecutor
 from ..lru import LRU
-from ..rendering import (
-    DiskBudget,
-    RenderCache,
-    RenderKey,
-    ResultKey,
-    align_units,
-    dataset_examples,
-    model_dynamics,
-    node_dynamics,
-    sweep,
-    unit_history,
-    unit_weights,
-)
-from ..rendering.atlas import activation_atlas
-from ..rendering.attribution import attribution_and_notes, heat_map
-from ..rendering.cache import encode_picture
-from ..rendering.engine import RenderCancelled, available_devices
-from ..rendering.execution import Executor, InProcessExecutor
-from ..rendering.probe import probe_images
+from ..optvis.engine import RenderCancelled, available_devices
+from ..optvis.probe import probe_images
 from ..run import Run
-from ..runstore import RunStore
+from ..store.local import RunStore
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 log = logging.getLogger(__name__)
@@ -96,8 +88,8 @@ class RenderWork:
     preview: bool = False  # a first look (small, few iterations): goes before full renders
 
     @property
-    def settings(self) -> sweep.Settings:
-        return sweep.Settings(self.technique, self.size, self.iterations, self.seed, self.bands)
+    def settings(self) -> planner.Settings:
+        return planner.Settings(self.technique, self.size, self.iterations, self.seed, self.bands)
 
     def key(self, unit: int, image: int = 0) -> RenderKey:
         return self.keys(unit)[image]
@@ -189,7 +181,7 @@ class _Models:
         return self.memory.get_or_make(key, load)
 
 
-class _ServiceRenderer(sweep.Renderer):
+class _ServiceRenderer(planner.Renderer):
     """Renders a worker's groups in this process, with the run the service opened for the job
     (`use`) and the models in the service's memory (shared with the runs' programs)."""
 
@@ -201,12 +193,12 @@ class _ServiceRenderer(sweep.Renderer):
     def use(self, run: Run) -> None:
         self._run = run
 
-    def run(self, group: sweep.Group) -> Run:
+    def run(self, group: planner.Group) -> Run:
         if self._run is None or self._run.id != group.run_id:
             raise RunChangedError(f"run {group.source} was logged again while this waited")
         return self._run
 
-    def model(self, run: Run, group: sweep.Group) -> torch.nn.Module:
+    def model(self, run: Run, group: planner.Group) -> torch.nn.Module:
         return self.memory.get(run, group.step)
 
 
@@ -399,7 +391,7 @@ class RenderService:
         # stay here, on this process's device).
         self.pool = None
         if ray_address:
-            from ..rendering.ray_executor import ActorPool, RayExecutor
+            from ..execution.ray_executor import ActorPool, RayExecutor
 
             self.pool = ActorPool(ray_address, allow_pickle)
         self.cache_dir = cache_dir
@@ -694,18 +686,18 @@ class RenderService:
         optimization each), rendered by this worker's executor (here, or on its Ray actor); each
         group is stored as soon as it is back."""
         work, settings = job.work, job.work.settings
-        per_group = sweep.group_size(work.technique, executor.device_kind, None)
-        groups, _ = sweep.plan(
+        per_group = planner.group_size(work.technique, executor.device_kind, None)
+        groups, _ = planner.plan(
             [(run, work.step, work.node, job.units)], settings, None, per_group, self.cache
         )
-        done: list[sweep.Group] = []
+        done: list[planner.Group] = []
 
-        def stored(group: sweep.Group, rendered: sweep.Rendered, worker: str) -> None:
-            sweep.store(cache, group, settings, rendered)
+        def stored(group: planner.Group, rendered: planner.Rendered, worker: str) -> None:
+            planner.store(cache, group, settings, rendered)
             done.append(group)
             job.progress = len(done) / len(groups)
 
-        def progress(group: sweep.Group, fraction: float) -> None:
+        def progress(group: planner.Group, fraction: float) -> None:
             job.progress = (len(done) + fraction) / len(groups)
 
         executor.execute(groups, settings, stored, should_stop, progress)

@@ -22,7 +22,7 @@ import tb_microscope
 from conftest import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, http, tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
-from tb_microscope.runstore import RunStore
+from tb_microscope.store.local import RunStore
 
 SIZE, ITERATIONS = 24, 8
 

@@ -13,7 +13,7 @@ import pytest
 import tb_microscope
 from conftest import SCRIPTS
 from tb_microscope.nodes import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR
-from tb_microscope.rendering.param import canvas_for
+from tb_microscope.optvis.param import canvas_for
 
 CF, CL = CHANNELS_FIRST, CHANNELS_LAST
 

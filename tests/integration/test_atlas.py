@@ -13,10 +13,11 @@ from torch import nn
 
 import tb_microscope
 from tb_microscope import MicroscopeError, NodeNotFoundError, StepNotFoundError
+from tb_microscope.analysis import embedding
+from tb_microscope.analysis.atlas import nearest_units, sample_sources
 from tb_microscope.cli import main
-from tb_microscope.rendering import RenderCache, embedding
-from tb_microscope.rendering.atlas import nearest_units, sample_sources
-from tb_microscope.rendering.engine import RenderCancelled
+from tb_microscope.execution.cache import RenderCache
+from tb_microscope.optvis.engine import RenderCancelled
 
 SIZE = 32
 STEPS = [0, 20]

@@ -13,10 +13,10 @@ from torch import nn
 import tb_microscope
 from conftest import run_python
 from tb_microscope import ImageIndexError, MicroscopeError
-from tb_microscope.rendering.attribution import METHODS
-from tb_microscope.rendering.engine import RenderCancelled
-from tb_microscope.rendering.param import InputSpace
-from tb_microscope.rendering.tap import NodeTap
+from tb_microscope.analysis.attribution import METHODS
+from tb_microscope.optvis.engine import RenderCancelled
+from tb_microscope.optvis.param import InputSpace
+from tb_microscope.optvis.tap import NodeTap
 
 SIZE = 16
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]

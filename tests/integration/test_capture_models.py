@@ -12,9 +12,9 @@ import torch
 
 import tb_microscope
 from conftest import SCRIPTS
-from tb_microscope.architecture import load_program
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
+from tb_microscope.store.architecture import load_program
 
 MODELS = ["alexnet", "googlenet", "resnet18", "mobilenet_v3_small", "custom", "branchy"]
 

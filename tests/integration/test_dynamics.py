@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import tb_microscope
+from tb_microscope.analysis.dynamics import FORMED, formation_step, linear_cka
 from tb_microscope.cli import main
 from tb_microscope.demo.data import CLASSES, MEAN, STD, make_images, normalize
 from tb_microscope.demo.train import train
-from tb_microscope.rendering.dynamics import FORMED, formation_step, linear_cka
 
 STEPS = 50  # the default schedule logs 0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50
 

@@ -12,7 +12,7 @@ import torch
 
 import tb_microscope
 from conftest import SCRIPTS, run_python, train_step
-from tb_microscope.runstore import RunStore
+from tb_microscope.store.local import RunStore
 
 
 def _kill_during_a_write(run_dir) -> list[str]:

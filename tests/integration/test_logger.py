@@ -13,9 +13,10 @@ from torch import nn
 
 import tb_microscope
 from conftest import FixedSizeViT, train_step
-from tb_microscope.capture import ExportTimeout, time_limit
-from tb_microscope.rendering.tap import NodesTap
-from tb_microscope.runstore import FORMAT_VERSION, SUMMARY_TAG, RunStore
+from tb_microscope.optvis.tap import NodesTap
+from tb_microscope.store.local import RunStore
+from tb_microscope.store.manifest import FORMAT_VERSION, SUMMARY_TAG
+from tb_microscope.training.capture import ExportTimeout, time_limit
 
 
 def test_log_called_sparsely_still_snapshots_each_stretch_of_the_schedule(tmp_path, tiny, example):

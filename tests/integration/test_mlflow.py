@@ -35,9 +35,9 @@ from conftest import (
     tensorboard,
 )
 from tb_microscope.errors import IncompatibleRunError, MicroscopeError, RunNotFoundError
-from tb_microscope.integrations.mlflow import TAG, MlflowUnavailableError, mirror_dir, staging_dir
-from tb_microscope.rendering import RenderCache, RenderKey
-from tb_microscope.runstore import RunStore
+from tb_microscope.execution.cache import RenderCache, RenderKey
+from tb_microscope.store.local import RunStore
+from tb_microscope.store.mlflow import TAG, MlflowUnavailableError, mirror_dir, staging_dir
 
 TRAIN = SCRIPTS / "mlflow_train.py"
 PLUGIN = "/data/plugin/tb_microscope"

@@ -21,10 +21,10 @@ from werkzeug import test as werkzeug_test
 from werkzeug import wrappers
 
 import tb_microscope
+from tb_microscope.analysis.attribution import HEAT_ALPHA
 from tb_microscope.demo.train import train
-from tb_microscope.rendering.attribution import HEAT_ALPHA
-from tb_microscope.runstore import RunStore
 from tb_microscope.server.plugin import MicroscopePlugin
+from tb_microscope.store.local import RunStore
 
 SIZE, ITERATIONS = 16, 4
 BASE = "/data/plugin/tb_microscope"
@@ -363,7 +363,7 @@ def test_an_atlas_through_the_route_is_the_librarys(client, logdir, tmp_path):
 
 
 def test_an_atlas_preview_is_cheaper_and_never_beyond_the_servers_settings():
-    from tb_microscope.rendering.engine import Quality
+    from tb_microscope.optvis.engine import Quality
     from tb_microscope.server.plugin import atlas_qualities
 
     assert atlas_qualities(Quality(128, 512)) == {

@@ -18,20 +18,21 @@ import torchvision
 import tb_microscope
 from conftest import run_python
 from tb_microscope.demo.train import train
-from tb_microscope.rendering import RenderCache, RenderKey, render_cached
-from tb_microscope.rendering.batching import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
-from tb_microscope.rendering.canvas import fitted_canvas
-from tb_microscope.rendering.engine import (
+from tb_microscope.execution.cache import RenderCache, RenderKey
+from tb_microscope.execution.planner import render_cached
+from tb_microscope.optvis.batching import BATCH_CAPS, MEMORY_SHARE, batch_size_for, sample_bytes
+from tb_microscope.optvis.canvas import fitted_canvas
+from tb_microscope.optvis.engine import (
     CHECKS_PER_PASS,
     QUALITIES,
     RenderCancelled,
     StopChecks,
     learning_rate,
 )
-from tb_microscope.rendering.numerics import Numerics
-from tb_microscope.rendering.param import PAD, InputSpace
-from tb_microscope.rendering.probe import probe_activations
-from tb_microscope.rendering.tap import NodeTap, frozen
+from tb_microscope.optvis.numerics import Numerics
+from tb_microscope.optvis.param import PAD, InputSpace
+from tb_microscope.optvis.probe import probe_activations
+from tb_microscope.optvis.tap import NodeTap, frozen
 
 STEPS = 150
 
@@ -151,7 +152,7 @@ def test_the_engines_cpu_numerics_compute_a_sample_alike_at_every_batch_size(con
     Under the engine's numerics (for a convolutional network, bf16 with oneDNN on a CPU that
     has it) a sample's forward and input gradient are bitwise the same alone and in batches of
     16 and 64."""
-    from tb_microscope.rendering.numerics import default_numerics
+    from tb_microscope.optvis.numerics import default_numerics
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -594,7 +595,7 @@ def test_render_command_is_resumable_and_ctrl_c_leaves_no_partial_file(trained, 
 def test_render_command_quality_preview_renders_the_tabs_previews(trained, tmp_path):
     from PIL import Image
 
-    from tb_microscope.rendering.engine import QUALITIES
+    from tb_microscope.optvis.engine import QUALITIES
 
     args = ["-m", "tb_microscope.cli", "render", trained.path.parent, "--steps", "150"]
     args += ["--nodes", "conv1", "--units", "0-1", "--cache-dir", tmp_path]
@@ -634,7 +635,7 @@ def test_render_command_refuses_bad_arguments_before_rendering(trained, tmp_path
 
 
 def test_a_restarted_servers_disk_budget_counts_every_cached_file_and_evicts_the_oldest(tmp_path):
-    from tb_microscope.rendering.cache import DiskBudget
+    from tb_microscope.execution.cache import DiskBudget
 
     sizes = {"old.npz": 4000, "a.png": 1000, "results/b.json": 500, "results/c.npz": 3000}
     for age, (name, size) in enumerate(sizes.items()):

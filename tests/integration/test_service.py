@@ -113,7 +113,7 @@ def test_threads_opening_a_runs_cache_at_once_all_find_it_next_to_the_run(run_di
     probes of one name: one thread removed the other's and sent its renders to ~/.cache)."""
     import threading
 
-    from tb_microscope.rendering.cache import CACHE, RenderCache
+    from tb_microscope.execution.cache import CACHE, RenderCache
     from tb_microscope.run import Run
 
     run = Run(run_dir)
@@ -135,7 +135,7 @@ def test_a_request_goes_through_the_sweep_planner_and_draws_what_the_cli_draws(r
     """20 units are more than one CPU group (16): the service renders them as the planner's
     groups and writes the bytes `tb-microscope render` writes."""
     from tb_microscope.cli import render_jobs
-    from tb_microscope.rendering import RenderCache
+    from tb_microscope.execution.cache import RenderCache
     from tb_microscope.run import Run
 
     service = RenderService(device="cpu", cache_dir=str(tmp_path / "service"), abandon_after=60)

@@ -16,10 +16,10 @@ from PIL import Image
 
 import tb_microscope
 from conftest import http, run_python, tensorboard
-from tb_microscope.architecture import UnsafeProgramError, load_program
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
-from tb_microscope.runstore import RunStore
+from tb_microscope.store.architecture import UnsafeProgramError, load_program
+from tb_microscope.store.local import RunStore
 
 SIZE, ITERATIONS = 16, 4
 BASE = "/data/plugin/tb_microscope"

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import FixedSizeFaceNet, FixedSizeViT
-from tb_microscope.capture import discover_nodes
 from tb_microscope.nodes import CHANNELS_FIRST, CHANNELS_LAST, TOKENS, VECTOR, layout_of
+from tb_microscope.training.capture import discover_nodes
 
 CF, CL = CHANNELS_FIRST, CHANNELS_LAST
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tb_microscope.schedule import DenseEarly, make_schedule
+from tb_microscope.training.schedule import DenseEarly, make_schedule
 
 
 def test_default_schedule_logs_31_steps_over_100k_dense_early():
