@@ -141,7 +141,7 @@ def engine_name(name: str):
     """A name from the rendering engine (numerics, batch sizes), or None if it moved."""
     for module in ("numerics", "batching", "engine"):
         try:
-            return getattr(importlib.import_module(f"tb_microscope.rendering.{module}"), name)
+            return getattr(importlib.import_module(f"tb_microscope.optvis.{module}"), name)
         except (ImportError, AttributeError):
             continue
     return None
@@ -644,7 +644,7 @@ def header(device: torch.device, args) -> None:
         f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'})"
         f", tb_microscope {tb_microscope.__version__}, engine version "
-        f"{getattr(importlib.import_module('tb_microscope.rendering'), 'ENGINE_VERSION', '?')}",
+        f"{getattr(importlib.import_module('tb_microscope.optvis'), 'ENGINE_VERSION', '?')}",
         f"torchvision {version_of('torchvision')}, timm {version_of('timm')}",
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"TB_MICROSCOPE_CAPTURE_TIMEOUT={os.environ.get('TB_MICROSCOPE_CAPTURE_TIMEOUT')}",

@@ -17,7 +17,7 @@ next to this machine's matrix-product rate in the precision the engine's numeric
 as matrix products reach here.
 
 On the CPU the engine keeps the C heap's freed memory for the next iteration while it renders
-(`tb_microscope.rendering.heap`), which the process keeps from the first render on: the bare
+(`tb_microscope.optvis.heap`), which the process keeps from the first render on: the bare
 passes and lucent, run in the same process, get it too; with TB_MICROSCOPE_KEEP_HEAP=0 all
 three run with glibc's defaults. The page faults an iteration of each are printed.
 """

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=64)
     args = parser.parse_args()
     import tb_microscope
-    from tb_microscope.cli import render_jobs
+    from tb_microscope.cli.render import render_jobs
     from tb_microscope.demo.model import SmallCNN
     from tb_microscope.execution.ray_executor import RayExecutor
 

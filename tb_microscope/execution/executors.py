@@ -1,6 +1,6 @@
 """Executors: what renders a sweep's groups, behind one protocol on every road.
 
-The CLI's `render` and the demo (`cli.render_jobs`) hand a whole sweep to an executor; the
+The CLI's `render` and the demo (`cli.render.render_jobs`) hand a whole sweep to an executor; the
 plugin's render service gives each of its workers one, and hands it each request's groups. The
 caller plans the groups (`planner.plan`) and alone writes the results into the cache (from
 `on_result`, with `planner.store`), so the files are the same whichever executor rendered them.

@@ -8,9 +8,9 @@ render the groups, each with a `Renderer` (here, or in a Ray actor); results alw
 the caller, which alone writes them into the cache (`store`): no file is written twice, and the
 files are the same whichever executor rendered them.
 
-Every render goes through the planner: the CLI's `render` and the demo (`cli.render_jobs`), the
-plugin's render service (each queued request, on its worker's executor) and `render_cached`
-(one node's units at one step, here).
+Every render goes through the planner: the CLI's `render` and the demo
+(`cli.render.render_jobs`), the plugin's render service (each queued request, on its worker's
+executor) and `render_cached` (one node's units at one step, here).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The node tap: a node's activations in the one layout every technique reads.
 
-Whatever the node's layout (`runstore.LAYOUTS`), a tap gives `NodeActivations` whose `maps` are
+Whatever the node's layout (`nodes.LAYOUTS`), a tap gives `NodeActivations` whose `maps` are
 N x C x H x W for feature maps and tokens, and N x F for vectors:
 - channels-last maps (Swin, ConvNeXt blocks) are permuted to channels-first;
 - tokens (ViT, DINOv2): the patch tokens after the node's `prefix` leading ones, laid out on their

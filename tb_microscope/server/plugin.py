@@ -6,18 +6,20 @@ errors are TensorBoard's own, so users get a 400 or 404 with the message. A run 
 read is listed with its error and breaks nothing else. Routes that start or stop work take a
 POST of `application/json` from the tab's own origin only, so a page on another site cannot
 make the server render (or cancel) anything.
+
+Beside it: `requests.py` reads and checks a request, `previews.py` decides what is shown first,
+`flags.py` defines the `--microscope_*` flags, and `service.py` runs the work on its workers.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import json
 import os
 import posixpath
 from importlib import resources
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
@@ -25,18 +27,9 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 from .. import limits
-from ..analysis.atlas import QUALITIES as ATLAS_QUALITIES
 from ..analysis.attribution import METHODS, captum_attr
 from ..analysis.weights import default_source
-from ..errors import (
-    CorruptSnapshotError,
-    IncompatibleRunError,
-    MicroscopeError,
-    NodeNotFoundError,
-    PickleNotAllowedError,
-    RunNotFoundError,
-    StepNotFoundError,
-)
+from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError
 from ..execution.cache import encode_picture
 from ..optvis.engine import (
     QUALITIES,
@@ -50,113 +43,19 @@ from ..optvis.probe import as_rgb, probe_count
 from ..optvis.techniques import TECHNIQUES, get_technique
 from ..store.mlflow import MlflowRuns
 from ..store.paths import PLUGIN_NAME
-from .service import (
-    DONE,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    Analysis,
-    QueueFullError,
-    RenderService,
-    RenderWork,
-    Work,
-)
+from .flags import DEFAULT_CACHE_MB, DEFAULT_MEMORY_MB, define_flags
+from .previews import atlas_qualities, render_preview, request_with_previews
+from .requests import UnavailableError, int_arg, json_body, public_errors
+from .service import DONE, FAILED, QueueFullError, RenderService
+from .work import Analysis, RenderWork, Work
 
-_MAX_INT = 2**62
 # What the tab's static files may be, and how they are served.
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
-RETRY_AFTER_S = 2
-MAX_BODY_BYTES = 1 << 20
-DEFAULT_CACHE_MB = 2048
-DEFAULT_MEMORY_MB = 2048
-
-
-class UnavailableError(errors.PublicError):
-    """The render queue is full: 503, try again shortly."""
-
-    error_code = "Unavailable"
-    http_code = 503
-
-    def __init__(self, details):
-        super().__init__(f"Unavailable: {details}")
-        self.headers.append(("Retry-After", str(RETRY_AFTER_S)))
-
-
-class UnsupportedMediaTypeError(errors.PublicError):
-    """A POST whose body is not declared as JSON (what a cross-site HTML form sends)."""
-
-    error_code = "Unsupported media type"
-    http_code = 415
-
-    def __init__(self, details):
-        super().__init__(f"Unsupported media type: {details}")
-
-
-@contextlib.contextmanager
-def _public_errors():
-    """Our errors as TensorBoard's: what is missing is a 404, anything else wrong a 400. A
-    run's data that cannot be used says its kind too (`CorruptSnapshotError: …`), as a failed
-    render does, so that the tab can name it in a small cell."""
-    try:
-        yield
-    except (NodeNotFoundError, StepNotFoundError, RunNotFoundError) as e:
-        raise errors.NotFoundError(str(e)) from e
-    except (CorruptSnapshotError, IncompatibleRunError, PickleNotAllowedError) as e:
-        raise errors.InvalidArgumentError(f"{type(e).__name__}: {e}") from e
-    except (MicroscopeError, ValueError, OSError) as e:
-        raise errors.InvalidArgumentError(str(e)) from e
-
-
-def atlas_qualities(full: Quality) -> dict[str, Quality | None]:
-    """An atlas's cells at full quality and as a preview, never larger or longer than a unit's
-    render (the server's --microscope_size and --microscope_iterations); no preview where it
-    would not be cheaper."""
-    top, first = ATLAS_QUALITIES["full"], ATLAS_QUALITIES["preview"]
-    full = Quality(min(top.size, full.size), min(top.iterations, full.iterations))
-    preview = Quality(min(first.size, full.size), min(first.iterations, full.iterations))
-    cheaper = preview.size**2 * preview.iterations < full.size**2 * full.iterations
-    return {"full": full, "preview": preview if cheaper else None}
 
 
 def overlay_png(result: dict) -> bytes:
     """The PNG of an attribution result's heat map (held in it as a data URL)."""
     return base64.b64decode(result["overlay"].split(",", 1)[1])
-
-
-def _int(args, name: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
-    raw = args.get(name)
-    if raw is None:
-        if default is None:
-            raise errors.InvalidArgumentError(f"missing query parameter {name!r}")
-        return default
-    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise errors.InvalidArgumentError(f"{name} must be a whole number, got {raw!r}")
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise errors.InvalidArgumentError(f"{name} must be a whole number, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise errors.InvalidArgumentError(f"{name} must be from {lo} to {hi}, got {value}")
-    return value
-
-
-def check_same_origin_json(request) -> None:
-    """Refuse a request that could come from another site: only a JSON POST, and no `Origin`
-    (or `Sec-Fetch-Site`) that names another site than this server."""
-    if request.method != "POST":
-        raise errors.InvalidArgumentError(f"{request.path} takes a POST with a JSON body")
-    if request.mimetype != "application/json":
-        raise UnsupportedMediaTypeError(
-            f"{request.path} takes Content-Type application/json, not {request.mimetype or 'none'}"
-        )
-    origin = request.headers.get("Origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
-        raise errors.PermissionDeniedError(
-            f"a request from {origin} may not start or stop work on this server ({request.host})"
-        )
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        raise errors.PermissionDeniedError(f"a {site} request may not start or stop work here")
 
 
 class MicroscopePlugin(base_plugin.TBPlugin):
@@ -169,14 +68,16 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         full, preview = QUALITIES["full"], QUALITIES["preview"]
         self._size = getattr(flags, "microscope_size", full.size)
         self._iterations = getattr(flags, "microscope_iterations", full.iterations)
+        render = Quality(self._size, self._iterations)
         # A preview is a smaller, shorter render shown first; none when it would not be cheaper.
-        size = min(getattr(flags, "microscope_preview_size", preview.size), self._size)
-        iterations = min(
-            getattr(flags, "microscope_preview_iterations", preview.iterations), self._iterations
+        self._preview = render_preview(
+            render,
+            Quality(
+                getattr(flags, "microscope_preview_size", preview.size),
+                getattr(flags, "microscope_preview_iterations", preview.iterations),
+            ),
         )
-        cheaper = 0 < size * size * iterations < self._size * self._size * self._iterations
-        self._preview = Quality(size, iterations) if size > 0 and cheaper else None
-        self._atlas = atlas_qualities(Quality(self._size, self._iterations))
+        self._atlas = atlas_qualities(render)
         cache_mb = getattr(flags, "microscope_cache_max_mb", DEFAULT_CACHE_MB)
         memory_mb = getattr(flags, "microscope_memory_mb", DEFAULT_MEMORY_MB)
         self.service = RenderService(
@@ -257,12 +158,12 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.NotFoundError(
                 f"run {name!r} has no tb_microscope data; runs: {', '.join(names) or 'none'}"
             )
-        with _public_errors():
+        with public_errors():
             return self._open(name)
 
     def _step(self, run, args, name: str = "step") -> int:
-        step = _int(args, name)
-        with _public_errors():
+        step = int_arg(args, name)
+        with public_errors():
             if step not in run.steps:
                 raise StepNotFoundError(run.store.missing_step_message(step))
         return step
@@ -270,7 +171,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def _unit_args(self, ctx, experiment: str, args):
         run = self._run(ctx, experiment, args.get("run", ""))
         step = self._step(run, args)
-        with _public_errors():
+        with public_errors():
             node = run.node(args.get("node", ""))
         return run, step, node
 
@@ -353,7 +254,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if not isinstance(raw, list):
             raise errors.InvalidArgumentError("bands must be a list of three channel numbers")
         channels = run.input_spec.channels
-        with _public_errors():
+        with public_errors():
             chosen = display_bands(channels, raw)
         return None if chosen == display_bands(channels, None) else tuple(chosen)
 
@@ -380,7 +281,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                 f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}"
             )
         preview = quality == "preview" and self._preview is not None
-        with _public_errors():
+        with public_errors():
             technique = get_technique(args.get("technique", "channel"))
             version = run.snapshot_version(step)
             check_technique(technique, node)
@@ -395,11 +296,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             version,
             node.name,
             technique.name,
-            self._preview.size if preview else _int(args, "size", self._size, *limits.SIZE),
+            self._preview.size if preview else int_arg(args, "size", self._size, *limits.SIZE),
             self._preview.iterations
             if preview
-            else _int(args, "iterations", self._iterations, *limits.ITERATIONS),
-            _int(args, "seed", 0),
+            else int_arg(args, "iterations", self._iterations, *limits.ITERATIONS),
+            int_arg(args, "seed", 0),
             self._bands(run, args),
             preview,
         )
@@ -407,25 +308,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def _request(self, work: Work, units: list[int]) -> dict[int, dict]:
         try:
             if isinstance(work, RenderWork) and not work.preview and self._preview is not None:
-                return self._with_previews(work, units)
+                return request_with_previews(self.service, work, units, self._preview)
             return self.service.request(work, units)
         except QueueFullError as e:
             raise UnavailableError(str(e)) from e
-
-    def _with_previews(self, group: RenderWork, units: list[int]) -> dict[int, dict]:
-        """The full render's statuses; a unit not rendered yet is also asked for as a preview
-        (first, so that the service takes it first), and once that is there, its status says
-        `preview: true` (the image route gives it with `quality=preview`)."""
-        missing = self.service.missing(group, units)
-        preview = dataclasses.replace(
-            group, size=self._preview.size, iterations=self._preview.iterations, preview=True
-        )
-        previews = self.service.request(preview, missing) if missing else {}
-        statuses = self.service.request(group, units)
-        for unit, status in previews.items():
-            if status["status"] == DONE and statuses[unit]["status"] in (QUEUED, RUNNING):
-                statuses[unit] = {**statuses[unit], "preview": True}
-        return statuses
 
     def image_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
         """(200, PNG bytes) when rendered, else (202, status) while the service works on it.
@@ -439,9 +325,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if technique.compares:
             unit, image = self._probe_index(run, technique.name, args), 0
         else:
-            unit = _int(args, "unit", 0 if technique.whole_node else None)
-            image = _int(args, "image", 0, 0, technique.images_per_unit - 1)
-            with _public_errors():
+            unit = int_arg(args, "unit", 0 if technique.whole_node else None)
+            image = int_arg(args, "image", 0, 0, technique.images_per_unit - 1)
+            with public_errors():
                 check_units(node, [unit])
         status = self._request(group, [unit])[unit]
         if status["status"] == DONE:
@@ -459,7 +345,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         the cache (full quality, else previews), without asking for any render:
         {node: {"step": s, "quality": "full" | "preview", "units": [0, 1, ...]}}."""
         run = self._run(ctx, experiment, args.get("run", ""))
-        count = _int(args, "count", 4, 1, 16)
+        count = int_arg(args, "count", 4, 1, 16)
         cache = self.service.cache(run)
         qualities = ["full", "preview"] if self._preview is not None else ["full"]
         found = {}
@@ -488,27 +374,29 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError('units must be a list of unit indexes, or "all"')
         if of_probe:
             return self._probe_images(run, units)
-        with _public_errors():
+        with public_errors():
             return check_units(node, units)
 
     @staticmethod
     def _probe_count(run) -> int:
         """How many probe images the run has (its manifest says, else its store); a run
         without any is a 400 saying how to log them."""
-        with _public_errors():
+        with public_errors():
             return probe_count(run)
 
     def _probe_images(self, run, images: list) -> list[int]:
         """Probe image indexes, checked against the run's probe images (a 400 saying the range,
         or that the run has none and how to log them)."""
         count = self._probe_count(run)
-        with _public_errors():
+        with public_errors():
             return check_images(run, images, count)
 
     def _probe_index(self, run, technique: str, args) -> int:
         """The probe image a caricature is of: `image=`, or `unit=` as the render route names a
         caricature's units; both must agree."""
-        given = {name: _int(args, name) for name in ("image", "unit") if args.get(name) is not None}
+        given = {
+            name: int_arg(args, name) for name in ("image", "unit") if args.get(name) is not None
+        }
         if not given:
             raise errors.InvalidArgumentError(
                 f"technique {technique!r} draws a probe image: pass image= (a probe image index)"
@@ -543,9 +431,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         if steps is None:
             steps = [self._step(run, args)]
             options = {"step": steps[0], **options}
-        with _public_errors():
+        with public_errors():
             node = run.node(args.get("node", ""))
-            unit = _int(args, "unit")
+            unit = int_arg(args, "unit")
             check_units(node, [unit])
         return self._computed(run, kind, node.name, unit, options, steps)
 
@@ -554,7 +442,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @staticmethod
     def _work(run, kind: str, node: str, unit: int, options: dict, steps) -> Analysis:
-        with _public_errors():
+        with public_errors():
             snapshots = tuple((s, run.snapshot_version(s)) for s in steps)
         return Analysis(
             str(run.path), run.id, kind, node, unit, tuple(sorted(options.items())), snapshots
@@ -589,7 +477,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         self._probe_needed(run)
         node = ""
         if args.get("node"):
-            with _public_errors():
+            with public_errors():
                 node = run.node(args["node"]).name
         if not run.steps:
             raise errors.InvalidArgumentError(f"run '{run.name}' has no snapshots yet")
@@ -601,7 +489,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         self._probe_needed(run)
         other = self._run(ctx, experiment, args.get("run2", ""))
         step2 = self._step(other, args, "step2")
-        with _public_errors():
+        with public_errors():
             other.node(node.name)
             options = {
                 "other": str(other.path),
@@ -612,14 +500,14 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return self._computed(run, "align", node.name, 0, options, [step])
 
     def examples_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
-        count = _int(args, "count", 8, 1, 64)
+        count = int_arg(args, "count", 8, 1, 64)
         return self._analysis(ctx, experiment, args, "examples", {"count": count})
 
     def weights_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
         run, _, node = self._unit_args(ctx, experiment, args)
-        with _public_errors():  # a wrong source is said at once, not after a wait
+        with public_errors():  # a wrong source is said at once, not after a wait
             source = run.node(args.get("source") or default_source(run, node.name)).name
-        options = {"top": _int(args, "top", 8, 1, 256), "source": source}
+        options = {"top": int_arg(args, "top", 8, 1, 256), "source": source}
         return self._analysis(ctx, experiment, args, "weights", options)
 
     def history_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
@@ -637,12 +525,12 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError(
                 f"method must be one of {', '.join(METHODS)}, got {method!r}"
             )
-        with _public_errors():
-            check_units(node, [_int(args, "unit")])
+        with public_errors():
+            check_units(node, [int_arg(args, "unit")])
         if args.get("image") is None:
             raise errors.InvalidArgumentError("missing query parameter 'image' (a probe image)")
-        (image,) = self._probe_images(run, [_int(args, "image")])
-        with _public_errors():
+        (image,) = self._probe_images(run, [int_arg(args, "image")])
+        with public_errors():
             captum_attr()  # without Captum: a 400 naming the extra to install
         options = {"image": image, "method": method}
         return self._analysis(ctx, experiment, args, "attribution", options)
@@ -653,7 +541,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         so that every step of the slider shares one layout)."""
         run, step, node = self._unit_args(ctx, experiment, args)
         self._probe_needed(run, "an activation atlas is made of")
-        grid = _int(args, "grid", 20, *limits.GRID)
+        grid = int_arg(args, "grid", 20, *limits.GRID)
         quality = args.get("quality", "full")
         if quality not in self._atlas:
             raise errors.InvalidArgumentError(
@@ -670,7 +558,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return run, self._work(run, "atlas", node.name, 0, options, steps)
 
     def atlas_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
-        """A node's activation atlas at a step (see `rendering/atlas.py`): (202, status) while a
+        """A node's activation atlas at a step (see `analysis/atlas.py`): (202, status) while a
         worker computes it, then (200, the atlas as `Atlas.to_dict` has it, with `picture`: the
         URL of its PNG, relative to the plugin's routes)."""
         run, work = self._atlas_work(ctx, experiment, args)
@@ -692,9 +580,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def probe_impl(self, ctx, experiment: str, args) -> bytes:
         """Probe image `image` of a run as a PNG (more than three channels: `bands` as RGB)."""
         run = self._run(ctx, experiment, args.get("run", ""))
-        (index,) = self._probe_images(run, [_int(args, "image")])
+        (index,) = self._probe_images(run, [int_arg(args, "image")])
         images = self.service.probe_images(run)
-        with _public_errors():
+        with public_errors():
             return encode_picture(as_rgb(images[index], self._bands(run, args)))
 
     # --- handlers ----------------------------------------------------------------------------
@@ -708,18 +596,6 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def _json_or_pending(self, request, impl):
         code, body = impl(*self._context(request), request.args)
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
-
-    @staticmethod
-    def _body(request) -> dict:
-        check_same_origin_json(request)
-        request.max_content_length = MAX_BODY_BYTES  # a larger body is a 413
-        try:
-            body = json.loads(request.get_data() or b"{}")
-        except ValueError as e:
-            raise errors.InvalidArgumentError(f"the body is not JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise errors.InvalidArgumentError("the body must be a JSON object")
-        return body
 
     @wrappers.Request.application
     def _serve_static(self, request):
@@ -749,11 +625,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_render(self, request):
-        return self._json(request, self.render_impl, self._body(request))
+        return self._json(request, self.render_impl, json_body(request))
 
     @wrappers.Request.application
     def _serve_cancel(self, request):
-        return self._json(request, self.cancel_impl, self._body(request))
+        return self._json(request, self.cancel_impl, json_body(request))
 
     @wrappers.Request.application
     def _serve_examples(self, request):
@@ -815,84 +691,7 @@ class MicroscopeLoader(base_plugin.TBLoader):
     """Registers the plugin and its `--microscope_*` flags (see `tensorboard --helpfull`)."""
 
     def define_flags(self, parser):
-        group = parser.add_argument_group("tb_microscope")
-        group.add_argument(
-            "--microscope_device",
-            default="",
-            help="device for renders: cuda, cuda:1, cpu (default: a worker per "
-            "CUDA device if there are any, else the CPU)",
-        )
-        group.add_argument(
-            "--microscope_cache_dir",
-            default="",
-            help="where rendered images go (default: in each run, else ~/.cache/tb_microscope)",
-        )
-        group.add_argument(
-            "--microscope_size",
-            type=int,
-            default=QUALITIES["full"].size,
-            help=f"rendered image size in px (default {QUALITIES['full'].size})",
-        )
-        group.add_argument(
-            "--microscope_iterations",
-            type=int,
-            default=QUALITIES["full"].iterations,
-            help=f"optimization steps per render (default {QUALITIES['full'].iterations})",
-        )
-        group.add_argument(
-            "--microscope_preview_size",
-            type=int,
-            default=QUALITIES["preview"].size,
-            help="size in px of the preview drawn before each full render "
-            f"(default {QUALITIES['preview'].size}; 0: no previews)",
-        )
-        group.add_argument(
-            "--microscope_preview_iterations",
-            type=int,
-            default=QUALITIES["preview"].iterations,
-            help="optimization steps of a preview "
-            f"(default {QUALITIES['preview'].iterations}; 0: no previews)",
-        )
-        group.add_argument(
-            "--microscope_cache_max_mb",
-            type=float,
-            default=DEFAULT_CACHE_MB,
-            help="the most the render caches may hold on disk, in MB; the least recently "
-            f"used images go first (default {DEFAULT_CACHE_MB}; 0: no limit)",
-        )
-        group.add_argument(
-            "--microscope_memory_mb",
-            type=float,
-            default=DEFAULT_MEMORY_MB,
-            help="the most loaded models and programs may take in memory, in MB "
-            f"(default {DEFAULT_MEMORY_MB})",
-        )
-        group.add_argument(
-            "--microscope_allow_pickle",
-            action="store_true",
-            help="trust the log directory: load pickled architectures and architecture files "
-            "as they are; this can run code from the log directory, so only for log "
-            "directories you trust",
-        )
-        group.add_argument(
-            "--microscope_ray_address",
-            default="",
-            help="render the tab's pictures on this Ray cluster (extra tb-microscope[ray]): "
-            "an address, auto (RAY_ADDRESS) or local (a cluster on this machine); one actor per "
-            "GPU, else per CPU. Its machines must reach the log directory's runs",
-        )
-        group.add_argument(
-            "--microscope_mlflow_tracking_uri",
-            default="",
-            help="also list the runs of this MLflow tracking server that hold tb_microscope "
-            "data (logged with tb_microscope.Logger('mlflow', ...)), as mlflow:<experiment>/<run>",
-        )
-        group.add_argument(
-            "--microscope_mlflow_experiments",
-            default="",
-            help="with --microscope_mlflow_tracking_uri: only these experiments (comma-separated "
-            "names or ids; default all)",
-        )
+        define_flags(parser)
 
     def load(self, context):
         return MicroscopePlugin(context)

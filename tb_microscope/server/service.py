@@ -1,20 +1,20 @@
 """The render service behind the plugin: a bounded queue of work and one worker per device.
 
-Two kinds of work, both keyed by the run's id and the versions of the snapshots they read, never
-by the run's path:
+It schedules the two kinds of work of `work.py`, both keyed by the run's id and the versions of
+the snapshots they read, never by the run's path:
 - a `RenderWork`: units of one (run, step, node, technique, size, iterations, seed); a request
   for more units of queued work joins it, identical requests share it;
 - an `Analysis`: one computed view of one unit (its dataset examples, weights, history, or a
   probe image's attribution to it), of a node at a step (its activation atlas, whose picture
   is stored beside the result), of a node over training (its dynamics; every node's, without a
-  node) or of a node's units matched with another run's (align).
+  node) or of a node's units matched with another run's (align); `analyses.py` computes each.
 
 The work asked about most recently goes first. Whatever nobody has asked about for
 `abandon_after` seconds (the tab polls every half second while it shows a unit) is dropped
 before it starts, and cancelled within about a second once it runs; the `cancel` call does the
-same at once. A RenderWork's units are planned by the sweep planner (`rendering/sweep.py`: the
+same at once. A RenderWork's units are planned by the sweep planner (`execution/planner.py`: the
 units the cache lacks, one optimization per group) and rendered by the worker's executor
-(`rendering/execution.py`): in this process, or, with a Ray cluster, on an actor of its own.
+(`execution/executors.py`): in this process, or, with a Ray cluster, on an actor of its own.
 Results go to the run's cache (images as PNGs, analyses as JSON), where the plugin serves them
 from. A failure is kept for the pollers (in a bounded table, for `retry_after`
 seconds) and the worker carries on. Every table is bounded: the queue (a full one raises
@@ -23,33 +23,27 @@ seconds) and the worker carries on. Every table is bounded: the queue (a full on
 
 from __future__ import annotations
 
-import base64
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..analysis.atlas import activation_atlas
-from ..analysis.attribution import attribution_and_notes, heat_map
-from ..analysis.dynamics import align_units, model_dynamics, node_dynamics
-from ..analysis.examples import dataset_examples
-from ..analysis.history import unit_history
-from ..analysis.weights import unit_weights
 from ..errors import MicroscopeError
 from ..execution import planner
-from ..execution.cache import DiskBudget, RenderCache, RenderKey, ResultKey, encode_picture
+from ..execution.cache import DiskBudget, RenderCache
 from ..execution.executors import Executor, InProcessExecutor
 from ..lru import LRU
 from ..optvis.engine import RenderCancelled, available_devices
 from ..optvis.probe import probe_images
 from ..run import Run
 from ..store.local import RunStore
+from .analyses import ADAPTERS, PICTURED
+from .models import DeviceModels
+from .work import RenderWork, RunChangedError, Work
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 log = logging.getLogger(__name__)
@@ -67,75 +61,10 @@ class QueueFullError(MicroscopeError):
     """More work is waiting than the service takes."""
 
 
-class RunChangedError(MicroscopeError):
-    """The run or snapshot a piece of work was asked for was replaced before it ran."""
-
-
-@dataclass(frozen=True)
-class RenderWork:
-    """Units that can share one optimization."""
-
-    run: str  # the run's directory
-    run_id: str
-    step: int
-    version: str  # the snapshot's (Run.snapshot_version)
-    node: str
-    technique: str
-    size: int
-    iterations: int
-    seed: int
-    bands: tuple[int, ...] | None = None  # channels shown as RGB, for more than three
-    preview: bool = False  # a first look (small, few iterations): goes before full renders
-
-    @property
-    def settings(self) -> planner.Settings:
-        return planner.Settings(self.technique, self.size, self.iterations, self.seed, self.bands)
-
-    def key(self, unit: int, image: int = 0) -> RenderKey:
-        return self.keys(unit)[image]
-
-    def keys(self, unit: int) -> list[RenderKey]:
-        """The keys of all the unit's images (diversity draws several)."""
-        return self.settings.keys(self.step, self.version, self.node, unit)
-
-    @property
-    def snapshots(self) -> tuple[tuple[int, str], ...]:
-        return ((self.step, self.version),)
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """One computed view: `kind` is examples, weights, history or attribution (of one unit),
-    atlas (of a node at a step; unit 0), dynamics (of a node, or of every node when `node` is
-    empty) or align (a node's units; unit 0). An atlas's preview (`preview`) goes first."""
-
-    run: str
-    run_id: str
-    kind: str
-    node: str
-    unit: int
-    options: tuple[tuple[str, object], ...]  # e.g. (("count", 8), ("step", 10))
-    snapshots: tuple[tuple[int, str], ...]  # the (step, version) of every snapshot it reads
-
-    @property
-    def result_key(self) -> ResultKey:
-        return ResultKey(self.kind, self.node, self.unit, self.options, self.snapshots)
-
-    def option(self, name: str):
-        return dict(self.options).get(name)
-
-    @property
-    def preview(self) -> bool:
-        """A first look (an atlas's preview), which goes before full work."""
-        return bool(self.option("preview"))
-
-
-Work = RenderWork | Analysis
-PICTURED = {"atlas"}  # the analyses whose result has a picture beside it
-
-
 @dataclass
-class _Job:
+class Job:
+    """A piece of work waiting or running, and who still wants which of its units."""
+
     work: Work
     asked: dict[int, float] = field(default_factory=dict)  # unit -> when last asked about
     order: int = 0
@@ -150,7 +79,7 @@ class _Job:
         self.touched = max(self.touched, now)
 
 
-def _priority(job: _Job) -> tuple:
+def job_priority(job: Job) -> tuple:
     """Which queued job a free worker takes: previews first (the first look at what is on
     screen), then what was asked about most recently, then the oldest."""
     return (job.work.preview, job.touched, -job.order)
@@ -161,31 +90,11 @@ def service_devices(device: str | None) -> list[torch.device]:
     return [torch.device(device)] if device else available_devices()
 
 
-def state_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-class _Models:
-    """A device's loaded models, in the memory cache shared with the runs' programs."""
-
-    def __init__(self, device: torch.device, memory: LRU):
-        self.device, self.memory = device, memory
-
-    def get(self, run: Run, step: int) -> torch.nn.Module:
-        key = ("model", run.id, step, run.snapshot_version(step), str(self.device))
-
-        def load():
-            model = run.load_model(step, self.device)
-            return model, state_bytes(model)
-
-        return self.memory.get_or_make(key, load)
-
-
 class _ServiceRenderer(planner.Renderer):
     """Renders a worker's groups in this process, with the run the service opened for the job
     (`use`) and the models in the service's memory (shared with the runs' programs)."""
 
-    def __init__(self, models: _Models):
+    def __init__(self, models: DeviceModels):
         super().__init__(models.device)
         self.memory = models
         self._run: Run | None = None
@@ -200,176 +109,6 @@ class _ServiceRenderer(planner.Renderer):
 
     def model(self, run: Run, group: planner.Group) -> torch.nn.Module:
         return self.memory.get(run, group.step)
-
-
-def _png_data_url(image: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode_picture(image)).decode()
-
-
-def _examples(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    step = work.option("step")
-    found = dataset_examples(
-        run,
-        step,
-        work.node,
-        [work.unit],
-        count=work.option("count"),
-        device=models.device,
-        model=models.get(run, step),
-    )[work.unit]
-    return {
-        "unit": work.unit,
-        "examples": [
-            {
-                "index": e.index,
-                "activation": e.activation,
-                "position": e.position,
-                "box": e.box,
-                "image": _png_data_url(e.image),
-                "crop": _png_data_url(e.crop),
-            }
-            for e in found
-        ],
-    }
-
-
-def _weights(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    step = work.option("step")
-    source, connections, _ = unit_weights(
-        run,
-        step,
-        work.node,
-        work.unit,
-        source=work.option("source"),
-        top=work.option("top"),
-        device=models.device,
-        model=models.get(run, step),
-    )
-    return {
-        "unit": work.unit,
-        "source": source,
-        "connections": [
-            {"node": c.node, "unit": c.unit, "strength": c.strength} for c in connections
-        ],
-    }
-
-
-ATTRIBUTION_DIGITS = 4  # significant digits of the values an attribution result holds
-
-
-def _significant(values: np.ndarray, digits: int = ATTRIBUTION_DIGITS) -> list[list[float]]:
-    """Rows of floats rounded to `digits` significant digits: a result a quarter the size."""
-    return [[float(f"{v:.{digits}g}") for v in row] for row in values.tolist()]
-
-
-def _attribution(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    """A probe image's attribution to the unit at a step: the signed values per pixel (rounded),
-    their range and sum, the heat map to overlay on the image (a PNG data URL), and what the
-    tab should say of it (`notes`: guided backprop with no ReLU module to guide)."""
-    step, image, method = work.option("step"), work.option("image"), work.option("method")
-    values, notes = attribution_and_notes(
-        run,
-        step,
-        work.node,
-        work.unit,
-        image,
-        method=method,
-        device=models.device,
-        model=models.get(run, step),
-        should_stop=should_stop,
-    )
-    height, width = values.shape
-    return {
-        "unit": work.unit,
-        "step": step,
-        "image": image,
-        "method": method,
-        "height": height,
-        "width": width,
-        "values": _significant(values),
-        "min": float(values.min()),
-        "max": float(values.max()),
-        "sum": float(values.sum(dtype=np.float64)),
-        "overlay": _png_data_url(heat_map(values)),
-        "notes": notes,
-    }
-
-
-def _atlas(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    """The node's activation atlas at the work's step (laid out at its `layout_step`): what
-    `Atlas.to_dict` holds, and the picture (empty cells transparent) stored beside it."""
-    found = activation_atlas(
-        run,
-        work.option("step"),
-        work.node,
-        grid=work.option("grid"),
-        size=work.option("size"),
-        iterations=work.option("iterations"),
-        preview=work.preview,
-        layout_step=work.option("layout_step"),
-        device=models.device,
-        cache_dir=service.cache(run),
-        load_model=lambda step: models.get(run, step),
-        progress=progress,
-        should_stop=should_stop,
-    )
-    service.cache(run).put_picture(work.result_key, found.rgba())
-    return found.to_dict()
-
-
-def _history(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    steps = [step for step, _ in work.snapshots]
-    history = unit_history(
-        run, work.node, work.unit, steps=steps, device=models.device, should_stop=should_stop
-    )
-    return {"unit": work.unit, "history": history}
-
-
-def _dynamics(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    """A node's dynamics (`work.node`), or every node's CKA (no node), over the work's steps."""
-    options = dict(
-        steps=[step for step, _ in work.snapshots],
-        device=models.device,
-        cache_dir=service.cache(run),
-        should_stop=should_stop,
-    )
-    if work.node:
-        return node_dynamics(run, work.node, **options).to_dict()
-    return model_dynamics(run, **options).to_dict()
-
-
-def _align(service, run: Run, work: Analysis, models: _Models, should_stop, progress) -> dict:
-    """The node's units at the work's step matched with those of the other run at its step."""
-    other = service.run(work.option("other"))
-    if other.id != work.option("other_id") or other.snapshot_version(
-        work.option("other_step")
-    ) != work.option("other_version"):
-        raise RunChangedError(f"run '{other.name}' was logged again while this waited; ask again")
-    ((step, _),) = work.snapshots
-    found = align_units(
-        run,
-        step,
-        other,
-        work.option("other_step"),
-        work.node,
-        device=models.device,
-        should_stop=should_stop,
-    )
-    return found.to_dict()
-
-
-Analyze = Callable[
-    ["RenderService", Run, Analysis, _Models, Callable[[], bool], Callable[[float], None]], dict
-]
-ANALYSES: dict[str, Analyze] = {
-    "examples": _examples,
-    "weights": _weights,
-    "history": _history,
-    "attribution": _attribution,
-    "atlas": _atlas,
-    "dynamics": _dynamics,
-    "align": _align,
-}
 
 
 class RenderService:
@@ -401,8 +140,8 @@ class RenderService:
         self.retry_after = retry_after
         self.memory: LRU = LRU(max_bytes=model_bytes)  # loaded models and programs
         self.budget = DiskBudget(cache_bytes) if cache_bytes is not None else None
-        self._queued: dict[Work, _Job] = {}
-        self._running: dict[Work, _Job] = {}
+        self._queued: dict[Work, Job] = {}
+        self._running: dict[Work, Job] = {}
         self._failed: LRU[tuple[str, float]] = LRU(max_items=4096)  # (work, unit) -> error, when
         self._runs: LRU[Run] = LRU(max_items=256)
         self._caches: LRU[RenderCache] = LRU(max_items=256)
@@ -422,7 +161,7 @@ class RenderService:
         # One executor per worker: its renders here, or on an actor of its own of the cluster.
         slots = []
         for device in [self.devices[0]] * self.pool.size if self.pool else self.devices:
-            models = _Models(device, self.memory)
+            models = DeviceModels(device, self.memory)
             renderer = _ServiceRenderer(models)
             executor = (
                 RayExecutor(pool=self.pool, workers=1)
@@ -539,7 +278,7 @@ class RenderService:
                             f"the render queue is full ({self.max_queued} waiting); "
                             "try again shortly"
                         )
-                    job = self._queued[work] = _Job(work, order=next(self._counter))
+                    job = self._queued[work] = Job(work, order=next(self._counter))
                 job.ask(unit, now)
             if job is not None:
                 self._lock.notify_all()
@@ -564,7 +303,7 @@ class RenderService:
                     job.cancelled.set()
         return forgotten
 
-    def _status(self, job: _Job) -> dict:
+    def _status(self, job: Job) -> dict:
         if self._running.get(job.work) is job:
             return {
                 "status": RUNNING,
@@ -573,7 +312,7 @@ class RenderService:
                 "units": len(job.asked),
                 "elapsed_s": round(time.monotonic() - (job.started or 0), 1),
             }
-        ahead = sorted(self._queued.values(), key=_priority, reverse=True)
+        ahead = sorted(self._queued.values(), key=job_priority, reverse=True)
         return {
             "status": QUEUED,
             "position": ahead.index(job) + len(self._running),
@@ -600,7 +339,7 @@ class RenderService:
             return not self._queued and not self._running
 
     # --- workers -----------------------------------------------------------------------------
-    def _next(self) -> _Job:
+    def _next(self) -> Job:
         with self._lock:
             while True:
                 now = time.monotonic()
@@ -614,17 +353,17 @@ class RenderService:
                 if self._queued:
                     break
                 self._lock.wait(timeout=self.abandon_after)
-            job = max(self._queued.values(), key=_priority)
+            job = max(self._queued.values(), key=job_priority)
             del self._queued[job.work]
             self._running[job.work] = job
             job.started = time.monotonic()
             job.units = sorted(job.asked)
             return job
 
-    def _abandoned(self, job: _Job) -> bool:
+    def _abandoned(self, job: Job) -> bool:
         return job.cancelled.is_set() or time.monotonic() - job.touched > self.abandon_after
 
-    def _work(self, models: _Models, renderer: _ServiceRenderer, executor: Executor) -> None:
+    def _work(self, models: DeviceModels, renderer: _ServiceRenderer, executor: Executor) -> None:
         while True:
             job = self._next()
             work, units = job.work, job.units
@@ -663,7 +402,7 @@ class RenderService:
                 del self._running[work]
                 self._finished += 1
 
-    def _execute(self, run: Run, job: _Job, models: _Models, executor: Executor) -> None:
+    def _execute(self, run: Run, job: Job, models: DeviceModels, executor: Executor) -> None:
         work = job.work
         cache = self.cache(run)
 
@@ -676,11 +415,11 @@ class RenderService:
         if isinstance(work, RenderWork):
             self._render(run, cache, job, executor, should_stop)
         else:
-            result = ANALYSES[work.kind](self, run, work, models, should_stop, progress)
+            result = ADAPTERS[work.kind](self, run, work, models, should_stop, progress)
             cache.put_result(work.result_key, result)
 
     def _render(
-        self, run: Run, cache: RenderCache, job: _Job, executor: Executor, should_stop
+        self, run: Run, cache: RenderCache, job: Job, executor: Executor, should_stop
     ) -> None:
         """The job's units through the sweep planner (the groups the cache lacks, one
         optimization each), rendered by this worker's executor (here, or on its Ray actor); each

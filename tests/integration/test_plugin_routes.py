@@ -364,7 +364,7 @@ def test_an_atlas_through_the_route_is_the_librarys(client, logdir, tmp_path):
 
 def test_an_atlas_preview_is_cheaper_and_never_beyond_the_servers_settings():
     from tb_microscope.optvis.engine import Quality
-    from tb_microscope.server.plugin import atlas_qualities
+    from tb_microscope.server.previews import atlas_qualities
 
     assert atlas_qualities(Quality(128, 512)) == {
         "full": Quality(64, 128),

@@ -259,7 +259,7 @@ def test_a_cancel_is_heard_within_a_pass_without_a_check_at_every_module():
 HEAP_CHURN = """
 import ctypes, json, os
 import torch
-from tb_microscope.rendering.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, kept_heap, page_faults
+from tb_microscope.optvis.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, kept_heap, page_faults
 
 # glibc's starting thresholds (128 KiB), pinned: left to adapt, they depend on what the process
 # allocated and freed before (the interpreter, torch's import), and so does the count without

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tb_microscope.demo.train import train
-from tb_microscope.server.service import RenderService, RenderWork, _Models, state_bytes
+from tb_microscope.server.models import DeviceModels, state_bytes
+from tb_microscope.server.service import RenderService
+from tb_microscope.server.work import RenderWork
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def test_models_and_programs_share_one_memory_bound(run_dir, tmp_path):
     run = service.run(run_dir)
     one = state_bytes(run.load_model(0))
     service.memory.max_bytes = int(1.5 * one)
-    models = _Models(torch.device("cpu"), service.memory)
+    models = DeviceModels(torch.device("cpu"), service.memory)
     first = models.get(run, 0)
     assert models.get(run, 0) is first  # kept
     models.get(run, 1)  # two do not fit: the least recently used goes
@@ -134,7 +136,7 @@ def test_threads_opening_a_runs_cache_at_once_all_find_it_next_to_the_run(run_di
 def test_a_request_goes_through_the_sweep_planner_and_draws_what_the_cli_draws(run_dir, tmp_path):
     """20 units are more than one CPU group (16): the service renders them as the planner's
     groups and writes the bytes `tb-microscope render` writes."""
-    from tb_microscope.cli import render_jobs
+    from tb_microscope.cli.render import render_jobs
     from tb_microscope.execution.cache import RenderCache
     from tb_microscope.run import Run
 

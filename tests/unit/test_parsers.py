@@ -3,7 +3,7 @@
 import pytest
 
 import tb_microscope
-from tb_microscope.cli import parse_indexes
+from tb_microscope.cli.common import parse_indexes
 from tb_microscope.errors import first_line, summarize
 from tb_microscope.limits import SettingError, check_iterations, check_size
 

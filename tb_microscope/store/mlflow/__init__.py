@@ -2,7 +2,7 @@
 
 An MLflow run that holds tb_microscope data carries the tag `tb_microscope.run` (our run id) and,
 under its artifacts' `tb_microscope/`, the same files as a run directory's plugin folder (see
-`runstore.py`): manifest.json, model.pt2 or model.pkl, probe/images.safetensors and
+`store/paths.py`): manifest.json, model.pt2 or model.pkl, probe/images.safetensors and
 snapshots/step-*.safetensors. Artifact stores have no atomic rename, so one more file,
 `tb_microscope/index.json`, says what is complete: it is uploaded after the files it lists, and
 readers use nothing else. Each listed file comes with its size and SHA-256 (snapshots with their

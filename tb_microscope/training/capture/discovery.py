@@ -63,7 +63,7 @@ def innermost_edges(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
 # A second input size tells which output dimensions follow the input's height and width (shapes
 # alone cannot: Swin's N x H x W x C looks like N x C x H x W). Heights and widths grow by
 # different amounts, so that the two can be told apart; the first size a model accepts is used.
-_GROWTH = ((32, 64), (32, 32), (64, 64))
+SIZE_GROWTHS = ((32, 64), (32, 32), (64, 64))
 
 
 # Module kinds whose output is their input in eval mode (checked on the example, not assumed).
@@ -149,7 +149,7 @@ def _second_size(model: nn.Module, example: torch.Tensor):
     if example.dim() != 4:
         return None, None
     h, w = example.shape[2:]
-    for dh, dw in _GROWTH:
+    for dh, dw in SIZE_GROWTHS:
         other = F.interpolate(example, size=(h + dh, w + dw), mode="bilinear")
         try:
             return _trace(model, other).outputs, (h + dh, w + dw)

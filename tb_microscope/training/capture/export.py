@@ -27,7 +27,7 @@ from ...errors import MicroscopeError, first_line, summarize
 from ...nodes import Node, node_tensor, node_view
 from ...store.architecture import program_archive
 from ...store.manifest import EXPORT, PICKLE
-from .discovery import _GROWTH, eval_mode, innermost_edges
+from .discovery import SIZE_GROWTHS, eval_mode, innermost_edges
 from .pickled import pickle_architecture
 
 
@@ -335,7 +335,7 @@ def _runs_at_another_size(
     """Whether the program really runs at a second size its bounds allow (some programs export
     with dynamic sizes that a reshape then fixes: DINOv2's patch grid)."""
     sizes = []
-    for name, size, growth in zip(("height", "width"), example.shape[2:], _GROWTH[0]):
+    for name, size, growth in zip(("height", "width"), example.shape[2:], SIZE_GROWTHS[0]):
         bound = next(d for d in dims if d["name"] == name)
         upper = bound["max"] if bound["max"] is not None else size + growth
         sizes.append(min(size + growth, upper) if upper > size else max(bound["min"], size - 8))

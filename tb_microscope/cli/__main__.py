@@ -1,0 +1,7 @@
+"""`python -m tb_microscope.cli`: the same as `tb-microscope`."""
+
+import sys
+
+from .parser import main
+
+sys.exit(main())

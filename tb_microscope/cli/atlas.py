@@ -1,0 +1,66 @@
+"""`tb-microscope atlas`: an activation atlas of a node at a step, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from ..errors import MicroscopeError
+from ..limits import check_grid, check_iterations, check_size
+from .common import open_one_run
+
+
+def cmd_atlas(args: argparse.Namespace) -> int:
+    for value, check, flag in (
+        (args.size, check_size, "--size"),
+        (args.iterations, check_iterations, "--iterations"),
+        (args.grid, check_grid, "--grid"),
+    ):
+        if value is not None:
+            check(value, flag)
+    if Path(args.output).suffix.lower() != ".png":
+        raise MicroscopeError(f"--output is a PNG file (atlas.png); got {args.output!r}")
+    run = open_one_run(args.run, args.allow_pickle)
+    import torch
+    from PIL import Image
+
+    from ..analysis.atlas import activation_atlas
+    from ..store.local import write_bytes_atomic
+
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as e:
+        raise MicroscopeError(f"--device {args.device!r}: {e}") from None
+
+    def progress(fraction: float) -> None:
+        sys.stderr.write(f"\ratlas of {args.node} at step {args.step}: {fraction:4.0%}")
+        sys.stderr.flush()
+
+    found = activation_atlas(
+        run,
+        args.step,
+        args.node,
+        grid=args.grid,
+        size=args.size,
+        iterations=args.iterations,
+        seed=args.seed,
+        device=device,
+        layout_step=args.layout_step,
+        preview=args.preview,
+        layout_method=args.layout,
+        cache_dir=args.cache_dir,
+        progress=progress,
+    )
+    sys.stderr.write("\n")
+    buffer = io.BytesIO()
+    Image.fromarray(found.image).save(buffer, format="PNG")
+    write_bytes_atomic(Path(args.output), buffer.getvalue())
+    side = found.image.shape[0]
+    print(
+        f"{found.node} at step {found.step}: {len(found.cells)} of {found.grid}x{found.grid} "
+        f"cells drawn from {len(found.coords)} activations, laid out by {found.layout_method} "
+        f"at step {found.layout_step}; wrote {args.output} ({side}x{side} px)"
+    )
+    return 0

@@ -1,0 +1,85 @@
+"""What several commands share: index lists, opening one run, numbers and tables written to
+stdout or a file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import MicroscopeError
+
+if TYPE_CHECKING:
+    from ..run import Run
+
+
+def steps_line(steps: list[int]) -> str:
+    if len(steps) <= 24:
+        return " ".join(map(str, steps)) or "none yet"
+    return f"{' '.join(map(str, steps[:16]))} … {' '.join(map(str, steps[-6:]))}"
+
+
+def parse_indexes(text: str, limit: int, what: str) -> list[int]:
+    """`all`, or a comma list of numbers and ranges (`0-15,32`; `64-`: from 64 on), checked
+    against `limit`."""
+    if text == "all":
+        return list(range(limit))
+    out = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if hi else limit - 1 if dash else first
+        except ValueError:
+            raise MicroscopeError(
+                f"--{what} takes numbers and ranges like 0-15,32 or 64-; got {text!r}"
+            ) from None
+        out.extend(range(max(first, 0), min(last, limit - 1) + 1))  # never past the limit
+    return list(dict.fromkeys(out))
+
+
+def open_one_run(text: str, allow_pickle: bool) -> Run:
+    """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
+    from ..store.paths import find_runs, is_mlflow_uri
+
+    if is_mlflow_uri(text):
+        from ..run import open_run
+
+        return open_run(text, allow_pickle=allow_pickle)
+    path = Path(text)
+    runs = find_runs(path)
+    if not runs:
+        raise MicroscopeError(
+            f"no tb_microscope run at '{path}' (looked for plugins/tb_microscope/manifest.json)"
+        )
+    if len(runs) > 1:
+        names = ", ".join(str(r.relative_to(path)) for r in runs[:6])
+        raise MicroscopeError(
+            f"'{path}' holds {len(runs)} runs ({names}{', …' if len(runs) > 6 else ''}); "
+            "name one run directory"
+        )
+    from ..run import Run
+
+    return Run(runs[0], allow_pickle=allow_pickle)
+
+
+def number(value) -> str:
+    return "" if value is None or value != value else f"{value:.4f}"
+
+
+def write_output(text: str, output: str | None) -> None:
+    from ..store.local import write_bytes_atomic
+
+    if output:
+        write_bytes_atomic(Path(output), text.encode())
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def output_format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    return {".csv": "csv", ".json": "json"}.get(suffix, "table")
