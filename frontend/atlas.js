@@ -28,7 +28,10 @@ export class AtlasView {
     this.layoutStep = app.run.steps[app.run.steps.length - 1];
     this.cells = new Map();  // "row,col" -> the cell, at the step shown
     this.pinned = null;  // [row, col]
-    const grids = [...new Set([...GRIDS, this.grid])].sort((a, b) => a - b);
+    // The grids this server draws (--microscope_max_grid), and the one in the address.
+    const most = app.settings.limits?.grid ?? GRID_RANGE[1];
+    const grids = [...new Set([...GRIDS.filter((g) => g <= most), this.grid])]
+      .sort((a, b) => a - b);
     this.gridSelect = select(grids.map((g) => [String(g), `${g}×${g}`]), String(this.grid),
       (value) => app.navigate({grid: Number(value)}), {id: 'atlas-grid', 'aria-label': 'grid'});
     this.status = h('p', {class: 'muted atlas-status', role: 'status', text: 'waiting'});

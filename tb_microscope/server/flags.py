@@ -6,6 +6,8 @@ from ..optvis.engine import QUALITIES
 
 DEFAULT_CACHE_MB = 2048
 DEFAULT_MEMORY_MB = 2048
+DEFAULT_MAX_GRID = 40  # the tab's grid picker goes to 40
+DEFAULT_MAX_COUNT = 64
 
 
 def define_flags(parser) -> None:
@@ -47,6 +49,41 @@ def define_flags(parser) -> None:
         default=QUALITIES["preview"].iterations,
         help="optimization steps of a preview "
         f"(default {QUALITIES['preview'].iterations}; 0: no previews)",
+    )
+    group.add_argument(
+        "--microscope_max_size",
+        type=int,
+        default=0,
+        help="the largest image size in px a request may ask for (default 0: "
+        "--microscope_size); a request for more is refused",
+    )
+    group.add_argument(
+        "--microscope_max_iterations",
+        type=int,
+        default=0,
+        help="the most optimization steps a request may ask for (default 0: "
+        "--microscope_iterations); a request for more is refused",
+    )
+    group.add_argument(
+        "--microscope_max_grid",
+        type=int,
+        default=DEFAULT_MAX_GRID,
+        help=f"the most cells per side an activation atlas may be asked for (default "
+        f"{DEFAULT_MAX_GRID})",
+    )
+    group.add_argument(
+        "--microscope_max_count",
+        type=int,
+        default=DEFAULT_MAX_COUNT,
+        help="the most dataset examples or strongest weights one request may ask for "
+        f"(default {DEFAULT_MAX_COUNT})",
+    )
+    group.add_argument(
+        "--microscope_workers",
+        type=int,
+        default=0,
+        help="render workers in this process (default 0: one per CUDA device, else one); "
+        "more for a CPU server with many cores. Each loads its own copy of a model",
     )
     group.add_argument(
         "--microscope_cache_max_mb",

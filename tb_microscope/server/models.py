@@ -14,13 +14,16 @@ def state_bytes(model: torch.nn.Module) -> int:
 
 
 class DeviceModels:
-    """A device's loaded models, in the memory cache shared with the runs' programs."""
+    """One worker's loaded models on its device, in the memory cache shared with the runs'
+    programs. Each worker loads its own instances (`worker` is in their keys): the node tap's
+    hooks and attribution's swapped submodules are per call, so a module must never be used
+    by two threads at once."""
 
-    def __init__(self, device: torch.device, memory: LRU):
-        self.device, self.memory = device, memory
+    def __init__(self, device: torch.device, memory: LRU, worker: int = 0):
+        self.device, self.memory, self.worker = device, memory, worker
 
     def get(self, run: Run, step: int) -> torch.nn.Module:
-        key = ("model", run.id, step, run.snapshot_version(step), str(self.device))
+        key = ("model", run.id, step, run.snapshot_version(step), str(self.device), self.worker)
 
         def load():
             model = run.load_model(step, self.device)

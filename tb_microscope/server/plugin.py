@@ -43,9 +43,22 @@ from ..optvis.probe import as_rgb, probe_count
 from ..optvis.techniques import TECHNIQUES, get_technique
 from ..store.mlflow import MlflowRuns
 from ..store.paths import PLUGIN_NAME
-from .flags import DEFAULT_CACHE_MB, DEFAULT_MEMORY_MB, define_flags
+from .flags import (
+    DEFAULT_CACHE_MB,
+    DEFAULT_MAX_COUNT,
+    DEFAULT_MAX_GRID,
+    DEFAULT_MEMORY_MB,
+    define_flags,
+)
 from .previews import atlas_qualities, render_preview, request_with_previews
-from .requests import UnavailableError, int_arg, json_body, public_errors
+from .requests import (
+    UnavailableError,
+    capped_arg,
+    check_same_site,
+    int_arg,
+    json_body,
+    public_errors,
+)
 from .service import DONE, FAILED, QueueFullError, RenderService
 from .work import Analysis, RenderWork, Work
 
@@ -78,6 +91,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             ),
         )
         self._atlas = atlas_qualities(render)
+        # The most work one request may ask for: by default, the configured full quality.
+        self._max_size = getattr(flags, "microscope_max_size", 0) or self._size
+        self._max_iterations = getattr(flags, "microscope_max_iterations", 0) or self._iterations
+        self._max_grid = getattr(flags, "microscope_max_grid", DEFAULT_MAX_GRID)
+        self._max_count = getattr(flags, "microscope_max_count", DEFAULT_MAX_COUNT)
         cache_mb = getattr(flags, "microscope_cache_max_mb", DEFAULT_CACHE_MB)
         memory_mb = getattr(flags, "microscope_memory_mb", DEFAULT_MEMORY_MB)
         self.service = RenderService(
@@ -87,6 +105,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             cache_bytes=int(cache_mb * (1 << 20)) if cache_mb and cache_mb > 0 else None,
             model_bytes=int(memory_mb * (1 << 20)),
             ray_address=getattr(flags, "microscope_ray_address", "") or None,
+            workers=getattr(flags, "microscope_workers", 0) or None,
         )
         uri = getattr(flags, "microscope_mlflow_tracking_uri", "") or ""
         experiments = getattr(flags, "microscope_mlflow_experiments", "") or ""
@@ -261,7 +280,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
     def settings_impl(self) -> dict:
         """What a render is (size, iterations) at full quality and as a preview (None: no
         previews), so that the tab asks for the preview first; the attribution methods (the
-        first is the default); and an atlas's cells at each quality."""
+        first is the default); an atlas's cells at each quality; and the most one request may
+        ask for (the `--microscope_max_*` flags)."""
         preview = self._preview
         return {
             "size": self._size,
@@ -271,6 +291,12 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "atlas": {
                 quality: None if q is None else dataclasses.asdict(q)
                 for quality, q in self._atlas.items()
+            },
+            "limits": {
+                "size": self._max_size,
+                "iterations": self._max_iterations,
+                "grid": self._max_grid,
+                "count": self._max_count,
             },
         }
 
@@ -296,10 +322,21 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             version,
             node.name,
             technique.name,
-            self._preview.size if preview else int_arg(args, "size", self._size, *limits.SIZE),
+            self._preview.size
+            if preview
+            else capped_arg(
+                args, "size", self._size, limits.SIZE, self._max_size, "--microscope_max_size"
+            ),
             self._preview.iterations
             if preview
-            else int_arg(args, "iterations", self._iterations, *limits.ITERATIONS),
+            else capped_arg(
+                args,
+                "iterations",
+                self._iterations,
+                limits.ITERATIONS,
+                self._max_iterations,
+                "--microscope_max_iterations",
+            ),
             int_arg(args, "seed", 0),
             self._bands(run, args),
             preview,
@@ -500,14 +537,15 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return self._computed(run, "align", node.name, 0, options, [step])
 
     def examples_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
-        count = int_arg(args, "count", 8, 1, 64)
+        count = capped_arg(args, "count", 8, (1, 64), self._max_count, "--microscope_max_count")
         return self._analysis(ctx, experiment, args, "examples", {"count": count})
 
     def weights_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
         run, _, node = self._unit_args(ctx, experiment, args)
         with public_errors():  # a wrong source is said at once, not after a wait
             source = run.node(args.get("source") or default_source(run, node.name)).name
-        options = {"top": int_arg(args, "top", 8, 1, 256), "source": source}
+        top = capped_arg(args, "top", 8, (1, 256), self._max_count, "--microscope_max_count")
+        options = {"top": top, "source": source}
         return self._analysis(ctx, experiment, args, "weights", options)
 
     def history_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
@@ -541,7 +579,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         so that every step of the slider shares one layout)."""
         run, step, node = self._unit_args(ctx, experiment, args)
         self._probe_needed(run, "an activation atlas is made of")
-        grid = int_arg(args, "grid", 20, *limits.GRID)
+        grid = capped_arg(args, "grid", 20, limits.GRID, self._max_grid, "--microscope_max_grid")
         quality = args.get("quality", "full")
         if quality not in self._atlas:
             raise errors.InvalidArgumentError(
@@ -594,6 +632,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         return http_util.Respond(request, impl(*self._context(request), *args), "application/json")
 
     def _json_or_pending(self, request, impl):
+        check_same_site(request)  # each of these routes starts work
         code, body = impl(*self._context(request), request.args)
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
 
@@ -618,6 +657,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_image(self, request):
+        check_same_site(request)
         code, body = self.image_impl(*self._context(request), request.args)
         if code == 200:
             return http_util.Respond(request, body, "image/png")
@@ -645,6 +685,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_attribution(self, request):
+        check_same_site(request)
         code, body = self.attribution_impl(*self._context(request), request.args)
         if code == 200 and request.args.get("format") == "png":  # the overlay alone
             return http_util.Respond(request, overlay_png(body), "image/png")
@@ -652,6 +693,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_atlas(self, request):
+        check_same_site(request)
         if request.args.get("format") == "png":
             code, body = self.atlas_picture_impl(*self._context(request), request.args)
             if code == 200:

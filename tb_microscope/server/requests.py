@@ -83,15 +83,25 @@ def int_arg(
     return value
 
 
-def check_same_origin_json(request) -> None:
-    """Refuse a request that could come from another site: only a JSON POST, and no `Origin`
-    (or `Sec-Fetch-Site`) that names another site than this server."""
-    if request.method != "POST":
-        raise errors.InvalidArgumentError(f"{request.path} takes a POST with a JSON body")
-    if request.mimetype != "application/json":
-        raise UnsupportedMediaTypeError(
-            f"{request.path} takes Content-Type application/json, not {request.mimetype or 'none'}"
+def capped_arg(
+    args: Mapping, name: str, default: int, bounds: tuple[int, int], cap: int, flag: str
+) -> int:
+    """`int_arg` within `bounds`, and no more than `cap`, the most this server's `flag` lets a
+    request ask for: a request cannot make the server do more work than its user allowed."""
+    value = int_arg(args, name, default, *bounds)
+    if value > cap:
+        raise errors.InvalidArgumentError(
+            f"{name}={value} is more than this server does ({flag} {cap}); ask for at most "
+            f"{cap}, or start TensorBoard with a larger {flag}"
         )
+    return value
+
+
+def check_same_site(request) -> None:
+    """Refuse a request another site's page could have sent (an `<img>`, a `fetch`, a form):
+    one whose `Origin` names another host than this server's, or whose `Sec-Fetch-Site` is
+    neither `same-origin` (the tab) nor `none` (typed into the address bar). Routes that start
+    or stop work call it; what only reads is served to anyone who can reach the server."""
     origin = request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc.lower() != request.host.lower():
         raise errors.PermissionDeniedError(
@@ -100,6 +110,18 @@ def check_same_origin_json(request) -> None:
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         raise errors.PermissionDeniedError(f"a {site} request may not start or stop work here")
+
+
+def check_same_origin_json(request) -> None:
+    """Refuse a request that could come from another site: only a JSON POST (what a
+    cross-site HTML form cannot send), from this server's own origin (`check_same_site`)."""
+    if request.method != "POST":
+        raise errors.InvalidArgumentError(f"{request.path} takes a POST with a JSON body")
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"{request.path} takes Content-Type application/json, not {request.mimetype or 'none'}"
+        )
+    check_same_site(request)
 
 
 def json_body(request) -> dict:

@@ -124,6 +124,7 @@ class RenderService:
         model_bytes: int = 2 << 30,
         cache_bytes: int | None = None,
         ray_address: str | None = None,
+        workers: int | None = None,
     ):
         self.devices = service_devices(device)
         # With a Ray cluster, each worker sends its renders to an actor of its own (analyses
@@ -159,27 +160,46 @@ class RenderService:
         }
         self.recent: deque[tuple[Work, list[int], float]] = deque(maxlen=64)  # finished work
         # One executor per worker: its renders here, or on an actor of its own of the cluster.
-        slots = []
-        for device in [self.devices[0]] * self.pool.size if self.pool else self.devices:
-            models = DeviceModels(device, self.memory)
+        # Each worker loads its own instance of a model: hooks and swapped submodules are per
+        # call, so one module is never used by two threads at once.
+        if self.pool is not None:
+            devices = [self.devices[0]] * self.pool.size
+        elif workers:
+            devices = [self.devices[i % len(self.devices)] for i in range(workers)]
+        else:
+            devices = self.devices
+        self._slots = []
+        for i, device in enumerate(devices):
+            models = DeviceModels(device, self.memory, worker=i)
             renderer = _ServiceRenderer(models)
             executor = (
                 RayExecutor(pool=self.pool, workers=1)
                 if self.pool is not None
                 else InProcessExecutor(renderers=[renderer])
             )
-            slots.append((models, renderer, executor))
-        self._workers = [
-            threading.Thread(
+            self._slots.append((models, renderer, executor))
+        self._workers: list[threading.Thread | None] = [None] * len(self._slots)
+        self.restarted = 0  # workers found dead and replaced
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Start every worker that is not running: at first, and in place of one that died
+        (which the guard in `_work` should make impossible; it is logged)."""
+        for i, thread in enumerate(self._workers):
+            if thread is not None and thread.is_alive():
+                continue
+            if thread is not None:
+                self.restarted += 1
+                log.error("render worker %s had stopped; a new one takes its place", thread.name)
+            models = self._slots[i][0]
+            thread = threading.Thread(
                 target=self._work,
-                args=slot,
+                args=self._slots[i],
                 daemon=True,
-                name=f"tb_microscope-render-{i}-{slot[0].device}",
+                name=f"tb_microscope-render-{i}-{models.device}",
             )
-            for i, slot in enumerate(slots)
-        ]
-        for worker in self._workers:
-            worker.start()
+            self._workers[i] = thread
+            thread.start()
 
     # --- for the plugin ----------------------------------------------------------------------
     def run(self, path: str, store: RunStore | None = None) -> Run:
@@ -249,6 +269,9 @@ class RenderService:
         Returns each unit's status; `done` once it is in the cache."""
         finished = self._finished
         wanted = self.missing(work, units)
+        if not all(t is not None and t.is_alive() for t in self._workers):
+            with self._lock:
+                self._start_workers()
         absent = set(wanted)
         statuses = {unit: {"status": DONE} for unit in units if unit not in absent}
         if not wanted:
@@ -328,6 +351,8 @@ class RenderService:
                 "queued": len(self._queued),
                 "running": len(self._running),
                 "devices": [str(d) for d in self.devices],
+                "workers": sum(t is not None and t.is_alive() for t in self._workers),
+                "restarted": self.restarted,
                 "ray": None if self.pool is None else self.pool.describe(),
                 "memory_bytes": self.memory.bytes,
                 "memory_entries": len(self.memory),
@@ -350,10 +375,13 @@ class RenderService:
                     self.stats["dropped"] += len(stale)
                     if not job.asked:
                         del self._queued[work]
-                if self._queued:
+                # One job per work key at a time: a job asked for while the same work runs
+                # waits behind it (and finds the cache holding most of what it wanted).
+                ready = [j for w, j in self._queued.items() if w not in self._running]
+                if ready:
                     break
                 self._lock.wait(timeout=self.abandon_after)
-            job = max(self._queued.values(), key=job_priority)
+            job = max(ready, key=job_priority)
             del self._queued[job.work]
             self._running[job.work] = job
             job.started = time.monotonic()
@@ -364,43 +392,58 @@ class RenderService:
         return job.cancelled.is_set() or time.monotonic() - job.touched > self.abandon_after
 
     def _work(self, models: DeviceModels, renderer: _ServiceRenderer, executor: Executor) -> None:
+        """A worker: one job at a time, for ever. Nothing a job raises ends it, nor does its
+        bookkeeping, which runs inside the same guard; the job leaves the running table
+        whatever happened, and a job for the same work waiting behind it may start."""
         while True:
             job = self._next()
-            work, units = job.work, job.units
-            outcome, message = "skipped", None
             try:
-                run = self.run(work.run)
-                current = [(step, run.snapshot_version(step)) for step, _ in work.snapshots]
-                if run.id != work.run_id or tuple(current) != work.snapshots:
-                    raise RunChangedError(
-                        f"run '{run.name}' was logged again while this waited; ask again"
-                    )
-                # Nothing to do when the cache got them meanwhile (from another process sharing
-                # it, say); only real work is counted.
-                if self.missing(work, units):
-                    renderer.use(run)
-                    self._execute(run, job, models, executor)
-                    outcome = "renders" if isinstance(work, RenderWork) else "analyses"
-            except RenderCancelled:
-                outcome = "cancelled"
-            except Exception as e:  # reported to the pollers; the worker goes on
-                outcome, message = "failed", f"{type(e).__name__}: {e}"
-                if isinstance(e, MicroscopeError):  # said to the user, who can act on it
-                    log.warning("%s failed: %s", _describe(work), message)
-                else:  # a bug, or a fault of the machine: keep its traceback for whoever looks
-                    log.exception("%s failed", _describe(work))
-            with self._lock:  # the outcome is counted as the job leaves the running table
-                if outcome != "skipped":
-                    self.stats[outcome] += 1
-                if outcome == "renders":
-                    self.stats["units_rendered"] += len(units)
-                if outcome in ("renders", "analyses"):
-                    self.recent.append((work, units, time.monotonic() - job.started))
-                if outcome == "failed":
-                    for unit in units:
-                        self._failed.put((work, unit), (message, time.monotonic()))
-                del self._running[work]
-                self._finished += 1
+                self._run_job(job, models, renderer, executor)
+            except Exception:  # a bug in the bookkeeping: logged, and the worker goes on
+                log.exception("the render worker's bookkeeping of %s failed", _describe(job.work))
+            finally:
+                with self._lock:
+                    if self._running.get(job.work) is job:
+                        del self._running[job.work]
+                    self._finished += 1
+                    self._lock.notify_all()
+
+    def _run_job(
+        self, job: Job, models: DeviceModels, renderer: _ServiceRenderer, executor: Executor
+    ) -> None:
+        work, units = job.work, job.units
+        outcome, message = "skipped", None
+        try:
+            run = self.run(work.run)
+            current = [(step, run.snapshot_version(step)) for step, _ in work.snapshots]
+            if run.id != work.run_id or tuple(current) != work.snapshots:
+                raise RunChangedError(
+                    f"run '{run.name}' was logged again while this waited; ask again"
+                )
+            # Nothing to do when the cache got them meanwhile (from the job for the same work
+            # before this one, or another process sharing it); only real work is counted.
+            if self.missing(work, units):
+                renderer.use(run)
+                self._execute(run, job, models, executor)
+                outcome = "renders" if isinstance(work, RenderWork) else "analyses"
+        except RenderCancelled:
+            outcome = "cancelled"
+        except Exception as e:  # reported to the pollers; the worker goes on
+            outcome, message = "failed", f"{type(e).__name__}: {e}"
+            if isinstance(e, MicroscopeError):  # said to the user, who can act on it
+                log.warning("%s failed: %s", _describe(work), message)
+            else:  # a bug, or a fault of the machine: keep its traceback for whoever looks
+                log.exception("%s failed", _describe(work))
+        with self._lock:  # the outcome is counted as the job leaves the running table
+            if outcome != "skipped":
+                self.stats[outcome] += 1
+            if outcome == "renders":
+                self.stats["units_rendered"] += len(units)
+            if outcome in ("renders", "analyses"):
+                self.recent.append((work, units, time.monotonic() - job.started))
+            if outcome == "failed":
+                for unit in units:
+                    self._failed.put((work, unit), (message, time.monotonic()))
 
     def _execute(self, run: Run, job: Job, models: DeviceModels, executor: Executor) -> None:
         work = job.work

@@ -125,6 +125,7 @@ def server(logdir):
     root, path, _ = logdir
     flags = ["--microscope_size", str(SIZE), "--microscope_iterations", str(ITERATIONS)]
     flags += ["--microscope_cache_dir", str(root / "cache")]  # outlives a deleted run
+    flags += ["--microscope_max_iterations", "100000"]  # for the abandoned render below
     with tensorboard(path, *flags) as url:
         yield url + BASE
 
@@ -201,6 +202,68 @@ def test_a_cross_site_request_cannot_start_a_render(server, headers, code, words
         assert status == code and words in answer, (status, answer)
     status, _, answer = http(f"{server}/status")
     assert json.loads(answer)["queued"] == 0 and json.loads(answer)["running"] == 0
+
+
+CROSS_SITE = [
+    {"Origin": "http://evil.example"},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},  # another port of this host: another program's page
+]
+STARTS_WORK = [
+    "image?run=good&step=2&node=conv3&unit=0&seed=7",
+    "examples?run=good&step=2&node=conv3&unit=0",
+    "weights?run=good&step=2&node=conv3&unit=0",
+    "history?run=good&node=conv3&unit=0",
+    "attribution?run=good&step=2&node=conv3&unit=0&image=0",
+    "atlas?run=good&step=2&node=conv3",
+    "dynamics?run=good&node=conv3",
+]
+
+
+def idle(base) -> dict:
+    """The service's status once nothing is queued or running (what an earlier test asked for
+    is done)."""
+    deadline = time.monotonic() + 120
+    while (state := json.loads(http(f"{base}/status")[2]))["queued"] or state["running"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    return state
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+def test_a_page_on_another_site_cannot_make_the_server_work_through_a_get(server, headers):
+    """What an `<img>` or a `fetch` on any site can send to a local TensorBoard is refused by
+    every route that starts work, before anything is queued."""
+    idle(server)
+    for route in STARTS_WORK:
+        status, _, answer = http(f"{server}/{route}", headers=headers)
+        assert status == 403 and b"may not start or stop work" in answer, (route, answer)
+    state = json.loads(http(f"{server}/status")[2])
+    assert state["queued"] == 0 and state["running"] == 0, state
+    # what only reads is served as before, and the tab's own requests start work
+    assert http(f"{server}/runs", headers=headers)[0] == 200
+    status, _, _ = http(f"{server}/{STARTS_WORK[0]}", headers={"Sec-Fetch-Site": "same-origin"})
+    assert status in (200, 202)
+    poll_png(server, STARTS_WORK[0].split("?", 1)[1])  # done: the server is idle again
+
+
+@pytest.mark.parametrize(
+    "route, flag",
+    [
+        ("image?run=good&step=2&node=conv3&unit=0&size=1024", "--microscope_max_size"),
+        ("image?run=good&step=2&node=conv3&unit=0&size=17", "--microscope_max_size"),
+        ("atlas?run=good&step=2&node=conv3&grid=50", "--microscope_max_grid"),
+        ("examples?run=good&step=2&node=conv3&unit=0&count=65", "count must be from 1 to 64"),
+    ],
+)
+def test_a_request_asks_for_no_more_work_than_the_servers_flags_allow(server, route, flag):
+    idle(server)
+    status, _, answer = http(f"{server}/{route}")
+    assert status == 400 and flag.encode() in answer, answer
+    state = json.loads(http(f"{server}/status")[2])
+    assert state["queued"] == 0 and state["running"] == 0, state
+    limits = json.loads(http(f"{server}/settings")[2])["limits"]
+    assert limits == {"size": SIZE, "iterations": 100_000, "grid": 40, "count": 64}
 
 
 def test_a_render_abandoned_by_its_client_is_cancelled(server):

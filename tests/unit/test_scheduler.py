@@ -22,7 +22,9 @@ from tb_microscope.server.requests import (
     MAX_BODY_BYTES,
     UnavailableError,
     UnsupportedMediaTypeError,
+    capped_arg,
     check_same_origin_json,
+    check_same_site,
     int_arg,
     json_body,
     public_errors,
@@ -389,3 +391,40 @@ def test_queued_work_waits_its_turn_and_cancel_forgets_it(run_dir, tmp_path):
     assert service.cancel(busy, [0]) == 1  # nobody else waits for it: it stops
     wait(service.idle)
     assert service.stats["cancelled"] == 1 and service.stats["renders"] == 0
+
+
+def get(headers=None):
+    return EnvironBuilder(
+        path="/image", base_url="http://localhost:6006", headers=headers or {}
+    ).get_request()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {"Origin": HOST}],
+)
+def test_a_get_from_the_tab_or_the_address_bar_may_start_work(headers):
+    check_same_site(get(headers))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_a_get_another_sites_page_could_send_may_not_start_work(headers):
+    with pytest.raises(errors.PermissionDeniedError, match="may not start or stop work"):
+        check_same_site(get(headers))
+
+
+def test_a_capped_argument_names_the_flag_that_allows_more():
+    assert capped_arg({}, "size", 64, (8, 1024), 128, "--microscope_max_size") == 64
+    assert capped_arg({"size": "128"}, "size", 64, (8, 1024), 128, "--microscope_max_size") == 128
+    with pytest.raises(errors.InvalidArgumentError, match="at most 128.*--microscope_max_size"):
+        capped_arg({"size": "129"}, "size", 64, (8, 1024), 128, "--microscope_max_size")
+    with pytest.raises(errors.InvalidArgumentError, match="from 8 to 1024"):
+        capped_arg({"size": "2000"}, "size", 64, (8, 1024), 4096, "--microscope_max_size")
