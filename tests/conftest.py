@@ -48,8 +48,9 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
 
 
 @contextlib.contextmanager
-def tensorboard(logdir, *flags: str, env: dict | None = None):
-    """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL."""
+def tensorboard(logdir, *flags: str, env: dict | None = None, output: list | None = None):
+    """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL. Its output
+    (stdout and stderr) is appended to `output` line by line as it comes, when given."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
     command += ["--host", "127.0.0.1", "--port", "0", "--reload_interval", "1"]
     command += ["--microscope_device", "cpu", *flags]
@@ -57,7 +58,7 @@ def tensorboard(logdir, *flags: str, env: dict | None = None):
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     try:
-        url, seen = None, []
+        url, seen = None, ([] if output is None else output)
         deadline = time.monotonic() + 120
         while url is None and time.monotonic() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
@@ -65,10 +66,17 @@ def tensorboard(logdir, *flags: str, env: dict | None = None):
             match = re.search(r"(http://127\.0\.0\.1:\d+(/[^/\s]+)?)/", line)
             url = match.group(1) if match else None
         assert url, "tensorboard did not start:\n" + "".join(seen)
+        # read on: a full pipe would block the server's next log line
+        threading.Thread(target=_read_lines, args=(proc.stdout, seen), daemon=True).start()
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _read_lines(stream, lines: list) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def http(url: str, body=None, headers=None) -> tuple[int, str, bytes]:

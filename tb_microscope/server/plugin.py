@@ -138,8 +138,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         }
 
     def is_active(self) -> bool:
-        # the data provider's run list decides, through data_plugin_names; MLflow runs are ours
-        return self._mlflow is not None and bool(self._mlflow.names())
+        # the data provider's run list decides, through data_plugin_names; MLflow runs are ours,
+        # and until the first listing answers there may be some (it is not waited for)
+        return self._mlflow is not None and (self._mlflow.pending() or bool(self._mlflow.names()))
 
     def data_plugin_names(self):
         return (PLUGIN_NAME,)

@@ -1,12 +1,18 @@
 """MLflow, for real: runs logged into a real `mlflow server` by a training process, opened, rendered
-and logged back by others, listed and rendered by TensorBoard, and a server gone mid-training."""
+and logged back by others, listed and rendered by TensorBoard, a server gone mid-training, and
+one that hangs while TensorBoard shows runs."""
 
+import contextlib
 import io
 import json
+import logging
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import warnings
@@ -37,7 +43,14 @@ from conftest import (
 from tb_microscope.errors import IncompatibleRunError, MicroscopeError, RunNotFoundError
 from tb_microscope.execution.cache import RenderCache, RenderKey
 from tb_microscope.store.local import RunStore
-from tb_microscope.store.mlflow import TAG, MlflowUnavailableError, mirror_dir, staging_dir
+from tb_microscope.store.mlflow import (
+    TAG,
+    MlflowRuns,
+    MlflowUnavailableError,
+    listing,
+    mirror_dir,
+    staging_dir,
+)
 
 TRAIN = SCRIPTS / "mlflow_train.py"
 PLUGIN = "/data/plugin/tb_microscope"
@@ -257,6 +270,16 @@ def runs_of(base) -> dict:
     return {r["run"]: r for r in json.loads(body)}
 
 
+def runs_once_listed(base, *names: str, within: float = 60) -> dict:
+    """The tab's runs, once `names` are among them: MLflow runs are listed in the background, and
+    the first listing (or one after a new run) may come after the tab asks."""
+    deadline = time.monotonic() + within
+    while not set(names) <= set(runs := runs_of(base)):
+        assert time.monotonic() < deadline, sorted(runs)
+        time.sleep(0.2)
+    return runs
+
+
 def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
     mlflow_server, tmp_path, reader, tiny, example
 ):
@@ -283,7 +306,7 @@ def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
     flags += ["--microscope_iterations", "8", "--microscope_preview_size", "0"]
     env = env_for(mlflow_server, tmp_path / "tb-cache")
     with tensorboard(logdir, *flags, env=env) as base:
-        runs = runs_of(base)
+        runs = runs_once_listed(base, "mlflow:tb-exp/watched")
         assert sorted(runs) == [
             "local",
             "mlflow:tb-exp/broken",
@@ -317,6 +340,120 @@ def test_tensorboard_lists_mlflow_runs_renders_them_and_follows_new_snapshots(
         while runs_of(base)["mlflow:tb-exp/watched"]["steps"] != [0, 3, 5]:
             assert time.monotonic() < deadline, runs_of(base)["mlflow:tb-exp/watched"]
             time.sleep(0.5)
+
+
+def test_local_runs_answer_while_the_mlflow_server_hangs_and_its_runs_come_back(
+    mlflow_server, tmp_path, reader, tiny, example
+):
+    remote = "mlflow:hang-exp/remote"
+    train(mlflow_server, tmp_path, "hang-exp", "remote", "0,2")
+    logdir = tmp_path / "logs"
+    with tb_microscope.Logger(logdir / "local", tiny, example) as logger:
+        logger.log(0)
+    flags = ["--microscope_mlflow_tracking_uri", mlflow_server.url]
+    flags += ["--microscope_mlflow_experiments", "hang-exp", "--microscope_size", "32"]
+    flags += ["--microscope_iterations", "8", "--microscope_preview_size", "0"]
+    output: list[str] = []
+
+    def answered_within(seconds: float, route: str) -> tuple[int, bytes]:
+        start = time.monotonic()
+        status, _, body = http(f"{base}{PLUGIN}/{route}")
+        assert time.monotonic() - start < seconds, f"{route} took {time.monotonic() - start} s"
+        return status, body
+
+    def outage_lines() -> list[str]:  # any line about the MLflow server
+        return [line for line in list(output) if mlflow_server.url in line]
+
+    env = env_for(mlflow_server, tmp_path / "tb-cache")
+    with tensorboard(logdir, *flags, env=env, output=output) as base:
+        assert runs_once_listed(base, "local", remote)[remote]["steps"] == [0, 2]
+        # the server hangs: it accepts connections and answers none (its whole process group)
+        os.killpg(mlflow_server.proc.pid, signal.SIGSTOP)
+        try:
+            query = urllib.parse.urlencode({"run": "local", "step": 0, "node": "conv2", "unit": 1})
+            # the first asks may hold one sync of the MLflow run, bounded by the request timeout
+            status, body = answered_within(30, "runs")
+            assert status == 200, body
+            assert answered_within(10, "nodes?run=local")[0] == 200
+            deadline = time.monotonic() + 120
+            while (got := answered_within(10, f"image?{query}"))[0] == 202:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert got[0] == 200, got[1]
+            deadline = time.monotonic() + 60
+            while not outage_lines():
+                assert time.monotonic() < deadline, "".join(output)
+                time.sleep(0.2)
+            assert "MLflow runs are shown as last fetched until it answers" in outage_lines()[0]
+            # the outage is known: nothing waits on the server any more; the MLflow run is shown
+            # from its mirror
+            status, body = answered_within(5, "runs")
+            runs = {r["run"]: r for r in json.loads(body)}
+            assert runs["local"]["steps"] == [0] and runs[remote]["steps"] == [0, 2]
+            assert answered_within(5, "nodes?run=local")[0] == 200
+            assert answered_within(5, f"image?{query}")[0] == 200
+        finally:
+            os.killpg(mlflow_server.proc.pid, signal.SIGCONT)
+        # back: a run made now is listed at the next listing
+        after = reader.get_experiment_by_name("hang-exp").experiment_id
+        reader.create_run(after, run_name="after", tags={TAG: "0" * 32})
+        runs = runs_once_listed(base, "mlflow:hang-exp/after")
+        assert runs[remote]["steps"] == [0, 2] and "error" not in runs[remote]
+        assert len(outage_lines()) == 1, "".join(output)
+
+
+class Silent:
+    """A server on 127.0.0.1 that accepts connections and never answers (what a hung server's
+    clients see); `accepted` counts the connections."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.accepted:
+            sock.close()
+
+
+def test_the_tabs_mlflow_list_never_waits_on_a_hung_server_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(listing, "LIST_EVERY_S", 0.2)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # the user's own: kept
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")  # recorded, so that the default
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # MlflowRuns sets is undone after
+    caplog.set_level(logging.INFO, logger="tb_microscope")
+    silent = Silent()
+    runs = MlflowRuns(silent.url)
+    try:
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        assert runs.names() == [] and runs.pending()  # the first listing waits for an answer
+        deadline = time.monotonic() + 30
+        while not silent.accepted:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        start = time.monotonic()  # the lister waits on the server, and nothing else does
+        assert runs.names() == [] and runs.store("local") is None
+        assert runs.store("mlflow:exp/unlisted") is None
+        assert time.monotonic() - start < 1
+        while len(silent.accepted) < 3:  # three listings, three timeouts
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+            runs.names()  # the tab is in use
+        said = [r for r in caplog.records if silent.url in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"], [r.getMessage() for r in said]
+        assert "MLflow runs are shown as last fetched until it answers" in said[0].getMessage()
+        assert not runs.pending()
+    finally:
+        runs.close()
+        silent.close()
 
 
 def test_the_lightning_callback_logs_into_the_trainers_mlflow_run(mlflow_server, tmp_path, reader):

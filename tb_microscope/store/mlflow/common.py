@@ -21,6 +21,11 @@ class MlflowUnavailableError(MicroscopeError):
     """The tracking server (or its artifact store) could not be reached or refused a request."""
 
 
+class MlflowUnreachableError(MlflowUnavailableError):
+    """The tracking server (or its artifact store) gave no answer: not there, down, or hanging past
+    the request timeout (or it failed inside)."""
+
+
 def parse_mlflow_uri(text: str) -> str:
     """The MLflow run id in `runs:/<run_id>`."""
     m = MLFLOW_URI.match(text)
@@ -95,7 +100,7 @@ def mlflow_error(e: Exception, what: str, uri: str) -> MicroscopeError:
     if code and code != "INTERNAL_ERROR" and "failed with exception" not in text:
         # the server answered, and refused
         return MlflowUnavailableError(f"the MLflow tracking server {uri} refused {what}: {text}")
-    return MlflowUnavailableError(
+    return MlflowUnreachableError(
         f"could not read {what} from the MLflow tracking server {uri} ({text}); check that the "
         "server is running and MLFLOW_TRACKING_URI (or the URI you gave) points at it"
     )
