@@ -1,7 +1,17 @@
 // The plugin's routes. URLs are relative to the plugin's base (plugin_entry.html sets <base> to
 // .../data/plugin/tb_microscope/), so the tab works under TensorBoard's --path_prefix.
 
+// Polling: every POLL_MS for BRISK_MS after the answer last changed (a preview comes within
+// seconds), then backing off to MAX_POLL_MS while nothing changes (the server drops work nobody
+// asked about for 5 s, so never slower). It stops, saying why, when the server shows no
+// progress for STALL_MS (a full-quality render on a CPU can take 20 minutes and more, and work
+// waits behind other work), or says something is done but cannot serve it UNSERVED times in a
+// row (its log says why).
 const POLL_MS = 500;
+const BRISK_MS = 5000;
+const MAX_POLL_MS = 2000;
+const STALL_MS = 60 * 60 * 1000;
+const UNSERVED = 5;
 
 export class RequestError extends Error {
   constructor(status, message) {
@@ -32,14 +42,52 @@ export async function getJson(path, params, signal) {
   return (await check(await fetch(route(path, params), {signal}))).json();
 }
 
+// How long to wait before the next poll, given what the last one said (`seen`: anything that
+// compares with ===, a string say); throws a RequestError once nothing changed for STALL_MS.
+export class Backoff {
+  constructor(now = Date.now()) {
+    this.delay = POLL_MS;
+    this.seen = undefined;
+    this.changed = now;
+  }
+
+  next(seen, now = Date.now()) {
+    if (seen !== this.seen) {
+      this.seen = seen;
+      this.changed = now;
+      this.delay = POLL_MS;
+    } else if (now - this.changed >= BRISK_MS) {
+      this.delay = Math.min(MAX_POLL_MS, this.delay * 1.5);
+    }
+    if (now - this.changed >= STALL_MS) {
+      throw new RequestError(0, `the server has shown no progress on this for ${STALL_MS / 60000} ` +
+        'minutes; see the server\'s log, and reload to ask again');
+    }
+    return this.delay;
+  }
+}
+
+// What a waiting status says that matters: not the seconds it has run, which always change.
+function progressOf(status) {
+  const {elapsed_s: _, ...rest} = status;
+  return JSON.stringify(rest);
+}
+
+const UNSERVED_MESSAGE = 'the server says this is ready but cannot serve it; see the server\'s log';
+
 // A computed result (examples, weights, history): the server answers 202 with its place in the
 // queue until a worker has computed it; `onWait(status)` hears each of those.
 export async function getResult(path, params, signal, onWait = () => {}) {
+  const backoff = new Backoff();
+  let unserved = 0;  // "done" answers in a row that came without the result
   for (;;) {
     const response = await check(await fetch(route(path, params), {signal}));
     if (response.status !== 202) return response.json();
-    onWait(await response.json());
-    await sleep(POLL_MS, signal);
+    const status = await response.json();
+    unserved = status.status === 'done' ? unserved + 1 : 0;
+    if (unserved >= UNSERVED) throw new RequestError(202, UNSERVED_MESSAGE);
+    onWait(status);
+    await sleep(backoff.next(progressOf(status)), signal);
     if (signal?.aborted) throw new DOMException('aborted', 'AbortError');
   }
 }
@@ -129,8 +177,12 @@ function cancel(group, units) {
 // While a unit waits for its full render, the server may have its preview (`preview: true`):
 // the waiting states then carry `previewUrls`.
 // One POST per poll covers all the pending units; the service renders them in one optimization.
+// A unit the server calls done whose image it then does not give (it found its cached file
+// unreadable and renders it again) stays pending; UNSERVED times in a row, it has failed.
 export async function watchUnits(group, units, count, onUpdate, signal) {
   const previews = new Map();  // unit -> its preview's image URLs, once shown
+  const unserved = new Map();  // unit -> "done" answers in a row that came without its image
+  const backoff = new Backoff();
   let pending = [];
   for (const unit of units) {
     const urls = known(group, unit, count);
@@ -158,6 +210,7 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
     await Promise.all(pending.map(async (unit) => {
       const state = statuses[unit];
       if (state.status !== 'done') {
+        unserved.delete(unit);
         if (state.preview && !previews.has(unit)) {  // a first look while the full render runs
           try {
             const urls = [];
@@ -181,10 +234,26 @@ export async function watchUnits(group, units, count, onUpdate, signal) {
         }
         if (!signal.aborted) onUpdate(unit, {status: 'done', urls});
       } catch (error) {
-        if (!signal.aborted) onUpdate(unit, {status: 'failed', error: error.message});
+        if (signal.aborted) return;
+        const times = (unserved.get(unit) || 0) + 1;
+        if (error.status === 202 && times < UNSERVED) {  // asked for again: it comes
+          unserved.set(unit, times);
+          onUpdate(unit, {status: 'queued', position: null});
+          next.push(unit);
+        } else {
+          onUpdate(unit, {status: 'failed',
+            error: error.status === 202 ? UNSERVED_MESSAGE : error.message});
+        }
       }
     }));
     pending = next;
-    if (pending.length) await sleep(POLL_MS, signal);
+    if (!pending.length) return;
+    const seen = JSON.stringify(pending.map((unit) => [unit, progressOf(statuses[unit])]));
+    try {
+      await sleep(backoff.next(seen), signal);
+    } catch (error) {
+      pending.forEach((unit) => onUpdate(unit, {status: 'failed', error: error.message}));
+      return;
+    }
   }
 }

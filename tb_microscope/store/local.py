@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import zlib
@@ -60,14 +61,16 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     Readers see either the old file or the whole new one. The temporary file lives in a hidden
     folder named after this process and thread (`.tmp-<pid>-<thread>/`, where writers' own
     temporaries land too); it is removed on any error, KeyboardInterrupt included, and one left
-    by a killed process is swept by `RunStore.remove_stale_temporaries`.
+    by a killed process is swept by `remove_stale_staging`. The rename replaces whatever is at
+    `path`: a symlink there is replaced itself, its target never written. A symlink found at the
+    staging folder's name is removed, not written through.
     """
     # One staging folder per thread: a folder shared by two threads could be removed by one
     # while the other is about to write into it.
     staging = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
     temp = staging / path.name  # keeps the suffix: torch.export.save wants ".pt2"
+    _make_staging(staging)
     try:
-        staging.mkdir(parents=True, exist_ok=True)
         write(temp)
         os.chmod(temp, 0o666 & ~_UMASK)  # some writers create 0600 files; readers may be others
         fd = os.open(temp, os.O_RDONLY)
@@ -91,6 +94,41 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda temp: temp.write_bytes(data))
+
+
+def _make_staging(staging: Path) -> None:
+    """Make `atomic_write`'s staging folder: a real folder of its own, never a symlink planted
+    at its name (which would send the temporary file elsewhere)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.mkdir()
+    except FileExistsError:
+        if stat.S_ISDIR(os.lstat(staging).st_mode):
+            return  # this thread's own, left by an earlier write
+        staging.unlink()
+        staging.mkdir()
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Delete the staging folders (`.tmp-<pid>-<thread>`) of `atomic_write` that processes
+    killed mid-write left in `folder`: those whose process is gone. A symlink of that name is
+    removed itself, never followed."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # missing, or not a folder
+        return []
+    removed = []
+    for entry in entries:
+        m = _STAGING_NAME.match(entry.name)
+        if not m or _process_alive(int(m.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        removed.append(Path(entry.path))
+    return removed
 
 
 # --- safetensors headers ---------------------------------------------------------------------
@@ -391,13 +429,5 @@ class RunStore:
     # housekeeping ---------------------------------------------------------------------------
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary folders that processes killed mid-write left behind."""
-        removed = []
-        for folder in (self.root, self.root / SNAPSHOTS, (self.root / PROBE).parent):
-            if not folder.is_dir():
-                continue
-            for entry in folder.iterdir():
-                m = _STAGING_NAME.match(entry.name)
-                if m and not _process_alive(int(m.group(1))):
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-        return removed
+        folders = (self.root, self.root / SNAPSHOTS, (self.root / PROBE).parent)
+        return [path for folder in folders for path in remove_stale_staging(folder)]

@@ -22,6 +22,7 @@ import tb_microscope
 from conftest import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, http, tensorboard
 from tb_microscope.demo.model import SmallCNN
 from tb_microscope.demo.train import train
+from tb_microscope.execution.cache import RenderKey
 from tb_microscope.store.local import RunStore
 
 SIZE, ITERATIONS = 24, 8
@@ -741,3 +742,86 @@ def test_the_atlas_view_keeps_its_layout_over_steps_and_opens_a_cells_units(serv
     assert "atlas" not in url_state(page)
     context.close()
     assert not errors, f"the page threw: {errors}"
+
+
+def test_polling_backs_off_and_stops_when_the_server_cannot_serve_what_it_calls_done(
+    served, page, read_only
+):
+    """The tab polls every 500 ms for 5 s after a change, then backs off to 2 s while nothing
+    changes (the server drops work nobody asked about for 5 s); it gives up after an hour
+    without progress, and at once, pointing at the server's log, when the server keeps calling
+    a result done but cannot serve it (here: a cached result emptied in a folder where it
+    cannot be deleted)."""
+    base, logdir = served
+    frame = open_tab(page, base, run="demo")
+    backoff = frame.evaluate(
+        """async () => {
+          const {Backoff} = await import('./static/api.js');
+          const backoff = new Backoff(0);
+          const delays = [];
+          for (let t = 0; t <= 10; t++) delays.push(backoff.next('queued #1', t * 1000));
+          delays.push(backoff.next('running 10%', 11000));
+          let stopped = null;
+          try {
+            backoff.next('running 10%', 11000 + 60 * 60 * 1000);
+          } catch (error) {
+            stopped = error.message;
+          }
+          return {delays, stopped};
+        }"""
+    )
+    brisk, slower = [500] * 5, [750, 1125, 1687.5, 2000, 2000, 2000]
+    assert backoff["delays"] == brisk + slower + [500]
+    assert "no progress on this for 60 minutes" in backoff["stopped"]
+
+    params = {"run": "demo", "step": steps_of(logdir)[-1], "node": "conv2", "unit": 3, "count": 3}
+    fetch = """async (params) => {
+      const {getResult} = await import('./static/api.js');
+      const times = [];
+      const original = window.fetch;
+      window.fetch = (url, ...rest) => {
+        if (String(url).includes('/examples?')) times.push(performance.now());
+        return original(url, ...rest);
+      };
+      try {
+        return {result: await getResult('examples', params), times};
+      } catch (error) {
+        return {error: error.message, times};
+      } finally {
+        window.fetch = original;
+      }
+    }"""
+    first = frame.evaluate(fetch, params)["result"]
+    results = RunStore(logdir / "demo").root / "cache" / "results"
+    (cached,) = [p for p in results.glob("*.json") if json.loads(p.read_bytes() or b"0") == first]
+    cached.write_bytes(b"")
+    read_only(results)  # the server deletes an unreadable file: here it cannot
+    answer = frame.evaluate(fetch, params)
+    assert "cannot serve it; see the server's log" in answer["error"]
+    gaps = [b - a for a, b in zip(answer["times"], answer["times"][1:])]
+    assert len(answer["times"]) == 5 and all(gap > 450 for gap in gaps), gaps  # never faster
+
+    # the same for a unit's picture: the cell fails, saying where to look
+    run, step = tb_microscope.open_run(logdir / "demo"), steps_of(logdir)[-1]
+    query = f"run=demo&step={step}&node=conv1&unit=6"
+    deadline = time.monotonic() + 120
+    while http(f"{base}/data/plugin/tb_microscope/image?{query}")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    key = RenderKey(step, run.snapshot_version(step), "conv1", 6, "channel", SIZE, ITERATIONS, 0)
+    picture = run.store.root / "cache" / f"step-{step}" / f"{key.digest(run.id)}.png"
+    picture.write_bytes(b"")
+    read_only(picture.parent)
+    states = frame.evaluate(
+        """async (group) => {
+          const {watchUnits} = await import('./static/api.js');
+          const states = [];
+          await watchUnits(group, [6], 1, (unit, state) => states.push(state),
+            new AbortController().signal);
+          return states;
+        }""",
+        {"run": "demo", "step": step, "node": "conv1", "technique": "channel"},
+    )
+    assert states[-1]["status"] == "failed", states
+    assert "cannot serve it; see the server's log" in states[-1]["error"]
+    assert len(states) == 5  # four times asked for again, then given up

@@ -637,7 +637,13 @@ def test_render_command_refuses_bad_arguments_before_rendering(trained, tmp_path
 def test_a_restarted_servers_disk_budget_counts_every_cached_file_and_evicts_the_oldest(tmp_path):
     from tb_microscope.execution.cache import DiskBudget
 
-    sizes = {"old.npz": 4000, "a.png": 1000, "results/b.json": 500, "results/c.npz": 3000}
+    old, a, b, c = "1" * 32, "a" * 32, "b" * 32, "c" * 32
+    sizes = {
+        f"results/{old}.npz": 4000,
+        f"step-3/{a}.png": 1000,
+        f"results/{b}.json": 500,
+        f"results/{c}.npz": 3000,
+    }
     for age, (name, size) in enumerate(sizes.items()):
         path = tmp_path / name
         path.parent.mkdir(exist_ok=True)
@@ -649,5 +655,6 @@ def test_a_restarted_servers_disk_budget_counts_every_cached_file_and_evicts_the
     assert budget.total == sum(sizes.values())  # the atlases' arrays too
     smaller = DiskBudget(max_bytes=6000)
     smaller.track(tmp_path)
-    assert not (tmp_path / "old.npz").exists() and (tmp_path / "results/c.npz").exists()
+    assert not (tmp_path / f"results/{old}.npz").exists()
+    assert (tmp_path / f"results/{c}.npz").exists()
     assert smaller.total == 4500
