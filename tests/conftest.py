@@ -48,8 +48,9 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
 
 
 @contextlib.contextmanager
-def tensorboard(logdir, *flags: str, env: dict | None = None):
-    """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL."""
+def tensorboard(logdir, *flags: str, env: dict | None = None, output: list | None = None):
+    """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL. `output`,
+    if given, gets each line the process writes (its log), as it writes it."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
     command += ["--host", "127.0.0.1", "--port", "0", "--reload_interval", "1"]
     command += ["--microscope_device", "cpu", *flags]
@@ -65,10 +66,18 @@ def tensorboard(logdir, *flags: str, env: dict | None = None):
             match = re.search(r"(http://127\.0\.0\.1:\d+(/[^/\s]+)?)/", line)
             url = match.group(1) if match else None
         assert url, "tensorboard did not start:\n" + "".join(seen)
+        if output is not None:
+            output.extend(seen)
+            threading.Thread(target=_keep_lines, args=(proc.stdout, output), daemon=True).start()
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _keep_lines(stream, lines: list) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def http(url: str, body=None, headers=None) -> tuple[int, str, bytes]:
@@ -178,24 +187,27 @@ def train_step(model, x, lr=0.1):
             p -= lr * p.grad
 
 
+def unwritable(path, locked: bool = True) -> None:
+    """Make a directory unwritable (or writable again), even for root (who ignores permission
+    bits)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if locked else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if locked else 0o755)
+
+
 @pytest.fixture
 def read_only():
-    """Make a directory unwritable, even for root (who ignores permission bits)."""
+    """Make a directory unwritable, even for root, until the test ends."""
     made = []
 
     def lock(path):
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "+i", str(path)], check=True)
-        else:
-            path.chmod(0o555)
+        unwritable(path)
         made.append(path)
 
     yield lock
     for path in made:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
+        unwritable(path, locked=False)
 
 
 def free_port() -> int:
