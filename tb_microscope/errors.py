@@ -1,6 +1,18 @@
-"""Errors a user of tb_microscope can hit; each message says what was wrong and what to do."""
+"""Errors a user of tb_microscope can hit; each message says what was wrong and what to do.
+
+`warn` is the one road for a failure that must not stop the caller (a snapshot that could not be
+written while training goes on): a warning, and a record of the "tb_microscope" logger.
+"""
 
 from __future__ import annotations
+
+import logging
+import warnings
+
+# A library's loggers get a NullHandler: records reach the handlers the application configures
+# (TensorBoard's, a training job's), and an application that configures none does not get them
+# printed a second time, beside the warning, by logging's last-resort handler.
+logging.getLogger("tb_microscope").addHandler(logging.NullHandler())
 
 
 class MicroscopeError(Exception):
@@ -44,3 +56,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     for a note, a log line or another error's message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")[:limit]
+
+
+def warn(
+    message: str, error: BaseException | None = None, log: logging.Logger | None = None
+) -> None:
+    """Say `message` two ways: as a RuntimeWarning (what a script or a notebook shows) and as a
+    WARNING record of `log` (by default the "tb_microscope" logger; a module passes its own,
+    under it), with `error`'s traceback where there is one. A script that filters warnings, or a
+    job whose warnings go nowhere, still has the record, and the traceback."""
+    text = message if message.startswith("tb_microscope: ") else f"tb_microscope: {message}"
+    warnings.warn_explicit(text, RuntimeWarning, "tb_microscope", 0)
+    (log or logging.getLogger("tb_microscope")).warning(text, exc_info=error)

@@ -11,7 +11,8 @@ GRID = (2, 50)  # an activation atlas's cells per side
 
 
 class SettingError(MicroscopeError, ValueError):
-    """A render setting outside its bounds."""
+    """A setting a caller gave that is not one it may be: a render setting outside its bounds,
+    a technique or method name that is not known, bands the image does not have."""
 
 
 def _check(value, bounds: tuple[int, int], what: str, unit: str) -> int:

@@ -186,24 +186,27 @@ def train_step(model, x, lr=0.1):
             p -= lr * p.grad
 
 
+def unwritable(path, locked: bool = True) -> None:
+    """Make a directory unwritable (or writable again), even for root (who ignores permission
+    bits)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if locked else "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555 if locked else 0o755)
+
+
 @pytest.fixture
 def read_only():
-    """Make a directory unwritable, even for root (who ignores permission bits)."""
+    """Make a directory unwritable, even for root, until the test ends."""
     made = []
 
     def lock(path):
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "+i", str(path)], check=True)
-        else:
-            path.chmod(0o555)
+        unwritable(path)
         made.append(path)
 
     yield lock
     for path in made:
-        if os.geteuid() == 0:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
+        unwritable(path, locked=False)
 
 
 def free_port() -> int:

@@ -61,6 +61,7 @@ from ..optvis.numerics import usable_numerics
 from ..optvis.param import InputSpace, canvas_for
 from ..optvis.tap import NodeTap, frozen
 from ..optvis.techniques import CARICATURE_FLOOR, Objective, Technique, dot_and_cosine
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 from .embedding import embed, resolve_method
 
@@ -432,6 +433,7 @@ def _atlas_arrays(atlas: Atlas) -> dict[str, np.ndarray]:
     }
 
 
+@restores_torch_state
 def activation_atlas(
     run: Run,
     step: int,

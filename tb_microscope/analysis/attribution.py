@@ -20,12 +20,14 @@ import torch
 from torch import nn
 
 from ..errors import MicroscopeError
+from ..limits import SettingError
 from ..nodes import Node
 from ..optvis.engine import StopChecks, check_images, check_units, default_device
 from ..optvis.param import InputSpace
 from ..optvis.probe import probe_images
 from ..optvis.tap import NodeTap, frozen
 from ..optvis.techniques import channel
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 
 METHODS = ("integrated_gradients", "saliency", "guided_backprop")
@@ -87,17 +89,17 @@ def image_input(run: Run, image: int | torch.Tensor) -> torch.Tensor:
         x = x[None]
     channels = run.input_spec.channels
     if x.dim() != 4 or len(x) != 1 or x.shape[1] != channels:
-        raise ValueError(
+        raise SettingError(
             f"an image tensor must be {channels} x H x W or 1 x {channels} x H x W (the run's "
             f"input has {channels} channels), got {tuple(image.shape)}"
         )
     if x.dtype == torch.uint8:
         return x.float() / 255
     if not x.is_floating_point():
-        raise ValueError(f"an image tensor must be uint8 or floating point, not {x.dtype}")
+        raise SettingError(f"an image tensor must be uint8 or floating point, not {x.dtype}")
     low, high = float(x.min()), float(x.max())
     if low < -1e-6 or high > 1 + 1e-6:
-        raise ValueError(
+        raise SettingError(
             f"an image tensor is in image space, floats in [0, 1] (or uint8), as probe images "
             f"are; got values from {low:.3g} to {high:.3g}: pass the image before the model's "
             "normalization, which is applied here from the run's input spec"
@@ -211,6 +213,7 @@ def attribution(
     return values
 
 
+@restores_torch_state
 def attribution_and_notes(
     run: Run,
     step: int,
@@ -227,7 +230,7 @@ def attribution_and_notes(
     itself (the plugin's tab): no warning is raised, so no warning filter need be touched."""
     notes: list[str] = []
     if method not in METHODS:
-        raise ValueError(
+        raise SettingError(
             f"attribution method {method!r} is not known; methods: {', '.join(METHODS)}"
         )
     attr = captum_attr()

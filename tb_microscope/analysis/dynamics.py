@@ -36,6 +36,7 @@ from ..optvis.engine import RenderCancelled, default_device
 from ..optvis.param import InputSpace
 from ..optvis.probe import probe_images
 from ..optvis.tap import NodesTap, frozen
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 
 POOL = 2  # a unit's map is averaged down to at most POOL x POOL positions
@@ -261,6 +262,7 @@ def _dynamics_of(node: str, steps: list[int], signatures: list[torch.Tensor]) ->
     return NodeDynamics(node, steps, cka_final, cka_previous, correlation, formed)
 
 
+@restores_torch_state
 def node_dynamics(
     run: Run | str,
     node: str,
@@ -281,6 +283,7 @@ def node_dynamics(
     return _dynamics_of(target.name, chosen, [s[target.name] for s in signatures])
 
 
+@restores_torch_state
 def model_dynamics(
     run: Run | str,
     *,
@@ -333,6 +336,7 @@ class Alignment:
         }
 
 
+@restores_torch_state
 def align_units(
     run_a: Run | str,
     step_a: int,

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from ..errors import MicroscopeError
+from ..limits import SettingError
 
 METHODS = ("auto", "umap", "pca")
 UMAP_NEIGHBORS = 20  # lucid's activation atlas notebooks
@@ -41,7 +42,7 @@ def resolve_method(method: str) -> str:
     `"umap"` without umap-learn is an error saying what to install."""
     global _warned
     if method not in METHODS:
-        raise ValueError(f"layout method {method!r} is not known; methods: {', '.join(METHODS)}")
+        raise SettingError(f"layout method {method!r} is not known; methods: {', '.join(METHODS)}")
     if method == "pca":
         return method
     if umap_installed():
@@ -56,7 +57,7 @@ def resolve_method(method: str) -> str:
         warnings.warn(
             "umap-learn is not installed: activation atlases are laid out by PCA, which "
             "separates clusters less well; pip install 'tb-microscope[atlas]' for UMAP",
-            stacklevel=3,
+            stacklevel=4,  # activation_atlas's caller, past its restores_torch_state
         )
     return "pca"
 

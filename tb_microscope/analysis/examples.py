@@ -13,6 +13,7 @@ from ..optvis.engine import check_units, default_device
 from ..optvis.param import InputSpace
 from ..optvis.probe import as_rgb, probe_activations, probe_images
 from ..optvis.tap import NodeTap, frozen
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 
 
@@ -48,6 +49,7 @@ def _receptive_boxes(model, run, node, images, units, positions, device) -> list
     return boxes
 
 
+@restores_torch_state
 def dataset_examples(
     run: Run,
     step: int,

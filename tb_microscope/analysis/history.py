@@ -15,6 +15,7 @@ import torch
 from ..optvis.engine import RenderCancelled, check_units, default_device
 from ..optvis.probe import probe_activations
 from ..optvis.tap import frozen
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 from .weights import predecessors
 
@@ -44,6 +45,7 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a * b).sum() / denominator) if denominator > 0 else None
 
 
+@restores_torch_state
 def unit_history(
     run: Run,
     node: str,

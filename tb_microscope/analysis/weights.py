@@ -24,6 +24,7 @@ from ..nodes import Node, node_tensor, node_view, replace_tensor
 from ..optvis.engine import check_units, default_device
 from ..optvis.param import InputSpace
 from ..optvis.tap import NodeTap, frozen
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run
 
 # Modules that act on each unit separately: a unit's weights come from before them.
@@ -153,6 +154,7 @@ class _Source:
         return next((g for g in reversed(grads) if g is not None), None)
 
 
+@restores_torch_state
 def unit_weights(
     run: Run,
     step: int,

@@ -26,6 +26,7 @@ from ..optvis.batching import BATCH_CAPS, batch_size_for
 from ..optvis.engine import RenderResult, render
 from ..optvis.tap import frozen
 from ..optvis.techniques import get_technique
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run, open_run
 from .cache import CachedImage, RenderCache, RenderKey, encode_png
 
@@ -192,6 +193,7 @@ class Renderer:
             group.model_key, lambda: (frozen(run.load_model(group.step, self.device)), 0)
         )
 
+    @restores_torch_state
     def render(
         self,
         group: Group,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MicroscopeError
-from ..limits import check_iterations, check_size
+from ..limits import SettingError, check_iterations, check_size
 from ..nodes import TOKENS, Node
 from ..run import Run
 from .batching import batch_size_for
@@ -47,6 +47,7 @@ from .probe import probe_count, probe_images
 from .relu import REDIRECT_ITERATIONS, RedirectedReLUs
 from .tap import NodeTap, frozen
 from .techniques import Objective, Technique, channel, class_token, cosine, get_technique
+from .torch_state import restores_torch_state
 
 # 2: redirected ReLU gradients; 3: our frequency grid (odd sizes), no NNPACK; 4: a small fixed
 # input holds a larger image, with lucid's pad and jitters in proportion; larger steps below 512
@@ -215,20 +216,20 @@ def units_of(
     whole-node technique; probe image indexes for one of probe images, `image` standing for
     `units=[image]`."""
     if image is not None and not technique.compares:
-        raise ValueError(
+        raise SettingError(
             f"image= names the probe image of a caricature; technique {technique.name!r} "
             "renders units: pass them as units"
         )
     if technique.compares:
         if image is not None:
             if list(units) not in ([], [image]):
-                raise ValueError(
+                raise SettingError(
                     f"technique {technique.name!r} renders probe images: pass image={image} or "
                     f"units=[{image}], not both (units={list(units)!r})"
                 )
             units = [image]
         if not units:
-            raise ValueError(
+            raise SettingError(
                 f"technique {technique.name!r} needs a probe image: pass image= (an index of "
                 f"run '{run.name}'s probe images)"
             )
@@ -414,6 +415,7 @@ def in_batches(
     return results
 
 
+@restores_torch_state
 def render(
     run: Run,
     step: int,
@@ -453,7 +455,7 @@ def render(
     spec = get_technique(technique)
     if spec.objective is None:
         other = {"examples": "dataset_examples", "weights": "unit_weights"}[technique]
-        raise ValueError(
+        raise SettingError(
             f"technique {technique!r} is not an image optimization; use "
             f"tb_microscope.{other}() instead"
         )

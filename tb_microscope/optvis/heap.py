@@ -16,8 +16,16 @@ forward and backward to the node 113 ms where it took 86 to 91 ms with the heap 
 beyond 1 GiB free) for the process, as glibc's settings are, and calls `malloc_trim` when the
 last render in the process ends, so that a long-running server gives the memory back between
 renders. Blocks above 32 MiB still come from the kernel each time. Elsewhere than glibc (macOS,
-Windows, musl), or with the environment variable TB_MICROSCOPE_KEEP_HEAP=0 (a process whose own
-memory use should keep glibc's defaults), it does nothing.
+Windows, musl), with the environment variable TB_MICROSCOPE_KEEP_HEAP=0, or in a process started
+with thresholds of its own (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, or GLIBC_TUNABLES
+naming glibc.malloc.mmap_threshold or glibc.malloc.trim_threshold), it does nothing.
+
+Unlike torch's switches (`torch_state.py`), the thresholds are not put back after a render: glibc
+has no way to read them, and once set they no longer adapt, so no value written back would be the
+one the process had. In a process that trains and renders, they stay raised: freed blocks of up
+to 32 MiB stay in the process, the training loop's as well as the renders', given back past
+1 GiB free and when a render ends. A training process that must keep glibc's own behaviour
+sets TB_MICROSCOPE_KEEP_HEAP=0.
 """
 
 from __future__ import annotations
@@ -59,11 +67,20 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def thresholds_chosen() -> bool:
+    """Whether this process was started with malloc thresholds of its own (see the module's
+    text): they are then left alone."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(
+        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    ) or any(f"glibc.malloc.{name}=" in tunables for name in ("mmap_threshold", "trim_threshold"))
+
+
 @contextmanager
 def kept_heap() -> Iterator[None]:
     """Freed memory stays in the process while the block runs (see the module's text)."""
     libc = _glibc()
-    if libc is None or os.environ.get("TB_MICROSCOPE_KEEP_HEAP", "1") == "0":
+    if libc is None or os.environ.get("TB_MICROSCOPE_KEEP_HEAP", "1") == "0" or thresholds_chosen():
         yield
         return
     with _LOCK:

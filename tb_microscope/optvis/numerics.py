@@ -43,13 +43,7 @@ class Numerics:
         """Sets the process-wide switches these numerics need on `device`; returns what puts
         them back."""
         if device.type == "cuda":
-            tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
-
-            def restore() -> None:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-            return restore
+            return cuda_tf32(self.tf32)
         # set_flags with only `enabled`: torch.backends.mkldnn.flags() also sets oneDNN's TF32
         # switch, which makes this CPU build print a warning about Intel GPUs.
         previous = torch.backends.mkldnn.set_flags(self.onednn, _fp32_precision=None)
@@ -86,6 +80,40 @@ class Numerics:
                 if not _IN_USE[kind]["count"]:
                     _IN_USE[kind]["restore"]()
                     _SWITCHES.notify_all()
+
+
+def cuda_tf32(allow: bool) -> Callable[[], None]:
+    """TF32 on or off for CUDA's matrix products and cuDNN's convolutions and RNNs; returns what
+    puts them back. Through each backend's `fp32_precision` where torch has it: a process that
+    set those (torch's advice) can no longer read the old `allow_tf32` switches (torch raises),
+    and setting the old ones would lose a `torch.set_float32_matmul_precision("medium")`."""
+    switches = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+    try:
+        previous = [switch.fp32_precision for switch in switches]
+    except AttributeError:  # a torch before fp32_precision
+        return _old_cuda_tf32(allow)
+
+    def restore() -> None:
+        for switch, precision in zip(switches, previous):
+            switch.fp32_precision = precision
+
+    try:
+        for switch in switches:
+            switch.fp32_precision = "tf32" if allow else "ieee"
+    except RuntimeError:  # a torch whose fp32_precision knows no "ieee" yet
+        restore()
+        return _old_cuda_tf32(allow)
+    return restore
+
+
+def _old_cuda_tf32(allow: bool) -> Callable[[], None]:
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+
+    def restore() -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    return restore
 
 
 _SWITCHES = threading.Condition()  # guards _IN_USE: the numerics switches in use per device kind

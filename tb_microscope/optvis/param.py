@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MicroscopeError
+from ..limits import SettingError
 from ..run import Run
 
 # lucid's standard transforms: pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4, in pixels
@@ -312,7 +313,7 @@ def display_bands(channels: int, bands: Sequence[int] | None) -> list[int] | Non
         return None
     chosen = list(bands) if bands is not None else [0, 1, min(2, channels - 1)]
     if len(chosen) != 3 or not all(isinstance(b, int) and 0 <= b < channels for b in chosen):
-        raise ValueError(
+        raise SettingError(
             f"bands must be three channel indexes from 0 to {channels - 1}, got {bands!r}"
         )
     return chosen

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MicroscopeError
+from ..limits import SettingError
 from ..nodes import NodeActivations
 
 Objective = Callable[[NodeActivations, torch.Tensor], torch.Tensor]
@@ -158,6 +159,6 @@ def get_technique(name: str) -> Technique:
     try:
         return TECHNIQUES[name]
     except KeyError:
-        raise ValueError(
+        raise SettingError(
             f"technique {name!r} is not known; techniques: {', '.join(TECHNIQUES)}"
         ) from None

@@ -2,10 +2,11 @@
 
 Runs come from the data provider (runs with our snapshot summaries); our files are read from
 `<logdir>/<run>/plugins/tb_microscope/`. Each route is a thin handler over a tested `*_impl`;
-errors are TensorBoard's own, so users get a 400 or 404 with the message. A run that cannot be
-read is listed with its error and breaks nothing else. Routes that start or stop work take a
-POST of `application/json` from the tab's own origin only, so a page on another site cannot
-make the server render (or cancel) anything.
+errors are TensorBoard's own, so users get a 400 or 404 with the message; every route runs in
+`public_errors`, so that anything else (a bug, a fault of the machine) is a 500 whose traceback
+is in the server's log. A run that cannot be read is listed with its error and breaks nothing
+else. Routes that start or stop work take a POST of `application/json` from the tab's own
+origin only, so a page on another site cannot make the server render (or cancel) anything.
 
 Beside it: `requests.py` reads and checks a request, `previews.py` decides what is shown first,
 `flags.py` defines the `--microscope_*` flags, and `service.py` runs the work on its workers.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import os
 import posixpath
 from importlib import resources
@@ -29,7 +31,7 @@ from werkzeug import wrappers
 from .. import limits
 from ..analysis.attribution import METHODS, captum_attr
 from ..analysis.weights import default_source
-from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError
+from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError, first_line
 from ..execution.cache import encode_picture
 from ..optvis.engine import (
     QUALITIES,
@@ -64,6 +66,17 @@ from .work import Analysis, RenderWork, Work
 
 # What the tab's static files may be, and how they are served.
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css"}
+log = logging.getLogger(__name__)
+
+
+def guarded(app):
+    """The route `app` (a WSGI app) with its errors said as TensorBoard's (`public_errors`)."""
+
+    def guarded_app(environ, start_response):
+        with public_errors():
+            return app(environ, start_response)
+
+    return guarded_app
 
 
 def overlay_png(result: dict) -> bytes:
@@ -116,6 +129,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         )
 
     def get_plugin_apps(self):
+        return {route: guarded(app) for route, app in self._routes().items()}
+
+    def _routes(self):
         return {
             "/static/*": self._serve_static,
             "/runs": self._serve_runs,
@@ -217,8 +233,13 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                         "probe": None if probe is None else dataclasses.asdict(probe),
                     }
                 )
-            except (MicroscopeError, ValueError, OSError) as e:
+            except MicroscopeError as e:
                 out.append({"run": name, "error": str(e)})
+            except Exception as e:  # a bug or a fault of the machine: this run only, logged
+                log.exception("listing run %r failed", name)
+                out.append(
+                    {"run": name, "error": f"internal error in tb_microscope ({first_line(e)})"}
+                )
         return out
 
     @staticmethod

@@ -1,11 +1,13 @@
 """Reading a route's request: whole-number arguments, a JSON body taken from the tab's own
 origin only, and our errors said as TensorBoard's (404 for what is missing, 400 for anything
-else wrong, 415 for a body not declared as JSON, 503 while the render queue is full)."""
+else wrong, 415 for a body not declared as JSON, 503 while the render queue is full, 500 with
+the traceback in the server's log for a bug or a fault of the machine)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -19,6 +21,7 @@ from ..errors import (
     PickleNotAllowedError,
     RunNotFoundError,
     StepNotFoundError,
+    first_line,
 )
 
 MAX_INT = 2**62  # the largest whole number an argument may be
@@ -47,19 +50,40 @@ class UnsupportedMediaTypeError(errors.PublicError):
         super().__init__(f"Unsupported media type: {details}")
 
 
+class InternalError(errors.PublicError):
+    """A bug in tb_microscope or a fault of the machine: 500, its traceback in the server's log."""
+
+    error_code = "Internal error"
+    http_code = 500
+
+    def __init__(self, details):
+        super().__init__(details)
+
+
 @contextlib.contextmanager
 def public_errors() -> Iterator[None]:
-    """Our errors as TensorBoard's: what is missing is a 404, anything else wrong a 400. A
-    run's data that cannot be used says its kind too (`CorruptSnapshotError: …`), as a failed
-    render does, so that the tab can name it in a small cell."""
+    """Our errors as TensorBoard's: what is missing is a 404, anything else a user can fix a
+    400 (a run's data that cannot be used says its kind too, `CorruptSnapshotError: …`, as a
+    failed render does, so that the tab can name it in a small cell); TensorBoard's own errors
+    pass as they are. Anything else is not the user's doing (a bare ValueError, OSError or
+    KeyError is a bug, or a fault of the machine): a 500 whose traceback goes to the server's
+    log, and whose message says so in a line."""
     try:
         yield
+    except errors.PublicError:
+        raise
     except (NodeNotFoundError, StepNotFoundError, RunNotFoundError) as e:
         raise errors.NotFoundError(str(e)) from e
     except (CorruptSnapshotError, IncompatibleRunError, PickleNotAllowedError) as e:
         raise errors.InvalidArgumentError(f"{type(e).__name__}: {e}") from e
-    except (MicroscopeError, ValueError, OSError) as e:
+    except MicroscopeError as e:
         raise errors.InvalidArgumentError(str(e)) from e
+    except Exception as e:
+        logging.getLogger(__name__).exception("a request to tb_microscope failed")
+        why = first_line(e)
+        raise InternalError(
+            f"internal error in tb_microscope ({why}); the server's log has the traceback"
+        ) from e
 
 
 def int_arg(

@@ -320,6 +320,8 @@ class RunStore:
         exactly those tensors, each of its dtype and shape."""
         path = self.snapshot_path(step)
         if not path.is_file():
+            if path.exists():  # listed as a step, and not a file: a directory, say
+                raise self._corrupt(step, path, "it is not a file")
             raise StepNotFoundError(self.missing_step_message(step))
         try:
             header = read_header(path)

@@ -6,7 +6,8 @@ writes the safetensors file atomically. The architecture is captured once, at th
 on a thread of its own and on a CPU copy of the model built from that host copy, so that no
 `log()` waits for `torch.export` (seconds for most models, much more for some); snapshots are
 written meanwhile, and the run becomes readable once its manifest is written. Write errors (full
-disk, permissions) warn and never stop training unless `strict=True`.
+disk, permissions) warn and never stop training unless `strict=True`; every warning is also a
+record of this module's logger, with the error's traceback where there is one (`errors.warn`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import atexit
 import copy
 import dataclasses
 import datetime
+import logging
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import IncompatibleRunError, first_line, summarize
+from ..errors import IncompatibleRunError, first_line, summarize, warn
 from ..store import mlflow as mlflow_integration
 from ..store.local import RunStore, write_bytes_atomic
 from ..store.manifest import (
@@ -57,6 +58,7 @@ from .writer import (
 __all__ = ["Logger", "SnapshotRecord", "SnapshotWriteError"]
 
 Normalize = tuple[Sequence[float] | float, Sequence[float] | float]
+log = logging.getLogger(__name__)
 
 
 _open_loggers: weakref.WeakSet = weakref.WeakSet()
@@ -105,10 +107,6 @@ def _looks_unnormalized(x: torch.Tensor, spec: dict, lo: float, hi: float) -> bo
         abs(s - 1) < 0.05 for s in spec["std"]
     )
     return not near_identity and float(x.min()) >= lo - slack and float(x.max()) <= hi + slack
-
-
-def _say(message: str) -> None:
-    warnings.warn_explicit(f"tb_microscope: {message}", RuntimeWarning, "tb_microscope", 0)
 
 
 def cpu_copy(model: nn.Module, tensors: dict, aliases: dict) -> nn.Module:
@@ -231,9 +229,7 @@ class Logger:
         if self.store.has_manifest():
             self._resume()
         if self.mlflow_run_id is not None:
-            self._uploader = ArtifactUploader(
-                self.store, self.mlflow_run_id, uri, self._run_id, _say
-            )
+            self._uploader = ArtifactUploader(self.store, self.mlflow_run_id, uri, self._run_id)
         self._writer = SnapshotWriter(
             self.store, self._policy, self._uploader.notify if self._uploader else None
         )
@@ -300,12 +296,13 @@ class Logger:
                 shape
             )
             if _looks_unnormalized(x, spec, lo, hi):
-                _say(
+                warn(
                     f"probe= holds float images in [{lo:g}, {hi:g}] that look not normalized (no "
                     "value below any channel's mean; read as normalized inputs, they would be "
                     f"washed out to [{float(images.min()):.2f}, {float(images.max()):.2f}]): they "
                     "are stored as the images they are. Pass probe= exactly as the model is fed "
-                    "(normalized like the training inputs), or as uint8 images, to silence this."
+                    "(normalized like the training inputs), or as uint8 images, to silence this.",
+                    log=log,
                 )
                 images = x
         else:
@@ -313,11 +310,12 @@ class Logger:
         clipped = _outside(images, lo, hi)
         if clipped:
             what = "normalize=(mean, std)" if spec is None else "value_range=(low, high)"
-            _say(
+            warn(
                 f"{clipped:.0%} of the probe images' values lie outside value_range "
                 f"[{lo:g}, {hi:g}] (min {float(images.min()):.3g}, max {float(images.max()):.3g}) "
                 f"and are clipped: pass probe= as the model is fed, and {what} if the model's "
-                "inputs are normalized or span another range."
+                "inputs are normalized or span another range.",
+                log=log,
             )
         return ((images - lo) / (hi - lo)).clamp(0, 1).mul(255).round().to(torch.uint8).contiguous()
 
@@ -383,11 +381,12 @@ class Logger:
             return False
         if not self._backlog_warned:
             self._backlog_warned = True
-            _say(
+            warn(
                 f"step {step} is not logged: {count} snapshots ({size / 1e6:.0f} MB) already "
                 f"wait in {self.store.run_dir} for {self._uploader.where}, more than "
                 f"backlog_mb={self._backlog_bytes >> 20}; steps are logged again once they "
-                "are uploaded"
+                "are uploaded",
+                log=log,
             )
         return True
 
@@ -460,20 +459,25 @@ class Logger:
             result = Capture(NONE, None, None, [], self._eager_edges, why)
         # One line each, from the capture thread (where a caller's line would mean nothing).
         if result.kind == PICKLE:
-            _say(
+            warn(
                 f"torch.export could not capture {name} ({result.note}); its architecture is "
                 "saved as a pickle, which readers load only with allow_pickle=True "
-                "(tensorboard --microscope_allow_pickle), as it runs code."
+                "(tensorboard --microscope_allow_pickle), as it runs code.",
+                log=log,
             )
         elif result.kind == EXPORT and result.note:
             fixed = {d["name"]: d["size"] for d in result.dims}
             if fixed.get("height") is not None:
-                _say(
+                warn(
                     f"captured {name} for {fixed['height']}x{fixed['width']} inputs only "
-                    f"({result.note}); it is rendered at that size."
+                    f"({result.note}); it is rendered at that size.",
+                    log=log,
                 )
             elif any(d["max"] is not None for d in result.dims if d["name"] == "height"):
-                _say(f"captured {name} ({result.note}); pictures are rendered within that size.")
+                warn(
+                    f"captured {name} ({result.note}); pictures are rendered within that size.",
+                    log=log,
+                )
         self._writer.submit(ManifestJob(self._manifest(result), self._architecture_writer(result)))
 
     def _architecture_writer(self, result: Capture):

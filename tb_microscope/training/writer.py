@@ -5,31 +5,33 @@ the weights, and the run's manifest with the architecture (first while it is bei
 then once it is). The writer thread writes them into the run store (atomically) and appends a
 summary of each snapshot to the run's event file. Write errors (full disk, permissions) warn and
 never stop training, unless the policy is strict, in which case the next call on the training
-thread raises them.
+thread raises them. A warning is also a record of this module's logger, with the error's
+traceback (`errors.warn`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import queue
 import re
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import __version__
-from ..errors import MicroscopeError
+from ..errors import MicroscopeError, warn
 from ..store.local import RunStore
 from ..store.manifest import Manifest
 from .summary import SnapshotEvents
 
 WRITER_NICENESS = 10
+log = logging.getLogger(__name__)
 
 
 class SnapshotWriteError(MicroscopeError, OSError):
@@ -92,9 +94,7 @@ class ErrorPolicy:
             with self._lock:
                 self._error = self._error or error
         else:  # often on a background thread, where a caller's line would mean nothing
-            warnings.warn_explicit(
-                text + ". Training continues.", RuntimeWarning, "tb_microscope", 0
-            )
+            warn(text + ". Training continues.", cause, log)
 
     def raise_pending(self) -> None:
         with self._lock:

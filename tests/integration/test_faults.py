@@ -1,5 +1,7 @@
-"""Faults: a killed writer, corrupt files, a full disk, a read-only directory."""
+"""Faults: a killed writer, corrupt files, a full disk, a read-only directory (warned, and
+logged with the traceback)."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -135,4 +137,25 @@ def test_a_permission_error_warns_or_raises_with_strict(tmp_path, tiny, example,
     assert "Operation not permitted" in logger.records[1].error or (
         "Permission denied" in logger.records[1].error
     )
+    assert tb_microscope.open_run(tmp_path).steps == [0]
+
+
+def test_a_failed_write_is_logged_with_its_traceback_where_warnings_are_filtered(
+    tmp_path, tiny, example, read_only, caplog
+):
+    logger = tb_microscope.Logger(tmp_path, tiny, example, every=1)
+    logger.log(0)
+    logger.flush()
+    read_only(RunStore(tmp_path).root / "snapshots")
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="tb_microscope"):
+        warnings.simplefilter("ignore")  # a script that silences warnings
+        logger.log(1)
+        logger.flush()
+    logger.close(raise_errors=False)
+    (record,) = [r for r in caplog.records if "writing step 1" in r.getMessage()]
+    assert record.name == "tb_microscope.training.writer" and record.levelno == logging.WARNING
+    assert "Training continues" in record.getMessage()
+    assert "check that the directory is writable" in record.getMessage()
+    assert isinstance(record.exc_info[1], OSError)  # the write's own error, and where it was
+    assert "Traceback (most recent call last)" in caplog.text and "write_snapshot" in caplog.text
     assert tb_microscope.open_run(tmp_path).steps == [0]

@@ -13,7 +13,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
 import tb_microscope
-from tb_microscope.errors import CorruptSnapshotError, NodeNotFoundError
 from tb_microscope.execution import planner
 from tb_microscope.execution.cache import RenderKey, ResultKey
 from tb_microscope.optvis.engine import Quality
@@ -27,7 +26,6 @@ from tb_microscope.server.requests import (
     check_same_site,
     int_arg,
     json_body,
-    public_errors,
 )
 from tb_microscope.server.service import Job, QueueFullError, RenderService, job_priority
 from tb_microscope.server.work import Analysis, RenderWork
@@ -246,21 +244,6 @@ def test_a_body_over_the_limit_is_a_413():
     with pytest.raises(RequestEntityTooLarge):
         json_body(post(b" " * (MAX_BODY_BYTES + 1)))
     assert json_body(post(b"{}" + b" " * (MAX_BODY_BYTES - 2))) == {}
-
-
-def test_our_errors_become_tensorboards():
-    with pytest.raises(errors.NotFoundError, match="no node"):
-        with public_errors():
-            raise NodeNotFoundError("no node 'x'")
-    with pytest.raises(errors.InvalidArgumentError, match="CorruptSnapshotError: torn file"):
-        with public_errors():
-            raise CorruptSnapshotError("torn file")
-    with pytest.raises(errors.InvalidArgumentError, match="bad size"):
-        with public_errors():
-            raise ValueError("bad size")
-    with pytest.raises(KeyError):  # a bug stays a bug (a 500), not a user's error
-        with public_errors():
-            raise KeyError("x")
 
 
 def test_a_full_queue_asks_the_tab_to_come_back():

@@ -4,18 +4,19 @@ on with an MLflow run reads first (`adopt_remote`, `uploaded_steps`).
 The Logger's writer writes into a local staging run directory as usual; a thread uploads each
 finished file and then the index, and deletes a staged snapshot once the index that lists it is
 uploaded. While the tracking server is unreachable the snapshots wait on disk (bounded by the
-Logger's `backlog_mb`), retried with backoff; training never waits.
+Logger's `backlog_mb`), retried with backoff; training never waits. What the uploader has to say
+(an outage, a refusal) is a warning and a record of this module's logger (`errors.warn`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 
-from ...errors import first_line
+from ...errors import first_line, warn
 from ..local import RunStore, write_bytes_atomic
 from ..paths import MANIFEST
 from .common import ARTIFACTS, TAG, file_sha256
@@ -24,6 +25,7 @@ from .mirror import MlflowRunStore
 
 RETRY_MAX_S = 30.0
 ADOPT_TIMEOUT_S = 20.0  # how long a new Logger waits to read what its MLflow run holds
+log = logging.getLogger(__name__)
 
 
 def uploaded_steps(store: RunStore) -> list[int]:
@@ -70,19 +72,11 @@ def adopt_remote(store: RunStore, mlflow_run_id: str, uri: str, timeout: float |
 class ArtifactUploader:
     """Uploads what the Logger's writer finishes in the staging `store` to an MLflow run."""
 
-    def __init__(
-        self,
-        store: RunStore,
-        mlflow_run_id: str,
-        uri: str,
-        our_run_id: str,
-        say: Callable[[str], None],
-    ):
+    def __init__(self, store: RunStore, mlflow_run_id: str, uri: str, our_run_id: str):
         from mlflow import MlflowClient
 
         self.store, self.mlflow_run_id, self.uri = store, mlflow_run_id, uri
         self._client = MlflowClient(uri)
-        self._say = say
         local = read_index(store.root / INDEX, str(store.root / INDEX))
         self.index = local if local is not None else Index(our_run_id)
         self._index_dirty = local is not None  # a resumed index may not have reached it
@@ -160,7 +154,7 @@ class ArtifactUploader:
                     "MLflow run (mlflow.start_run()), or, for the same model, start a Logger "
                     "again while the server is reachable: it goes on with that run"
                 )
-                self._say(refused)
+                warn(refused, log=log)
                 self.refused = refused
                 return
             self._client.set_tag(self.mlflow_run_id, TAG, self.index.run_id)
@@ -195,16 +189,19 @@ class ArtifactUploader:
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     count, size = self.backlog()
-                    self._say(
+                    warn(
                         f"uploading to {self.where} failed ({self.error}); training goes on, "
                         f"and snapshots wait in {self.store.run_dir} ({count} now, "
-                        f"{size / 1e6:.0f} MB) until the server is back"
+                        f"{size / 1e6:.0f} MB) until the server is back",
+                        e,
+                        log,
                     )
                 delay = min(delay * 2, RETRY_MAX_S)
             else:
                 if self._down_since is not None:
-                    self._say(
-                        f"{self.where} is reachable again; the snapshots that waited are uploaded"
+                    warn(
+                        f"{self.where} is reachable again; the snapshots that waited are uploaded",
+                        log=log,
                     )
                 self._down_since, self.error, delay = None, None, 1.0
             with self._changed:
@@ -239,9 +236,10 @@ class ArtifactUploader:
         self._thread.join(timeout=5.0)
         if not done:
             count, size = self.backlog()
-            self._say(
+            warn(
                 f"{count} snapshots ({size / 1e6:.0f} MB) could not be uploaded to {self.where}"
                 f" ({self.error or 'still uploading'}); they are kept in {self.store.run_dir}, "
                 f"and a Logger('mlflow', ..., run_id='{self.mlflow_run_id}') for the same model "
-                "uploads them"
+                "uploads them",
+                log=log,
             )

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import select
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...errors import first_line
+from ...errors import first_line, warn
 from ...nodes import Node
 from .export import Capture, capture
+
+log = logging.getLogger(__name__)
 
 
 class CaptureProcessError(RuntimeError):
@@ -145,12 +147,9 @@ class ChildCapture:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
-            warnings.warn_explicit(
-                f"tb_microscope: the architecture's capture process {why}; capturing in this "
-                "process instead",
-                RuntimeWarning,
-                "tb_microscope",
-                0,
+            warn(
+                f"the architecture's capture process {why}; capturing in this process instead",
+                log=log,
             )
             return capture(*self.args)
         _, status = os.waitpid(self.pid, 0)
