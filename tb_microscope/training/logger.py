@@ -44,7 +44,14 @@ from ..store.manifest import (
 )
 from ..store.mlflow import ArtifactUploader
 from ..store.paths import EXPORTED_ARCHITECTURE, PICKLED_ARCHITECTURE
-from .capture import Capture, ChildCapture, discover_nodes, select_nodes, unwrap
+from .capture import (
+    Capture,
+    ChildCapture,
+    discover_nodes,
+    original_forward,
+    select_nodes,
+    unwrap,
+)
 from .schedule import make_schedule
 from .writer import (
     ErrorPolicy,
@@ -111,7 +118,8 @@ def _looks_unnormalized(x: torch.Tensor, spec: dict, lo: float, hi: float) -> bo
 
 def cpu_copy(model: nn.Module, tensors: dict, aliases: dict) -> nn.Module:
     """A copy of `model` on the CPU whose weights are the snapshot's host tensors (no second
-    copy of them), for capturing its architecture while the model itself trains on."""
+    copy of them), for capturing its architecture while the model itself trains on; with its own
+    forward, not accelerate's mixed precision wrapper (`original_forward`)."""
     state = {**tensors, **{alias: tensors[stored] for alias, stored in aliases.items()}}
     memo: dict[int, object] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -120,7 +128,7 @@ def cpu_copy(model: nn.Module, tensors: dict, aliases: dict) -> nn.Module:
     for name, b in model.named_buffers(remove_duplicate=False):
         if name in state and id(b) not in memo:
             memo[id(b)] = state[name]
-    return copy.deepcopy(model, memo).cpu()
+    return original_forward(copy.deepcopy(model, memo).cpu())
 
 
 def weights_fingerprint(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -46,7 +46,7 @@ def test_the_wheel_holds_every_package_and_the_whole_tab(tmp_path):
         for line in metadata.splitlines()
         if line.startswith("Provides-Extra:")
     }
-    assert {"lightning", "mlflow", "ray", "test", "bench"} <= extras, extras
+    assert {"lightning", "transformers", "mlflow", "ray", "test", "bench"} <= extras, extras
 
 
 def test_help_and_a_mistyped_command_answer_without_importing_torch(tmp_path):

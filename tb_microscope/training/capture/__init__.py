@@ -10,7 +10,14 @@ directory, so readers must opt in.
 """
 
 from .child import CaptureProcessError, ChildCapture, capture_in_child
-from .discovery import discover_nodes, eval_mode, innermost_edges, select_nodes, unwrap
+from .discovery import (
+    discover_nodes,
+    eval_mode,
+    innermost_edges,
+    original_forward,
+    select_nodes,
+    unwrap,
+)
 from .export import Capture, ExportTimeout, capture, exported_edges, program_nodes, time_limit
 from .pickled import pickle_architecture
 
@@ -25,6 +32,7 @@ __all__ = [
     "eval_mode",
     "exported_edges",
     "innermost_edges",
+    "original_forward",
     "pickle_architecture",
     "program_nodes",
     "select_nodes",

@@ -35,6 +35,24 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def original_forward(model: nn.Module) -> nn.Module:
+    """`model` (a copy, changed in place) with the forward it had before accelerate's mixed
+    precision wrapped it: `Accelerator.prepare` (as the Hugging Face Trainer calls it with fp16 or
+    bf16) sets the instance's `forward` to the original run under autocast and keeps the original
+    as `_original_forward`. Exported with the wrapper, the whole model is one autocast region, in
+    which no submodule is called, so no node would be found."""
+    state = vars(model)
+    original = state.pop("_original_forward", None)
+    if original is None:
+        return model
+    bound = getattr(original, "__self__", None) is model
+    if bound and getattr(original, "__func__", None) is type(model).forward:
+        state.pop("forward", None)  # the class's own forward
+    else:
+        state["forward"] = original
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` in eval mode without autocast, then give every submodule its mode back."""
