@@ -570,6 +570,7 @@ def test_a_preview_comes_first_and_the_full_render_replaces_it(logdir):
             "full": {"size": 32, "iterations": 128},
             "preview": {"size": 32, "iterations": 24},
         },
+        "limits": {"size": 32, "iterations": 400, "grid": 40, "count": 64},  # the flags' defaults
     }
     body = {"run": "demo", "step": 5, "node": "conv1", "units": [0, 1, 2, 3]}
     deadline = time.monotonic() + 120
