@@ -113,8 +113,8 @@ class MirrorStore(RunStore):
 
     def fetch(self, step: int) -> Path:
         """The snapshot of `step` in the mirror, downloaded the first time (and after eviction)."""
-        path = self.snapshot_path(step)
         self.snapshot_version(step)  # a step that is not there: StepNotFoundError
+        path = self.snapshot_path(step)  # (named by that version in some backends)
         with self._fetching:
             if self._holds(path, step):
                 self.budget.touch(path)

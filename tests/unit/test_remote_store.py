@@ -99,6 +99,8 @@ def test_a_new_step_is_listed_and_a_replaced_snapshot_is_fetched_again(tmp_path,
     upload(store, url)
     assert run.steps() == [10, 30] and run.snapshot_version(10) != before
     assert torch.equal(run.read_snapshot(10)["conv1.weight"], weights(99)["conv1.weight"])
+    upload(store, url, 40)  # read before any listing shows it
+    assert torch.equal(run.read_snapshot(40)["conv1.weight"], weights(40)["conv1.weight"])
 
 
 def test_a_truncated_object_is_never_read_as_a_snapshot(tmp_path, url):

@@ -96,6 +96,7 @@ class RemoteRunStore(MirrorStore):
             if m and info.get("type", "file") == "file":
                 listed[int(m.group(1))] = (int(info["size"]), object_version(info))
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temporaries()  # a reader killed mid-download left them
         versions = self._versions_record()
         for name in SMALL_FILES:  # the manifest last: what it names is there before it
             info = objects.get(name)
