@@ -75,6 +75,13 @@ def test_the_cli_takes_a_url(logged, s3_server, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cli-cache")}
     out = run_python("-m", "tb_microscope.cli", "info", url.rsplit("/", 1)[0], env=env).stdout
     assert "exp1  " in out and "steps (3): 0 1 2" in out and "conv2" in out
+    render = ["render", url.rsplit("/", 1)[0], "--runs", "exp1", "--steps", "2", "--nodes", "conv2"]
+    render += ["--units", "0-1", "--size", str(SIZE), "--iterations", str(ITERATIONS)]
+    run_python("-m", "tb_microscope.cli", *render, "--device", "cpu", env=env)
+    atlas = ["atlas", url, "--step", "2", "--node", "conv2", "--grid", "2", "--size", str(SIZE)]
+    atlas += ["--iterations", str(ITERATIONS), "--layout", "pca", "-o", tmp_path / "atlas.png"]
+    run_python("-m", "tb_microscope.cli", *atlas, "--device", "cpu", env=env)
+    assert Image.open(tmp_path / "atlas.png").size[0] > 0
 
 
 def test_a_missing_bucket_is_said_when_the_logger_starts(s3_server):
