@@ -185,7 +185,9 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         url = remote.join(self._url, name)
         store = self._remote.get(url)
         if store is None:
-            store = self._remote.setdefault(url, RemoteRunStore(url))
+            made = RemoteRunStore(url)
+            made.background = True  # no request waits on the store once the run is mirrored
+            store = self._remote.setdefault(url, made)
         run = self.service.run(str(store.run_dir), store=store)
         run.check()
         return run

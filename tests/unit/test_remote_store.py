@@ -2,6 +2,7 @@
 reads, new steps, a truncated object, the bounded snapshot cache and finding runs."""
 
 import json
+import time
 import uuid
 
 import fsspec
@@ -162,3 +163,16 @@ def test_the_event_file_goes_up_after_its_snapshot(tmp_path, url):
     names = [n.rsplit("/", 1)[-1] for n in fs.ls(url.removeprefix("memory://"), detail=False)]
     assert "events.out.tfevents.1.host.1.0.tb_microscope" in names
     assert json.loads((store.root / "index.json").read_bytes())["snapshots"]["5"]["size"] > 0
+
+
+def test_in_the_background_a_listing_never_holds_up_a_reader(tmp_path, url):
+    store = staged(tmp_path)
+    upload(store, url, 10)
+    run = RemoteRunStore(url)
+    run.background = True
+    assert run.steps() == [10]  # the first sync is waited for: nothing is mirrored before
+    upload(store, url, 20)
+    deadline = time.monotonic() + 30
+    while run.steps() != [10, 20]:  # each call starts at most one sync and returns at once
+        assert time.monotonic() < deadline, "the new step never appeared"
+        time.sleep(0.05)

@@ -47,6 +47,7 @@ class RemoteRunStore(MirrorStore):
         self._listed: dict[int, tuple[int, str]] = {}  # step -> (size, version)
         self._syncing = threading.Lock()
         self.synced: float | None = None  # time.monotonic() of the last sync that answered
+        self.background = False  # sync on a thread of its own after the first (see refresh)
         self._tried: float | None = None
         self._outage: str | None = None
 
@@ -127,17 +128,25 @@ class RemoteRunStore(MirrorStore):
     def refresh(self) -> None:
         """Sync if the last try is older than LIST_EVERY_S (at once the first time). While another
         thread syncs, or the store does not answer and something is mirrored, the mirror is
-        used as it is."""
+        used as it is. With `background` set (the TensorBoard plugin sets it), a sync after the
+        first runs on a thread of its own, so that no request waits on the store."""
         if self._tried is not None and time.monotonic() - self._tried < LIST_EVERY_S:
             return
         if self.synced is not None and self._syncing.locked():
             return
+        if self.background and self.synced is not None:
+            self._tried = time.monotonic()  # one thread started per period
+            threading.Thread(
+                target=self._sync_or_keep, name="tb_microscope-remote-sync", daemon=True
+            ).start()
+            return
+        self._sync_or_keep()
+
+    def _sync_or_keep(self) -> None:
         try:
             self.sync()
-        except RunNotFoundError:
-            raise
         except MicroscopeError as e:
-            if self.synced is None:
+            if self.synced is None or (isinstance(e, RunNotFoundError) and not self.background):
                 raise
             if self._outage is None:
                 self._outage = str(e)
