@@ -87,6 +87,8 @@ def test_the_cli_takes_a_url(logged, s3_server, tmp_path):
 def test_a_missing_bucket_is_said_when_the_logger_starts(s3_server):
     with pytest.raises(RunNotFoundError, match="bucket 'no-such-bucket' exists"):
         tb_microscope.Logger("s3://no-such-bucket/runs/x", TinyCNN(), torch.rand(2, 3, 16, 16))
+    with pytest.raises(RunNotFoundError, match="bucket 'no-such-bucket' exists"):
+        tb_microscope.open_run("s3://no-such-bucket/runs/x")
 
 
 def test_missing_credentials_are_said_when_the_logger_starts(s3_server, monkeypatch, tmp_path):

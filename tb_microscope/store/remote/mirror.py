@@ -81,6 +81,12 @@ class RemoteRunStore(MirrorStore):
     def _sync(self) -> None:
         top = self._ls(self.prefix)
         if MANIFEST not in top:
+            bucket = self.prefix.lstrip("/").split("/", 1)[0]
+            if self.url.startswith(("s3://", "s3a://", "gs://", "gcs://")) and not self.fs.exists(
+                bucket
+            ):
+                missing = FileNotFoundError(f"no bucket '{bucket}'")
+                raise remote_error(missing, "read the run", self.url)
             raise RunNotFoundError(
                 f"'{self.url}' holds no tb_microscope data (no plugins/tb_microscope/{MANIFEST} "
                 "there). Pass the URL given to tb_microscope.Logger, or log a run first."
