@@ -48,6 +48,8 @@ class RemoteUploader(Uploader):
 
     def _event_files(self) -> dict[str, int]:
         sizes = {}
+        if not self.store.run_dir.is_dir():  # nothing written yet
+            return sizes
         for path in self.store.run_dir.iterdir():
             if _EVENT_FILE.match(path.name):
                 sizes[path.name] = path.stat().st_size
