@@ -31,7 +31,7 @@ from .store.architecture import (
 from .store.local import RunStore
 from .store.manifest import EXPORT, PENDING, PICKLE, InputSpec
 from .store.mlflow import MlflowRunStore, parse_mlflow_uri
-from .store.paths import is_mlflow_uri
+from .store.paths import is_mlflow_uri, is_remote_url, local_path
 
 PROGRAM_CACHE_BYTES = 1 << 30  # a Run's own bound, when no shared cache is given
 
@@ -70,7 +70,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        """The run directory's name, or `runs:/<id>` for an MLflow run."""
+        """The run directory's name; `runs:/<id>` for an MLflow run, its URL for a run in
+        object storage."""
         return getattr(self.store, "name", None) or self.path.name
 
     @property
@@ -219,6 +220,10 @@ def open_run(
     read from the tracking server at `tracking_uri` (default: MLFLOW_TRACKING_URI) through a
     local mirror: opening it again fetches what is new; each snapshot is fetched when first read.
 
+    `run_dir` may also be an fsspec URL (`s3://bucket/runs/exp1`, `gs://...`, `memory://...`),
+    read through a local mirror as well (see `tb_microscope.store.remote`): new steps appear as
+    they are listed, each snapshot is fetched when first read into a bounded cache.
+
     A pickled architecture (a model torch.export could not capture) is refused unless
     `allow_pickle=True`, because unpickling runs code from the log directory.
     """
@@ -226,6 +231,13 @@ def open_run(
         store = MlflowRunStore(parse_mlflow_uri(run_dir), tracking_uri)
         store.sync()
         return Run(store.run_dir, allow_pickle=allow_pickle, store=store)
+    if is_remote_url(run_dir):
+        from .store.remote import RemoteRunStore
+
+        store = RemoteRunStore(run_dir)
+        store.sync()
+        return Run(store.run_dir, allow_pickle=allow_pickle, store=store)
+    run_dir = local_path(run_dir)
     if not Path(run_dir).is_dir():
         raise RunNotFoundError(
             f"'{run_dir}' is not a directory; pass a run directory written by tb_microscope.Logger"

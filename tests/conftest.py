@@ -356,3 +356,88 @@ def lightning_module():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     return Module()
+
+
+class S3Server:
+    """A real S3-compatible server (`moto_server`) on 127.0.0.1 and a free port; `env` is the
+    environment a client needs (credentials, region, the endpoint for boto3 / s3fs and for
+    TensorBoard's S3_ENDPOINT). `pause()` / `resume()` stop and continue it (SIGSTOP / SIGCONT):
+    what a client sees of a store that hangs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.url,
+            "S3_ENDPOINT": self.url,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        moto = Path(sys.executable).parent / "moto_server"
+        with open(self.root / "moto.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "moto.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url + "/moto-api/", timeout=5):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("moto_server did not start: " + (self.root / "moto.log").read_text())
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket `name`; returns its URL, s3://name."""
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A moto S3 server for the module; the test process's environment points at it while the
+    module runs (s3fs, boto3 and TensorBoard read it from there)."""
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

@@ -40,28 +40,29 @@ def parse_indexes(text: str, limit: int, what: str) -> list[int]:
 
 
 def open_one_run(text: str, allow_pickle: bool) -> Run:
-    """A run directory, a log directory holding exactly one run, or runs:/<MLflow run id>."""
-    from ..store.paths import find_runs, is_mlflow_uri
+    """A run directory or URL, a log directory or URL holding exactly one run, or
+    runs:/<MLflow run id>."""
+    from ..store.paths import find_runs, is_mlflow_uri, is_remote_url, local_path, relative_run
 
     if is_mlflow_uri(text):
         from ..run import open_run
 
         return open_run(text, allow_pickle=allow_pickle)
-    path = Path(text)
+    path = text if is_remote_url(text) else local_path(text)
     runs = find_runs(path)
     if not runs:
         raise MicroscopeError(
             f"no tb_microscope run at '{path}' (looked for plugins/tb_microscope/manifest.json)"
         )
     if len(runs) > 1:
-        names = ", ".join(str(r.relative_to(path)) for r in runs[:6])
+        names = ", ".join(relative_run(r, path) for r in runs[:6])
         raise MicroscopeError(
             f"'{path}' holds {len(runs)} runs ({names}{', …' if len(runs) > 6 else ''}); "
             "name one run directory"
         )
-    from ..run import Run
+    from ..run import open_run
 
-    return Run(runs[0], allow_pickle=allow_pickle)
+    return open_run(runs[0], allow_pickle=allow_pickle)
 
 
 def number(value) -> str:

@@ -19,13 +19,15 @@ def _shape(shape) -> str:
     return "×".join(map(str, shape))
 
 
-def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
-    from ..store.paths import is_mlflow_uri
+def describe(run: Run, logdir, all_nodes: bool) -> str:
+    from ..store.paths import is_mlflow_uri, is_remote_url, relative_run
 
     m = run.manifest
     arch = m.model.architecture
     if is_mlflow_uri(run.name):
         rel = run.name
+    elif is_remote_url(run.name):
+        rel = relative_run(run.name, logdir) if is_remote_url(str(logdir)) else run.name
     else:
         rel = run.path.relative_to(logdir) if run.path != logdir else Path(".")
     spec = run.input_spec
@@ -68,7 +70,7 @@ def describe(run: Run, logdir: Path, all_nodes: bool) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..store.paths import find_runs, is_mlflow_uri
+    from ..store.paths import find_runs, is_mlflow_uri, is_remote_url, local_path
 
     if is_mlflow_uri(args.logdir):
         from ..run import open_run
@@ -76,7 +78,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         run = open_run(args.logdir, allow_pickle=args.allow_pickle)
         print(describe(run, run.path, args.all_nodes))
         return 0
-    logdir = Path(args.logdir)
+    logdir = args.logdir if is_remote_url(args.logdir) else local_path(args.logdir)
     runs = find_runs(logdir)  # before torch is imported: nothing there is said at once
     if not runs:
         print(
@@ -85,13 +87,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from ..run import Run
+    from ..run import open_run
 
     for i, path in enumerate(runs):
         if i:
             print()
         try:
-            print(describe(Run(path, allow_pickle=args.allow_pickle), logdir, args.all_nodes))
+            print(describe(open_run(path, allow_pickle=args.allow_pickle), logdir, args.all_nodes))
         except MicroscopeError as e:
             print(f"{path}: {e}")
     return 0

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="list the runs, steps and nodes under a log directory")
     info.add_argument(
-        "logdir", help="a TensorBoard log directory, one run directory, or runs:/<MLflow run id>"
+        "logdir",
+        help="a TensorBoard log directory, one run directory (either may be a URL: s3://, gs://), "
+        "or runs:/<MLflow run id>",
     )
     info.add_argument("--all-nodes", action="store_true", help="list every node")
     info.add_argument(
@@ -45,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render units into the same cache the TensorBoard tab reads. Resumable: "
         "cached units are skipped; Ctrl-C leaves no half-written file.",
     )
-    render.add_argument("logdir", help="a log directory, a run directory or runs:/<MLflow run id>")
+    render.add_argument(
+        "logdir",
+        help="a log directory, a run directory (either may be a URL: s3://, gs://) or "
+        "runs:/<MLflow run id>",
+    )
     render.add_argument("--runs", nargs="+", help="run names (default: all runs)")
     render.add_argument("--steps", default="all", help="e.g. 0-1000,5000 or 2000- (default: all)")
     render.add_argument("--nodes", nargs="+", help="node names (default: every node)")
@@ -167,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "logged step; keep it to compare steps: the same patches stay in the same cells), and "
         "renders each cell's mean direction. Cached with the run's renders.",
     )
-    atlas.add_argument("run", help="a run directory (or a log directory with one run)")
+    atlas.add_argument(
+        "run", help="a run directory or URL (or a log directory with one run), or runs:/<id>"
+    )
     atlas.add_argument("--step", type=int, required=True, help="a logged step")
     atlas.add_argument("--node", required=True)
     atlas.add_argument("--grid", type=int, default=20, help="cells per side, 2 to 50 (default 20)")

@@ -7,7 +7,6 @@ import argparse
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from ..errors import MicroscopeError
 from ..limits import check_iterations, check_size
@@ -35,7 +34,7 @@ def _check_render_syntax(args: argparse.Namespace) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from ..store.paths import find_runs, is_mlflow_uri
+    from ..store.paths import find_runs, is_mlflow_uri, relative_run, run_basename
 
     _check_render_syntax(args)
     mlflow = is_mlflow_uri(args.logdir)
@@ -44,11 +43,11 @@ def cmd_render(args: argparse.Namespace) -> int:
             "--log-to-mlflow logs the pictures into the MLflow run they were rendered from: "
             "give the run as runs:/<run_id>"
         )
-    logdir = Path(args.logdir)
+    logdir = args.logdir
     runs = [args.logdir] if mlflow else find_runs(logdir)
     if args.runs and not mlflow:
         wanted = set(args.runs)
-        runs = [r for r in runs if str(r.relative_to(logdir)) in wanted or r.name in wanted]
+        runs = [r for r in runs if relative_run(r, logdir) in wanted or run_basename(r) in wanted]
     if not runs:
         raise MicroscopeError(f"no tb_microscope runs to render under '{logdir}'")
     import torch

@@ -28,6 +28,7 @@ from ..optvis.tap import frozen
 from ..optvis.techniques import get_technique
 from ..optvis.torch_state import restores_torch_state
 from ..run import Run, open_run
+from ..store.mirror import MirrorStore
 from .cache import CachedImage, RenderCache, RenderKey, encode_png
 
 
@@ -113,8 +114,9 @@ def picture_keys(group: Group, settings: Settings, units: Sequence[int]) -> list
 
 
 def source_of(run: Run) -> str:
-    """How another process opens `run`."""
-    return run.name if run.name.startswith("runs:/") else str(run.path.resolve())
+    """How another process opens `run`: its name for a run kept elsewhere (`runs:/<id>`, a URL),
+    else its directory's absolute path."""
+    return run.name if isinstance(run.store, MirrorStore) else str(run.path.resolve())
 
 
 def group_size(technique: str, device_kind: str, batch_size: int | None) -> int:

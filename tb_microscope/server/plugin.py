@@ -43,8 +43,10 @@ from ..optvis.engine import (
 )
 from ..optvis.probe import as_rgb, probe_count
 from ..optvis.techniques import TECHNIQUES, get_technique
+from ..store import remote
 from ..store.mlflow import MlflowRuns
-from ..store.paths import PLUGIN_NAME
+from ..store.paths import PLUGIN_NAME, is_remote_url
+from ..store.remote.mirror import RemoteRunStore
 from .flags import (
     DEFAULT_CACHE_MB,
     DEFAULT_MAX_COUNT,
@@ -89,7 +91,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext):
         self._provider = context.data_provider
-        self._logdir = os.path.normpath(context.logdir or ".")
+        # a URL (s3://, gs://) stays a URL: its runs are read through the object store backend
+        self._url = remote.normalize(context.logdir) if is_remote_url(context.logdir) else None
+        self._remote: dict[str, RemoteRunStore] = {}  # run URL -> its mirror
+        self._logdir = os.path.normpath(context.logdir or ".") if self._url is None else ""
         flags = context.flags
         full, preview = QUALITIES["full"], QUALITIES["preview"]
         self._size = getattr(flags, "microscope_size", full.size)
@@ -179,10 +184,27 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             run = self.service.run(str(store.run_dir), store=store)
             run.check()
             return run
+        if self._url is not None:
+            return self._open_remote(name)
         path = os.path.normpath(os.path.join(self._logdir, name))
         if path != self._logdir and not path.startswith(self._logdir + os.sep):
             raise RunNotFoundError(f"run {name!r} is outside the log directory")
         run = self.service.run(path)
+        run.check()
+        return run
+
+    def _open_remote(self, name: str):
+        """The run `name` under the logdir's URL, read through its mirror (kept per run)."""
+        parts = name.split("/")
+        if name != "." and ("\\" in name or any(p in ("", ".", "..") for p in parts)):
+            raise RunNotFoundError(f"run {name!r} is outside the log directory")
+        url = remote.join(self._url, name)
+        store = self._remote.get(url)
+        if store is None:
+            made = RemoteRunStore(url)
+            made.background = True  # no request waits on the store once the run is mirrored
+            store = self._remote.setdefault(url, made)
+        run = self.service.run(str(store.run_dir), store=store)
         run.check()
         return run
 

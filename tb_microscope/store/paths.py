@@ -4,6 +4,7 @@ runs, without importing torch (what the CLI needs to answer "no runs there" at o
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..errors import RunNotFoundError
@@ -31,9 +32,49 @@ def is_mlflow_uri(text) -> bool:
     return isinstance(text, str) and text.startswith("runs:/")
 
 
-def find_runs(logdir: str | os.PathLike) -> list[Path]:
-    """Every run directory under `logdir` (itself included) that holds tb_microscope data."""
-    logdir = Path(logdir)
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def remote_protocol(text) -> str | None:
+    """The protocol of an fsspec URL (`s3`, `gs`, `memory`, ...); None for a local path, a
+    `file://` URL or `runs:/` (MLflow)."""
+    m = _URL.match(text) if isinstance(text, str) else None
+    if m is None or m.group(1).lower() in ("file", "local"):
+        return None
+    return m.group(1).lower()
+
+
+def is_remote_url(text) -> bool:
+    return remote_protocol(text) is not None
+
+
+def local_path(text: str | os.PathLike) -> Path:
+    """A local path, `file://` URLs included."""
+    if isinstance(text, str) and re.match(r"^(file|local)://", text):
+        text = text.split("://", 1)[1]
+    return Path(text)
+
+
+def relative_run(run, logdir) -> str:
+    """`run` (a Path or URL that `find_runs(logdir)` found) relative to `logdir`; '.' for itself."""
+    if is_remote_url(str(logdir)):
+        rel = str(run)[len(str(logdir).rstrip("/")) :].strip("/")
+        return rel or "."
+    return str(Path(run).relative_to(local_path(logdir)))
+
+
+def run_basename(run) -> str:
+    return str(run).rstrip("/").rsplit("/", 1)[-1]
+
+
+def find_runs(logdir: str | os.PathLike) -> list:
+    """Every run under `logdir` (itself included) that holds tb_microscope data: run directories
+    (Paths), or for an fsspec URL, the runs' URLs (strings)."""
+    if is_remote_url(logdir):
+        from .remote.listing import find_remote_runs
+
+        return find_remote_runs(logdir)
+    logdir = local_path(logdir)
     if not logdir.is_dir():
         raise RunNotFoundError(f"'{logdir}' is not a directory")
     found = []

@@ -43,7 +43,8 @@ from ..store.manifest import (
     new_run_id,
 )
 from ..store.mlflow import ArtifactUploader
-from ..store.paths import EXPORTED_ARCHITECTURE, PICKLED_ARCHITECTURE
+from ..store.paths import EXPORTED_ARCHITECTURE, PICKLED_ARCHITECTURE, is_remote_url
+from ..store.upload import Uploader, uploaded_steps
 from .capture import (
     Capture,
     ChildCapture,
@@ -154,6 +155,11 @@ class Logger:
     server is unreachable they wait there; past `backlog_mb` of waiting snapshots, due steps are
     skipped (with a warning) until the backlog drains. `close()` waits up to `upload_timeout`
     seconds for the uploads; what is left is uploaded by the next Logger on that run.
+
+    `logdir` may also be an fsspec URL (`s3://bucket/runs/exp1`, `gs://...`; s3fs or gcsfs
+    installed): the run is written to a local staging directory and each finished file is put
+    there whole by a background thread, as for MLflow (same `backlog_mb` and `upload_timeout`).
+    Access is checked when the Logger starts: a missing bucket or missing credentials raise here.
     """
 
     def __init__(
@@ -177,9 +183,19 @@ class Logger:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self._inert = _is_secondary_rank()
-        self._uploader: ArtifactUploader | None = None
+        self._uploader: Uploader | None = None
         self.mlflow_run_id: str | None = None
-        if isinstance(logdir, str) and logdir == "mlflow":
+        self.url: str | None = None
+        if is_remote_url(logdir):
+            if run_id is not None or tracking_uri is not None:
+                raise ValueError("run_id= and tracking_uri= name an MLflow run, not a URL")
+            from ..store import remote
+
+            self.url = remote.normalize(logdir)
+            if not self._inert:
+                remote.check_access(self.url)
+            logdir = remote.staging_dir(self.url)
+        elif isinstance(logdir, str) and logdir == "mlflow":
             if not self._inert:
                 uri = mlflow_integration.tracking_uri(tracking_uri)
                 self.mlflow_run_id = mlflow_integration.active_run_id(run_id)
@@ -234,10 +250,18 @@ class Logger:
         self._fingerprint = weights_fingerprint(self._model)
         if self.mlflow_run_id is not None:  # a run logged elsewhere: go on with it
             mlflow_integration.adopt_remote(self.store, self.mlflow_run_id, uri)
+        elif self.url is not None:
+            from ..store.remote import adopt_remote
+
+            adopt_remote(self.store, self.url)
         if self.store.has_manifest():
             self._resume()
         if self.mlflow_run_id is not None:
             self._uploader = ArtifactUploader(self.store, self.mlflow_run_id, uri, self._run_id)
+        elif self.url is not None:
+            from ..store.remote import RemoteUploader
+
+            self._uploader = RemoteUploader(self.store, self.url, self._run_id)
         self._writer = SnapshotWriter(
             self.store, self._policy, self._uploader.notify if self._uploader else None
         )
@@ -338,6 +362,8 @@ class Logger:
             if self.mlflow_run_id is not None:
                 where = f"MLflow run {self.mlflow_run_id}"
                 instead = "a new MLflow run (mlflow.start_run())"
+            elif self.url is not None:
+                where, instead = f"run '{self.url}'", "a new URL"
             raise IncompatibleRunError(
                 f"{where} already holds a different model (weights differ at "
                 f"{summarize(differ)}); log this model into {instead}"
@@ -346,8 +372,9 @@ class Logger:
         # an architecture still pending was never captured (its Logger ended first): capture it
         self._capture_done = manifest.model.architecture.kind != PENDING
         existing = self.store.steps()
-        if self.mlflow_run_id is not None:  # uploaded snapshots leave the staging directory
-            existing = sorted(set(existing) | set(mlflow_integration.uploaded_steps(self.store)))
+        if self.mlflow_run_id is not None or self.url is not None:
+            # uploaded snapshots leave the staging directory
+            existing = sorted(set(existing) | set(uploaded_steps(self.store)))
         self._logged.update(existing)
         self._last_logged = existing[-1] if existing else None
 

@@ -102,6 +102,7 @@ def test_no_private_name_is_imported_from_another_module(path):
 PULLS_NOTHING_ABOVE = [
     "store",
     "store.mlflow",
+    "store.remote",
     "training",
     "run",
     "optvis",

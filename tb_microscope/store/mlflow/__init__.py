@@ -19,11 +19,13 @@ index and whatever small files changed; snapshots are fetched when first read, e
 
 The modules, by job:
 
+`index.json`'s format is `store/index.py`, shared with object storage's uploader.
+
 - `common`: `runs:/` URIs, importing mlflow, the tracking URI, the local folders (mirror and
   staging), the tag, and what the others share (errors, the active run);
-- `index`: `index.json`, the list of what a run's artifacts hold, complete;
-- `upload`: the training side: `ArtifactUploader`, `adopt_remote`, `uploaded_steps`;
-- `mirror`: the reading side: `MlflowRunStore`;
+- `upload`: the training side: `ArtifactUploader` (on the shared `store/upload.py` loop),
+  `adopt_remote`, `uploaded_steps`;
+- `mirror`: the reading side: `MlflowRunStore` (on the shared `store/mirror.py`);
 - `listing`: the runs a tracking server holds (`list_runs`), and the TensorBoard plugin's list of
   them (`MlflowRuns`).
 
@@ -31,6 +33,7 @@ None of them imports mlflow itself until an MLflow run is used: `import tb_micro
 Logger that logs into a directory) never does.
 """
 
+from ..index import Index
 from .common import (
     TAG,
     MlflowUnavailableError,
@@ -41,7 +44,6 @@ from .common import (
     staging_dir,
     tracking_uri,
 )
-from .index import Index
 from .listing import ListedRun, MlflowRuns, list_runs
 from .mirror import MlflowRunStore
 from .upload import ArtifactUploader, adopt_remote, uploaded_steps

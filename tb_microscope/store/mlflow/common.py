@@ -57,15 +57,6 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or import_mlflow().get_tracking_uri()
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of the file at `path`, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _place(uri: str) -> str:
     """A short name for a tracking server, for folders that must not mix two servers' runs."""
     return hashlib.sha256(uri.encode()).hexdigest()[:12]

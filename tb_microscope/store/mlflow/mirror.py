@@ -1,46 +1,36 @@
 """Reading an MLflow run: `MlflowRunStore`, a `RunStore` over a mirror in the user's cache.
 
 `sync()` fetches the index and whatever small files changed; snapshots are fetched when first
-read, each once. What is fetched is checked against the index (a file's size and SHA-256, a
-snapshot's size and checksum): a file caught half-uploaded or half-replaced is not used, and is
-fetched again at the next sync.
+read, each once (the shared `MirrorStore`, `store/mirror.py`, bounded in bytes). What is fetched
+is checked against the index (a file's size and SHA-256, a snapshot's size and checksum): a file
+caught half-uploaded or half-replaced is not used, and is fetched again at the next sync.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import threading
 import time
 from pathlib import Path
 
 from ...errors import IncompatibleRunError, RunNotFoundError, StepNotFoundError
-from ..local import RunStore, header_version, read_header, write_bytes_atomic
+from ..index import INDEX, Index, file_sha256, read_index, snapshot_rel
+from ..local import header_version, read_header, write_bytes_atomic
+from ..mirror import MirrorStore, snapshot_budget
 from ..paths import MANIFEST
-from .common import (
-    ARTIFACTS,
-    MlflowUnavailableError,
-    file_sha256,
-    mirror_dir,
-    mlflow_error,
-    tracking_uri,
-)
-from .index import INDEX, Index, read_index, snapshot_rel
+from .common import ARTIFACTS, MlflowUnavailableError, mirror_dir, mlflow_error, tracking_uri
 
 MAX_INDEX_BYTES = 64 << 20
 
 
-class MlflowRunStore(RunStore):
+class MlflowRunStore(MirrorStore):
     """A run's tb_microscope artifacts in MLflow, read through a local mirror (see the package's
     doc). Everything but the snapshots is fetched by `sync`; a snapshot when first read."""
 
     def __init__(self, mlflow_run_id: str, uri: str | None = None):
         self.uri = tracking_uri(uri)
         self.mlflow_run_id = mlflow_run_id
-        super().__init__(mirror_dir(self.uri, mlflow_run_id))
+        super().__init__(mirror_dir(self.uri, mlflow_run_id), snapshot_budget("mlflow"))
         self._artifact_uri: str | None = None
-        self._fetching = threading.Lock()
         self._index: tuple[tuple | None, Index | None] = (None, None)
         self.synced: float | None = None  # time.monotonic() of the last sync
 
@@ -53,17 +43,7 @@ class MlflowRunStore(RunStore):
 
         return get_artifact_repository(self._artifact_uri, tracking_uri=self.uri)
 
-    @contextlib.contextmanager
-    def _temporary(self):
-        folder = self.root / f".tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        try:
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def _download(self, rel: str, folder: Path) -> Path:
+    def _download_artifact(self, rel: str, folder: Path) -> Path:
         try:
             return Path(self._repository().download_artifacts(f"{ARTIFACTS}/{rel}", str(folder)))
         except Exception as e:
@@ -85,9 +65,9 @@ class MlflowRunStore(RunStore):
         self._artifact_uri = info.artifact_uri
         self.root.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temporaries()  # a reader killed mid-download left them
-        with self._temporary() as folder:
+        with self.temporary() as folder:
             try:
-                path = self._download(INDEX, folder)
+                path = self._download_artifact(INDEX, folder)
             except RunNotFoundError:
                 path = None
             except MlflowUnavailableError as e:
@@ -113,7 +93,7 @@ class MlflowRunStore(RunStore):
                 target = self.root / name
                 if _matches(target, meta):
                     continue
-                fetched = self._download(name, folder)
+                fetched = self._download_artifact(name, folder)
                 if not _matches(fetched, meta):  # being replaced right now: at the next sync
                     old = local.files.get(name) if local else None
                     if old is None:
@@ -151,31 +131,13 @@ class MlflowRunStore(RunStore):
             raise StepNotFoundError(self.missing_step_message(step))
         return index.snapshots[step]["version"]
 
-    def fetch(self, step: int) -> Path:
-        """The snapshot of `step` in the mirror, downloaded the first time."""
-        path = self.snapshot_path(step)
-        version = self.snapshot_version(step)
-        with self._fetching:
-            if path.is_file() and _snapshot_matches(path, version):
-                return path
-            if self._artifact_uri is None:
-                self.sync()
-            with self._temporary() as folder:
-                fetched = self._download(snapshot_rel(step), folder)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(fetched, path)
-        return path
+    def _holds(self, path: Path, step: int) -> bool:
+        return path.is_file() and _snapshot_matches(path, self.snapshot_version(step))
 
-    def snapshot_header(self, step: int, weights: dict | None = None):
-        self.fetch(step)
-        return super().snapshot_header(step, weights)
-
-    def read_snapshot(self, step: int, device="cpu", weights: dict | None = None):
-        self.fetch(step)
-        return super().read_snapshot(step, device, weights)
-
-    def missing_step_message(self, step: int) -> str:
-        return super().missing_step_message(step).replace(f"run '{self.run_dir}'", self.name)
+    def _download(self, step: int, folder: Path) -> Path:
+        if self._artifact_uri is None:
+            self.sync()
+        return self._download_artifact(snapshot_rel(step), folder)
 
 
 def _matches(path: Path, meta: dict) -> bool:

@@ -1,16 +1,20 @@
-"""`tb_microscope/index.json`: what an MLflow run's tb_microscope artifacts hold, complete.
+"""`index.json`: what an uploader has uploaded of a run, complete, and the file checksums it
+compares.
 
-Artifact stores have no atomic rename: the index is uploaded after the files it lists, and readers
-use nothing else (see the package's doc)."""
+An uploader (`upload.py`) keeps it in its staging folder, the record of what reached the remote
+side. MLflow's artifact stores have no atomic rename, so there it is uploaded too, after the files
+it lists, and MLflow readers use nothing else (see `mlflow/`). Object storage puts each object
+whole, so readers of an fsspec URL list the objects instead (see `remote/`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
-from ...errors import IncompatibleRunError
-from ..paths import EXPORTED_ARCHITECTURE, MANIFEST, PICKLED_ARCHITECTURE, PROBE, SNAPSHOTS
+from ..errors import IncompatibleRunError
+from .paths import EXPORTED_ARCHITECTURE, MANIFEST, PICKLED_ARCHITECTURE, PROBE, SNAPSHOTS
 
 INDEX = "index.json"
 INDEX_FORMAT = "tb_microscope.mlflow-index"
@@ -21,9 +25,18 @@ def snapshot_rel(step: int) -> str:
     return f"{SNAPSHOTS}/step-{step:09d}.safetensors"
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at `path`, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass
 class Index:
-    """What an MLflow run's tb_microscope artifacts hold, complete: the small files (name ->
+    """What a run's uploaded tb_microscope files hold, complete: the small files (name ->
     size, sha256) and the snapshots (step -> size, version as `RunStore.snapshot_version`)."""
 
     run_id: str

@@ -1,0 +1,179 @@
+"""Runs in object storage, for real: the Logger writing to a real S3-compatible server
+(`moto_server`), `open_run` on the URL rendering what the same run logged locally renders, a
+missing bucket or missing credentials refused when the Logger starts, a truncated snapshot object
+and a store that stops answering mid-upload, the CLI on a URL, and TensorBoard's tab on
+`--logdir s3://...`."""
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tb_microscope
+from conftest import TinyCNN, http, run_python, tensorboard, train_step
+from tb_microscope.errors import CorruptSnapshotError, MicroscopeError, RunNotFoundError
+
+PLUGIN = "/data/plugin/tb_microscope"
+SIZE, ITERATIONS = 16, 4
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Each test's own user cache (mirrors, staging folders, render caches)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def log_run(logdir, steps=3, seed=0):
+    """A TinyCNN trained a few SGD steps, logged at each, with probe images."""
+    torch.manual_seed(seed)
+    model, x = TinyCNN(), torch.rand(4, 3, 16, 16)
+    with tb_microscope.Logger(logdir, model, x, every=1, probe=x) as logger:
+        for step in range(steps):
+            train_step(model, x)
+            logger.log(step)
+    return logger
+
+
+@pytest.fixture(scope="module")
+def logged(s3_server, tmp_path_factory):
+    """One run logged to s3://lab/runs/exp1, and the same run logged to a local directory."""
+    root = tmp_path_factory.mktemp("remote")
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(root / "train-cache")
+    try:
+        bucket = s3_server.bucket("lab")
+        log_run(f"{bucket}/runs/exp1")
+        log_run(root / "local" / "exp1")
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_CACHE_HOME")
+        else:
+            os.environ["XDG_CACHE_HOME"] = saved
+    return f"{bucket}/runs/exp1", root / "local" / "exp1"
+
+
+def test_a_run_at_an_s3_url_renders_as_the_same_run_logged_locally(logged):
+    url, local = logged
+    remote_run, local_run = tb_microscope.open_run(url), tb_microscope.open_run(local)
+    assert remote_run.name == url and remote_run.steps == local_run.steps == [0, 1, 2]
+    assert [n.name for n in remote_run.nodes] == [n.name for n in local_run.nodes]
+    assert torch.equal(remote_run.probe_images(), local_run.probe_images())
+    a, b = (
+        tb_microscope.render(r, 2, "conv2", [0, 3], size=SIZE, iterations=ITERATIONS, device="cpu")
+        for r in (remote_run, local_run)
+    )
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_the_cli_takes_a_url(logged, s3_server, tmp_path):
+    url, _ = logged
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cli-cache")}
+    out = run_python("-m", "tb_microscope.cli", "info", url.rsplit("/", 1)[0], env=env).stdout
+    assert "exp1  " in out and "steps (3): 0 1 2" in out and "conv2" in out
+    render = ["render", url.rsplit("/", 1)[0], "--runs", "exp1", "--steps", "2", "--nodes", "conv2"]
+    render += ["--units", "0-1", "--size", str(SIZE), "--iterations", str(ITERATIONS)]
+    run_python("-m", "tb_microscope.cli", *render, "--device", "cpu", env=env)
+    atlas = ["atlas", url, "--step", "2", "--node", "conv2", "--grid", "2", "--size", str(SIZE)]
+    atlas += ["--iterations", str(ITERATIONS), "--layout", "pca", "-o", tmp_path / "atlas.png"]
+    run_python("-m", "tb_microscope.cli", *atlas, "--device", "cpu", env=env)
+    assert Image.open(tmp_path / "atlas.png").size[0] > 0
+
+
+def test_a_missing_bucket_is_said_when_the_logger_starts(s3_server):
+    with pytest.raises(RunNotFoundError, match="bucket 'no-such-bucket' exists"):
+        tb_microscope.Logger("s3://no-such-bucket/runs/x", TinyCNN(), torch.rand(2, 3, 16, 16))
+    with pytest.raises(RunNotFoundError, match="bucket 'no-such-bucket' exists"):
+        tb_microscope.open_run("s3://no-such-bucket/runs/x")
+
+
+def test_missing_credentials_are_said_when_the_logger_starts(s3_server, monkeypatch, tmp_path):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = s3_server.bucket("creds")
+    try:
+        with pytest.raises(MicroscopeError, match="AWS_ACCESS_KEY_ID"):
+            tb_microscope.Logger(f"{bucket}/x", TinyCNN(), torch.rand(2, 3, 16, 16))
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_truncated_snapshot_object_is_never_read(s3_server):
+    bucket = s3_server.bucket("trunc")
+    url = f"{bucket}/runs/cut"
+    log_run(url, steps=2)
+    import boto3
+
+    s3 = boto3.client("s3")
+    key = "runs/cut/plugins/tb_microscope/snapshots/step-{:09d}.safetensors"
+    whole = s3.get_object(Bucket="trunc", Key=key.format(1))["Body"].read()
+    s3.put_object(Bucket="trunc", Key=key.format(5), Body=whole[: len(whole) // 2])
+    run = tb_microscope.open_run(url)
+    assert run.steps == [0, 1, 5]
+    with pytest.raises(CorruptSnapshotError, match="step 5"):
+        run.load_model(5)
+    assert not run.store.snapshot_path(5).exists()  # nothing half is kept in the mirror
+    run.load_model(1)
+
+
+def test_a_store_that_stops_answering_mid_upload_leaves_whole_snapshots(s3_server):
+    bucket = s3_server.bucket("paused")
+    url = f"{bucket}/runs/p"
+    torch.manual_seed(0)
+    model, x = TinyCNN(), torch.rand(4, 3, 16, 16)
+    with tb_microscope.Logger(url, model, x, every=1) as logger:
+        logger.log(0)
+        logger.flush()
+        s3_server.pause()
+        try:
+            for step in (1, 2):
+                train_step(model, x)
+                logger.log(step)  # training does not wait for the store
+            time.sleep(1.0)
+        finally:
+            s3_server.resume()
+    run = tb_microscope.open_run(url)
+    assert run.steps == [0, 1, 2]
+    for step in run.steps:
+        run.load_state_dict(step)  # checked against its checksum: whole
+
+
+def test_tensorboard_on_an_s3_logdir_renders_a_unit_and_its_examples(logged, tmp_path):
+    url, _ = logged
+    logdir = url.rsplit("/", 1)[0]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "tb-cache")}
+    flags = ["--microscope_size", str(SIZE), "--microscope_iterations", str(ITERATIONS)]
+    with tensorboard(logdir, *flags, env=env) as base:
+        deadline = time.monotonic() + 120
+        while True:
+            status, _, body = http(f"{base}{PLUGIN}/runs")
+            runs = json.loads(body) if status == 200 else []
+            if any(r["run"] == "exp1" and r.get("steps") == [0, 1, 2] for r in runs):
+                break
+            assert time.monotonic() < deadline, (status, body)
+            time.sleep(0.5)
+        png = poll(base, "image?run=exp1&step=2&node=conv2&unit=3")
+        assert Image.open(io.BytesIO(png)).size == (SIZE, SIZE)
+        examples = json.loads(poll(base, "examples?run=exp1&step=2&node=conv2&unit=3&count=2"))
+        assert len(examples["examples"]) == 2
+
+
+def poll(base: str, query: str) -> bytes:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status, _, body = http(f"{base}{PLUGIN}/{query}")
+        if status == 200:
+            return body
+        assert status == 202, (status, body)
+        time.sleep(0.2)
+    pytest.fail(f"{query} did not arrive")
