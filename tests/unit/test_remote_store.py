@@ -57,7 +57,7 @@ def staged(tmp_path) -> RunStore:
 def upload(store: RunStore, url: str, *steps: int) -> RecordingUploader:
     for step in steps:
         store.write_snapshot(step, weights(step), {}, {})
-    uploader = RecordingUploader(store, url, store.read_manifest().run_id, print)
+    uploader = RecordingUploader(store, url, store.read_manifest().run_id)
     assert uploader.wait(30)
     uploader.close(5)
     return uploader
