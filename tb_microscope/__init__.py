@@ -5,7 +5,8 @@
 `render` draws feature visualizations of its units, `dataset_examples`, `attribution`,
 `unit_weights` and `unit_history` the other views of a unit; `node_dynamics`, `model_dynamics`
 and `align_units` show how nodes and units change over training and match units across runs;
-`activation_atlas` draws the space a node's units span together, at any step.
+`activation_atlas` draws the space a node's units span together, at any step; `concepts` factors
+it into a dictionary of directions, matched over training.
 """
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ from .errors import (  # noqa: E402
 
 __all__ = [
     "Atlas",
+    "Concepts",
     "CorruptSnapshotError",
     "ImageIndexError",
     "IncompatibleRunError",
@@ -40,6 +42,7 @@ __all__ = [
     "activation_atlas",
     "align_units",
     "attribution",
+    "concepts",
     "dataset_examples",
     "find_runs",
     "model_dynamics",
@@ -61,6 +64,8 @@ _LAZY = {
     "open_run": "run",
     "Atlas": "analysis.atlas",
     "activation_atlas": "analysis.atlas",
+    "Concepts": "analysis.concepts",
+    "concepts": "analysis.concepts",
     "align_units": "analysis.dynamics",
     "model_dynamics": "analysis.dynamics",
     "node_dynamics": "analysis.dynamics",

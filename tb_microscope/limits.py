@@ -8,6 +8,7 @@ from .errors import MicroscopeError
 SIZE = (8, 1024)  # pixels per side of a rendered picture
 ITERATIONS = (1, 100_000)  # optimization steps of one render
 GRID = (2, 50)  # an activation atlas's cells per side
+CONCEPTS = (1, 256)  # concepts of one dictionary (each is rendered as a picture)
 
 
 class SettingError(MicroscopeError, ValueError):
@@ -39,3 +40,8 @@ def check_grid(grid, what: str = "grid") -> int:
     """`grid` if it is a whole number of atlas cells per side within `GRID`; else a
     `SettingError`."""
     return _check(grid, GRID, what, " of cells per side")
+
+
+def check_concepts(count, what: str = "count") -> int:
+    """`count` if it is a whole number of concepts within `CONCEPTS`; else a `SettingError`."""
+    return _check(count, CONCEPTS, what, " of concepts")

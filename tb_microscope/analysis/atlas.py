@@ -196,9 +196,10 @@ def sample_sources(
     return np.stack([np.repeat(chosen, per_image), rows.ravel(), cols.ravel()], 1)
 
 
-def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+def check_stop(should_stop: Callable[[], bool] | None, what: str = "the computation") -> None:
+    """`RenderCancelled` (saying `what` was cancelled) once `should_stop` returns True."""
     if should_stop is not None and should_stop():
-        raise RenderCancelled("the atlas was cancelled: nobody is waiting for it")
+        raise RenderCancelled(f"{what} was cancelled: nobody is waiting for it")
 
 
 def sampled_activations(
@@ -218,7 +219,7 @@ def sampled_activations(
     sources, parts = None, []
     with torch.no_grad():
         for start in range(0, len(images), PROBE_BATCH):
-            _check_stop(should_stop)
+            check_stop(should_stop)
             end = min(start + PROBE_BATCH, len(images))
             if sources is not None and not np.any((sources[:, 0] >= start) & (sources[:, 0] < end)):
                 continue  # no activation sampled from these images
@@ -531,7 +532,7 @@ def activation_atlas(
                 run, other, target, images, seed, device, samples, should_stop
             )
             del other
-        _check_stop(should_stop)
+        check_stop(should_stop, "the atlas")
         coords, used = embed(fitted_on, method, seed)
         cache.put_arrays(
             layout_key, {"coords": coords, "sources": sources, "layout": np.array(used)}

@@ -145,7 +145,7 @@ def relus_as_modules(model: nn.Module):
 
 
 def _guided_backprop(
-    model: nn.Module, node: Node, unit: int, x: torch.Tensor
+    model: nn.Module, node: Node, make_objective: Callable[[], nn.Module], x: torch.Tensor
 ) -> tuple[torch.Tensor, str | None]:
     """Captum's GuidedBackprop, which overrides the gradient of the model's `nn.ReLU` modules
     (only: a ReLU called as a function passes its plain gradient, as in Captum); with a note
@@ -153,8 +153,8 @@ def _guided_backprop(
     attr = captum_attr()
     calls = []
     with relus_as_modules(model):
-        objective = UnitObjective(model, node, unit)  # its tap on the node as it is now
-        relus = [m for m in objective.modules() if isinstance(m, nn.ReLU)]
+        objective = make_objective()  # its tap on the node as it is now
+        relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
         handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in relus]
         try:
             result = attr.GuidedBackprop(objective).attribute(x)
@@ -228,30 +228,58 @@ def attribution_and_notes(
 ) -> tuple[np.ndarray, list[str]]:
     """`attribution`'s values, and the notes it would warn of, for a caller that shows them
     itself (the plugin's tab): no warning is raised, so no warning filter need be touched."""
-    notes: list[str] = []
-    if method not in METHODS:
-        raise SettingError(
-            f"attribution method {method!r} is not known; methods: {', '.join(METHODS)}"
-        )
-    attr = captum_attr()
+    check_method(method)
+    captum_attr()
     target = run.node(node)
     (unit,) = check_units(target, [unit])
     pixels = image_input(run, image)
     device = torch.device(device) if device is not None else default_device()
     model = frozen(model if model is not None else run.load_model(step, device))
+    return attribute(
+        run, model, target, lambda: UnitObjective(model, target, unit), pixels, method=method,
+        device=device, should_stop=should_stop,
+    )  # fmt: skip
+
+
+def check_method(method: str) -> str:
+    """`method` if it is one of METHODS; else a SettingError (a ValueError) naming them."""
+    if method not in METHODS:
+        raise SettingError(
+            f"attribution method {method!r} is not known; methods: {', '.join(METHODS)}"
+        )
+    return method
+
+
+def attribute(
+    run: Run,
+    model: nn.Module,
+    node: Node,
+    make_objective: Callable[[], nn.Module],
+    pixels: torch.Tensor,
+    *,
+    method: str,
+    device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Captum's `method` (see `attribution`) on the objective `make_objective()` builds (a module
+    from the model's input to one value per image whose forward stops at `node`; built anew
+    inside guided backprop's swap of ReLU modules) at `pixels` (1 x C x H x W, [0, 1], on the
+    CPU): H x W summed over the colour channels, and the notes `attribution` would warn of."""
+    notes: list[str] = []
+    attr = captum_attr()
     space = InputSpace(run.input_spec, device)
     x = space(pixels.to(device)).requires_grad_(True)
     with StopChecks(model, should_stop) as stop:
         stop.check()
         if method == "integrated_gradients":
             baseline = space(torch.full_like(pixels, BASELINE_GREY).to(device))
-            result = attr.IntegratedGradients(UnitObjective(model, target, unit)).attribute(
+            result = attr.IntegratedGradients(make_objective()).attribute(
                 x, baselines=baseline, n_steps=IG_STEPS, internal_batch_size=IG_BATCH
             )
         elif method == "saliency":
-            result = attr.Saliency(UnitObjective(model, target, unit)).attribute(x, abs=False)
+            result = attr.Saliency(make_objective()).attribute(x, abs=False)
         else:
-            result, note = _guided_backprop(model, target, unit, x)
+            result, note = _guided_backprop(model, node, make_objective, x)
             notes += [note] if note else []
     return result.detach().sum(1)[0].float().cpu().numpy(), notes
 

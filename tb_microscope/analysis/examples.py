@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..nodes import Node
 from ..optvis.engine import check_units, default_device
 from ..optvis.param import InputSpace
 from ..optvis.probe import as_rgb, probe_activations, probe_images
@@ -27,19 +29,29 @@ class Example:
     crop: np.ndarray  # uint8, the image inside `box`
 
 
-def _receptive_boxes(model, run, node, images, units, positions, device) -> list[tuple]:
-    """The input pixels each (image, unit, position) depends on, from one batched backward."""
+def receptive_boxes(
+    model: nn.Module,
+    run: Run,
+    node: Node,
+    images: torch.Tensor,
+    weights: torch.Tensor,
+    positions: Sequence[tuple[int, int]],
+    device: torch.device,
+) -> list[tuple[int, int, int, int]]:
+    """The input pixels each image's activation at its position, weighted by its row of
+    `weights` (N x units: one-hot for a unit, a concept's direction), depends on, from one
+    batched backward: (top, left, bottom, right) per image (uint8 N x C x H x W)."""
     space, tap = InputSpace(run.input_spec, device), NodeTap(model, node)
     x = (images.to(device).float() / 255).requires_grad_(True)
     act = tap(space(x)).maps.float()
-    index = torch.arange(len(units), device=device)
+    index = torch.arange(len(images), device=device)
     if act.dim() == 4:
         rows = torch.tensor([p[0] for p in positions], device=device)
         cols = torch.tensor([p[1] for p in positions], device=device)
-        picked = act[index, torch.tensor(units, device=device), rows, cols]
+        picked = act[index, :, rows, cols]
     else:
-        picked = act[index, torch.tensor(units, device=device)]
-    picked.sum().backward()
+        picked = act
+    (picked * weights.to(device).float()).sum().backward()
     weight = x.grad.abs().sum(1).cpu()  # N x H x W
     boxes = []
     for w in weight:
@@ -78,12 +90,12 @@ def dataset_examples(
         for i in peak.argsort(descending=True)[: min(count, len(images))].tolist():
             position = divmod(int(where[i]), maps.shape[2]) if maps.dim() == 3 else None
             chosen.append((unit, i, sign * float(peak[i]), position))
-    boxes = _receptive_boxes(
+    boxes = receptive_boxes(
         model,
         run,
         target,
         images[[c[1] for c in chosen]],
-        [c[0] for c in chosen],
+        F.one_hot(torch.tensor([c[0] for c in chosen]), target.units),
         [c[3] or (0, 0) for c in chosen],
         device,
     )

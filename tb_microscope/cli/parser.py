@@ -5,6 +5,7 @@ tb-microscope render LOGDIR     render feature visualizations ahead of time into
 tb-microscope dynamics RUN      how nodes and units changed over training
 tb-microscope align A@S B@S     match a node's units across two runs or steps
 tb-microscope atlas RUN         an activation atlas of a node at a step, as a PNG
+tb-microscope concepts RUN      a node's concepts (dictionary features) at a step, as a PNG
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from ..errors import MicroscopeError
 from .align import cmd_align
 from .atlas import cmd_atlas
+from .concepts import cmd_concepts
 from .demo import cmd_demo
 from .dynamics import cmd_dynamics
 from .info import cmd_info
@@ -205,6 +207,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="trust the log directory (see render --allow-pickle)",
     )
     atlas.set_defaults(func=cmd_atlas)
+
+    concepts = sub.add_parser(
+        "concepts",
+        help="a node's concepts (a dictionary of its directions) at a step, as a PNG grid",
+        description="Samples the node's activations on the run's probe images as an atlas "
+        "does, fits a dictionary of --count concepts (nmf: non-negative factorization, with "
+        "scikit-learn; sae: a TopK sparse autoencoder, with Overcomplete; pca: principal axes), "
+        "matches them to --reference-step's (default: the last logged step) by their codes, "
+        "and renders each concept's whitened direction. Prints the variance explained and each "
+        "concept's similarity to its match and strongest probe images. Cached with the run's "
+        "renders. The [concepts] extra brings scikit-learn and Overcomplete.",
+    )
+    concepts.add_argument("run", help="a run directory (or a log directory with one run)")
+    concepts.add_argument("--step", type=int, required=True, help="a logged step")
+    concepts.add_argument("--node", required=True)
+    concepts.add_argument("--count", type=int, default=16, help="concepts, 1 to 256 (default 16)")
+    concepts.add_argument("--method", choices=["nmf", "sae", "pca"], default="nmf")
+    concepts.add_argument(
+        "--reference-step", type=int, help="the step whose concepts set the order (default: last)"
+    )
+    concepts.add_argument(
+        "--size", type=int, help="each concept's picture, px (default 64; 32 with --preview)"
+    )
+    concepts.add_argument("--iterations", type=int, help="default 128; 24 with --preview")
+    concepts.add_argument(
+        "--preview", action="store_true", help="a quick first look: small pictures, few iterations"
+    )
+    concepts.add_argument("--seed", type=int, default=0)
+    concepts.add_argument("--cache-dir", help="cache root (default: in the run, else ~/.cache)")
+    concepts.add_argument("--output", "-o", required=True, help="the PNG to write")
+    concepts.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    concepts.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="trust the log directory (see render --allow-pickle)",
+    )
+    concepts.set_defaults(func=cmd_concepts)
 
     demo = sub.add_parser(
         "demo",

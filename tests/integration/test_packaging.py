@@ -81,7 +81,7 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch(tmp_path):
         timeout=120,
         check=True,
     )
-    assert "{info,render,dynamics,align,atlas,demo}" in proc.stdout
+    assert "{info,render,dynamics,align,atlas,concepts,demo}" in proc.stdout
     assert "--iterations" in proc.stdout  # render's own help
     assert "invalid choice: 'rendr'" in proc.stdout
     assert "--units takes numbers and ranges like 0-15,32 or 64-; got '0-3,x'" in proc.stdout
