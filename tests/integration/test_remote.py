@@ -177,3 +177,30 @@ def poll(base: str, query: str) -> bytes:
         assert status == 202, (status, body)
         time.sleep(0.2)
     pytest.fail(f"{query} did not arrive")
+
+
+def test_ray_workers_read_a_run_at_an_s3_url_and_draw_what_this_process_draws(
+    logged, s3_server, tmp_path
+):
+    """`tb-microscope render … --ray local`: each actor opens the run by its URL, through its
+    own mirror, and writes the files an in-process render writes."""
+    from test_ray import RAY_ENV
+
+    url, _ = logged
+    env = {**os.environ, **RAY_ENV, **s3_server.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    render = ["render", url, "--steps", "1,2", "--nodes", "conv1", "conv2"]
+    render += ["--size", str(SIZE), "--iterations", str(ITERATIONS)]
+    here = ["--cache-dir", tmp_path / "here", "--device", "cpu"]
+    run_python("-m", "tb_microscope.cli", *render, *here, env=env)
+    proc = run_python(
+        "-m", "tb_microscope.cli", *render, "--cache-dir", tmp_path / "ray", "--ray", "local",
+        env=env,
+    )  # fmt: skip
+    assert "rendering on Ray" in proc.stderr and "48 rendered" in proc.stdout, proc.stdout
+    here = {
+        p.relative_to(tmp_path / "here"): p.read_bytes() for p in (tmp_path / "here").rglob("*.png")
+    }
+    ray = {
+        p.relative_to(tmp_path / "ray"): p.read_bytes() for p in (tmp_path / "ray").rglob("*.png")
+    }
+    assert len(here) == 48 and ray == here
