@@ -62,6 +62,7 @@ def served(tmp_path_factory):
     train(logdir / "other", steps=10, log=lambda *_: None)
     flags = ["--path_prefix", "/tb"]
     flags += ["--microscope_size", str(SIZE), "--microscope_iterations", str(ITERATIONS)]
+    flags += ["--microscope_max_iterations", "150"]  # a long render keeps the worker busy below
     with tensorboard(logdir, *flags) as url:
         assert url.endswith("/tb")
         yield url, logdir
