@@ -140,8 +140,20 @@ def test_a_model_trained_in_mixed_precision_is_captured_with_its_nodes(tmp_path)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_callback_logs_into_the_trainers_mlflow_run(mlflow_server, tmp_path, monkeypatch):
+@pytest.fixture
+def tracking_uri(mlflow_server, monkeypatch):
+    """MLflow's process-wide tracking URI pointed at the test's server, and put back after:
+    `mlflow.set_tracking_uri` (which the Trainer's MLflow callback calls) outranks the
+    environment, so a URI another test left set would otherwise win."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    mlflow.set_tracking_uri(mlflow_server.url)
+    yield mlflow_server.url
+    mlflow.set_tracking_uri(None)
+
+
+def test_the_callback_logs_into_the_trainers_mlflow_run(
+    mlflow_server, tracking_uri, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trainer")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     callback = MicroscopeCallback(steps=[0, 6])
