@@ -7,9 +7,8 @@ import io
 import sys
 from pathlib import Path
 
-from ..errors import MicroscopeError
 from ..limits import check_grid, check_iterations, check_size
-from .common import open_one_run
+from .common import device_of, open_one_run, png_output
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -20,19 +19,14 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             check(value, flag)
-    if Path(args.output).suffix.lower() != ".png":
-        raise MicroscopeError(f"--output is a PNG file (atlas.png); got {args.output!r}")
+    png_output(args.output, "atlas.png")
     run = open_one_run(args.run, args.allow_pickle)
-    import torch
     from PIL import Image
 
     from ..analysis.atlas import activation_atlas
     from ..store.local import write_bytes_atomic
 
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as e:
-        raise MicroscopeError(f"--device {args.device!r}: {e}") from None
+    device = device_of(args.device)
 
     def progress(fraction: float) -> None:
         sys.stderr.write(f"\ratlas of {args.node} at step {args.step}: {fraction:4.0%}")

@@ -84,3 +84,19 @@ def output_format(args: argparse.Namespace) -> str:
         return args.format
     suffix = Path(args.output).suffix.lower() if args.output else ""
     return {".csv": "csv", ".json": "json"}.get(suffix, "table")
+
+
+def png_output(output: str, example: str) -> None:
+    """Refuse an `--output` that is not a PNG file, before any work (`example`: a good name)."""
+    if Path(output).suffix.lower() != ".png":
+        raise MicroscopeError(f"--output is a PNG file ({example}); got {output!r}")
+
+
+def device_of(text: str | None):
+    """The torch device `--device` names (None: the default), or an error naming the flag."""
+    import torch
+
+    try:
+        return torch.device(text) if text else None
+    except RuntimeError as e:
+        raise MicroscopeError(f"--device {text!r}: {e}") from None

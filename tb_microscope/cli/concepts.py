@@ -8,9 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import MicroscopeError
 from ..limits import check_concepts, check_iterations, check_size
-from .common import open_one_run
+from .common import device_of, open_one_run, png_output
 
 BLANK = 255  # the grey level of the grid's unused tiles (white)
 
@@ -36,19 +35,14 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             check(value, flag)
-    if Path(args.output).suffix.lower() != ".png":
-        raise MicroscopeError(f"--output is a PNG file (concepts.png); got {args.output!r}")
+    png_output(args.output, "concepts.png")
     run = open_one_run(args.run, args.allow_pickle)
-    import torch
     from PIL import Image
 
     from ..analysis.concepts import concepts, render_concepts
     from ..store.local import write_bytes_atomic
 
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as e:
-        raise MicroscopeError(f"--device {args.device!r}: {e}") from None
+    device = device_of(args.device)
 
     def progress(what: str):
         def report(fraction: float) -> None:
