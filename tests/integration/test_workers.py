@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_ray import RAY_ENV, cluster  # noqa: F401  (a fixture: a Ray cluster on loopback)
 
 import tb_microscope
 from conftest import TinyCNN, http, tensorboard, train_step
@@ -134,14 +135,17 @@ def test_two_workers_in_process_serve_overlapping_waves_as_this_process_renders(
 
 
 def test_workers_on_a_local_ray_cluster_serve_overlapping_waves_as_this_process_renders(
-    logdir, tmp_path
+    logdir, request, tmp_path
 ):
-    from test_ray import RAY_ENV
-
-    flags = [*FLAGS, "--microscope_ray_address", "local"]
+    """The tab's workers on a Ray cluster on this machine (`ray start --head` on loopback, as
+    test_ray.py starts it), one actor each."""
+    flags = [*FLAGS, "--microscope_ray_address", request.getfixturevalue("cluster")]
     flags += ["--microscope_cache_dir", str(tmp_path)]
-    with tensorboard(logdir, *flags, env=RAY_ENV) as base:
-        status = json.loads(http(plugin(base, "status"))[2])
+    output: list[str] = []
+    with tensorboard(logdir, *flags, env=RAY_ENV, output=output) as base:
+        code, _, body = http(plugin(base, "status"))
+        assert code == 200, "".join(output)[-3000:]  # the plugin loaded: its Ray pool started
+        status = json.loads(body)
         workers = status["workers"]
         assert workers >= 2 and status["ray"].startswith("Ray: "), status
         waves(base)
