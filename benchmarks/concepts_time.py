@@ -109,21 +109,26 @@ def main() -> None:
                 f"  R^2 {method}: {explained[method]:.3f}  (PCA at the same count: "
                 f"{explained['pca']:.3f})"
             )
+
+        def filmstrip(method: str, order) -> list:
+            """The concepts at each step in `order`, fitted (or read from the cache) and matched."""
+            return [
+                tb_microscope.concepts(
+                    run,
+                    s,
+                    args.node,
+                    count=args.count,
+                    method=method,
+                    device=device,
+                    cache_dir=cache,
+                )  # fmt: skip
+                for s in order
+            ]
+
         for method in args.methods:
             found = timed(
                 f"filmstrip, {method}: concepts() at {args.steps} steps (fit + match)",
-                lambda method=method: [
-                    tb_microscope.concepts(
-                        run,
-                        s,
-                        args.node,
-                        count=args.count,
-                        method=method,
-                        device=device,
-                        cache_dir=cache,
-                    )  # fmt: skip
-                    for s in reversed(steps)
-                ],
+                lambda method=method: filmstrip(method, reversed(steps)),
             )
             means = " ".join(f"{np.nanmean(c.similarity):.2f}" for c in reversed(found))
             print(f"  mean similarity to step {last}, per step: {means}")
@@ -132,18 +137,7 @@ def main() -> None:
                 print(f"  concepts whose codes did not vary (no similarity), all steps: {silent}")
             timed(
                 f"filmstrip, {method}: the same again (cached)",
-                lambda method=method: [
-                    tb_microscope.concepts(
-                        run,
-                        s,
-                        args.node,
-                        count=args.count,
-                        method=method,
-                        device=device,
-                        cache_dir=cache,
-                    )  # fmt: skip
-                    for s in steps
-                ],
+                lambda method=method: filmstrip(method, steps),
             )
         first = args.methods[0]
         film = [
