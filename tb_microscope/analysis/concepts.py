@@ -191,6 +191,18 @@ def _unit_rows(directions: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, n
     return directions / scale[:, None], codes * scale[None, :]
 
 
+def check_concepts_request(target: Node, count: int, method: str) -> None:
+    """A `SettingError` unless `method` is known and `count` concepts of node `target` can be
+    fitted by it (NMF and PCA find no more concepts than the node has units)."""
+    check_concepts_method(method)
+    check_concepts(count)
+    if method != "sae" and count > target.units:
+        raise SettingError(
+            f"count must be at most the {target.units} units of node {target.name!r} for "
+            f"method {method!r}, got {count} (method='sae' may have more concepts than units)"
+        )
+
+
 def _sklearn_nmf():
     try:
         from sklearn.decomposition import NMF
@@ -465,7 +477,7 @@ def _fit_key(
     return ResultKey(CONCEPTS, node, 0, options, ((step, run.snapshot_version(step)),))
 
 
-def _needs_library(method: str) -> None:
+def needs_library(method: str) -> None:
     """The method's library, imported now: a missing extra is said before any work."""
     if method == "nmf":
         _sklearn_nmf()
@@ -506,13 +518,7 @@ def concepts(
     needs scikit-learn and "sae" Overcomplete (the `[concepts]` extra)."""
     run = run if isinstance(run, Run) else open_run(run)
     target = run.node(node)
-    check_concepts_method(method)
-    check_concepts(count)
-    if method != "sae" and count > target.units:
-        raise SettingError(
-            f"count must be at most node {target.name!r}'s {target.units} units for method "
-            f"{method!r}, got {count} (method='sae' may have more concepts than units)"
-        )
+    check_concepts_request(target, count, method)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise SettingError(f"samples must be a whole number from 2 up, got {samples!r}")
     run.snapshot_version(step)  # an unknown step: StepNotFoundError
@@ -521,7 +527,7 @@ def concepts(
     run.snapshot_version(reference_step)
     if run.manifest.probe is None:
         raise _no_probe(run)
-    _needs_library(method)
+    needs_library(method)
     cache = cache_dir if isinstance(cache_dir, RenderCache) else RenderCache(run, cache_dir)
     device = torch.device(device) if device is not None else default_device()
     given = {step: model, reference_step: reference_model if reference_step != step else model}

@@ -131,6 +131,12 @@ def encode_picture(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def decode_picture(data: bytes) -> np.ndarray:
+    """The pixels of a PNG `encode_picture` wrote (uint8 H x W x 3 or x 4, as it was)."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
+        return np.asarray(png)
+
+
 def _writable(folder: Path) -> bool:
     """Whether files can be created in `folder` (made if missing). The probe file has a name of
     its own, so that two threads checking at once cannot remove each other's."""

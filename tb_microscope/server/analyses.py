@@ -9,6 +9,7 @@ picture beside it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..analysis.atlas import activation_atlas
 from ..analysis.attribution import attribution_and_notes, heat_map
+from ..analysis.concepts import concept_examples, concepts, render_concepts
 from ..analysis.dynamics import align_units, model_dynamics, node_dynamics
 from ..analysis.examples import dataset_examples
 from ..analysis.history import unit_history
@@ -25,7 +27,7 @@ from ..run import Run
 from .models import DeviceModels
 from .work import Analysis, RunChangedError
 
-PICTURED = {"atlas"}  # the analyses whose result has a picture beside it
+PICTURED = {"atlas", "concepts"}  # the analyses whose result has a picture beside it
 
 
 class Host(Protocol):
@@ -38,6 +40,24 @@ class Host(Protocol):
 
 def _png_data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_picture(image)).decode()
+
+
+def _examples_json(unit: int, found) -> dict:
+    """Dataset examples (`Example`s) as the tab shows them: each image and crop a PNG data URL."""
+    return {
+        "unit": unit,
+        "examples": [
+            {
+                "index": e.index,
+                "activation": e.activation,
+                "position": e.position,
+                "box": e.box,
+                "image": _png_data_url(e.image),
+                "crop": _png_data_url(e.crop),
+            }
+            for e in found
+        ],
+    }
 
 
 def _examples(
@@ -53,20 +73,7 @@ def _examples(
         device=models.device,
         model=models.get(run, step),
     )[work.unit]
-    return {
-        "unit": work.unit,
-        "examples": [
-            {
-                "index": e.index,
-                "activation": e.activation,
-                "position": e.position,
-                "box": e.box,
-                "image": _png_data_url(e.image),
-                "crop": _png_data_url(e.crop),
-            }
-            for e in found
-        ],
-    }
+    return _examples_json(work.unit, found)
 
 
 def _weights(
@@ -159,6 +166,69 @@ def _atlas(
     return found.to_dict()
 
 
+def _fitted_concepts(service: Host, run: Run, work: Analysis, models: DeviceModels, **options):
+    """The node's concepts at the work's step, matched to its `reference_step` (the fits are
+    cached with the run's renders, so a second look loads no model)."""
+    return concepts(
+        run,
+        work.option("step"),
+        work.node,
+        count=work.option("count"),
+        method=work.option("method"),
+        reference_step=work.option("reference_step"),
+        device=models.device,
+        cache_dir=service.cache(run),
+        load_model=lambda step: models.get(run, step),
+        **options,
+    )
+
+
+def _concepts(
+    service: Host, run: Run, work: Analysis, models: DeviceModels, should_stop, progress
+) -> dict:
+    """The node's concepts at the work's step: what `Concepts.to_dict` holds and `size`, the
+    side of a concept's picture; the pictures (concept k at k x size from the left, rendered
+    as an atlas's cells are) are stored beside it as one strip."""
+    found = _fitted_concepts(
+        service, run, work, models, progress=lambda f: progress(f / 2), should_stop=should_stop
+    )
+    pictures = render_concepts(
+        run,
+        found,
+        size=work.option("size"),
+        iterations=work.option("iterations"),
+        device=models.device,
+        cache_dir=service.cache(run),
+        model=models.get(run, found.step),
+        progress=lambda f: progress(0.5 + f / 2),
+        should_stop=should_stop,
+    )
+    service.cache(run).put_picture(work.result_key, np.concatenate(list(pictures), axis=1))
+    return {**found.to_dict(), "size": int(pictures.shape[1])}
+
+
+def _concept_examples(
+    service: Host, run: Run, work: Analysis, models: DeviceModels, should_stop, progress
+) -> dict:
+    """Concept `work.unit`'s dataset examples at the work's step: its strongest probe images,
+    each with the box of pixels its strongest position depends on, as a unit's examples are."""
+    found = _fitted_concepts(service, run, work, models, should_stop=should_stop)
+    k = work.unit
+    one = dataclasses.replace(
+        found,
+        directions=found.directions[[k]],
+        top=found.top[[k], : work.option("examples")],
+        similarity=found.similarity[[k]],
+        codes=found.codes[:, [k]],
+        targets=found.targets[[k]],
+    )
+    (examples,) = concept_examples(
+        run, one, count=work.option("examples"), device=models.device,
+        model=models.get(run, found.step),
+    )  # fmt: skip
+    return _examples_json(k, examples)
+
+
 def _history(
     service: Host, run: Run, work: Analysis, models: DeviceModels, should_stop, progress
 ) -> dict:
@@ -215,6 +285,8 @@ ADAPTERS: dict[str, Analyze] = {
     "history": _history,
     "attribution": _attribution,
     "atlas": _atlas,
+    "concepts": _concepts,
+    "concept-examples": _concept_examples,
     "dynamics": _dynamics,
     "align": _align,
 }

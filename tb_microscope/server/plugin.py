@@ -30,9 +30,10 @@ from werkzeug import wrappers
 
 from .. import limits
 from ..analysis.attribution import METHODS, captum_attr
+from ..analysis.concepts import check_concepts_request, needs_library
 from ..analysis.weights import default_source
 from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError, first_line
-from ..execution.cache import encode_picture
+from ..execution.cache import decode_picture, encode_picture
 from ..optvis.engine import (
     QUALITIES,
     Quality,
@@ -151,6 +152,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             "/history": self._serve_history,
             "/attribution": self._serve_attribution,
             "/atlas": self._serve_atlas,
+            "/concepts": self._serve_concepts,
             "/probe": self._serve_probe,
             "/dynamics": self._serve_dynamics,
             "/thumbnails": self._serve_thumbnails,
@@ -659,6 +661,84 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
         return self._result(run, work, picture)
 
+    def _concepts_work(self, ctx, experiment: str, args) -> tuple[object, Analysis]:
+        """The run and the concepts work a request names: `count` concepts (16 by default) by
+        `method` (nmf by default), matched to `reference_step` (default: the last logged step,
+        so that concept k stays in its place along the slider); their pictures at `quality`
+        full or preview (an atlas's cells). With `concept` and `view=examples`: that concept's
+        `examples` (8 by default) strongest probe images instead. What is wrong in the request
+        is said before anything is queued."""
+        run, step, node = self._unit_args(ctx, experiment, args)
+        self._probe_needed(run, "concepts are fitted to")
+        count = capped_arg(
+            args, "count", 16, limits.CONCEPTS, self._max_count, "--microscope_max_count"
+        )
+        method = args.get("method") or "nmf"
+        with public_errors():
+            check_concepts_request(node, count, method)
+            needs_library(method)  # without the extra: a 400 naming it
+        reference_step = run.steps[-1]
+        if args.get("reference_step") is not None:
+            reference_step = self._step(run, args, "reference_step")
+        options = {"step": step, "count": count, "method": method}
+        options["reference_step"] = reference_step
+        steps = sorted({step, reference_step})
+        view = args.get("view", "concepts")
+        if view == "examples":
+            concept = int_arg(args, "concept", None, 0, count - 1)
+            options["examples"] = capped_arg(
+                args, "examples", 8, (1, 64), self._max_count, "--microscope_max_count"
+            )
+            return run, self._work(run, "concept-examples", node.name, concept, options, steps)
+        if view != "concepts":
+            raise errors.InvalidArgumentError(f"view must be concepts or examples, got {view!r}")
+        quality = args.get("quality", "full")
+        if quality not in self._atlas:
+            raise errors.InvalidArgumentError(
+                f"quality must be one of {', '.join(self._atlas)}, got {quality!r}"
+            )
+        preview = quality == "preview" and self._atlas["preview"] is not None
+        settings = self._atlas["preview" if preview else "full"]
+        options.update(preview=preview, size=settings.size, iterations=settings.iterations)
+        return run, self._work(run, "concepts", node.name, 0, options, steps)
+
+    def concepts_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
+        """A node's concepts at a step (see `analysis/concepts.py`): (202, status) while a
+        worker computes them, then (200, what `Concepts.to_dict` holds, `size`, and `pictures`:
+        concept k's picture's URL, relative to the plugin's routes). With `view=examples` and
+        `concept`: (200, that concept's dataset examples, as the examples route has a unit's)."""
+        run, work = self._concepts_work(ctx, experiment, args)
+        code, body = self._result(run, work)
+        if code == 200 and work.kind == "concepts":
+            query = {k: v for k, v in args.items() if k not in ("format", "concept", "view")}
+            body = {
+                **body,
+                "pictures": [
+                    "concepts?" + urlencode({**query, "format": "png", "concept": k})
+                    for k in range(body["count"])
+                ],
+            }
+        return code, body
+
+    def concepts_picture_impl(self, ctx, experiment: str, args) -> tuple[int, bytes | dict]:
+        """Concept `concept`'s picture (PNG; with no `concept`, all of them in a row), else
+        (202, status) while they are computed."""
+        run, work = self._concepts_work(ctx, experiment, args)
+        count = work.option("count")
+        concept = None
+        if args.get("concept") is not None:
+            concept = int_arg(args, "concept", None, 0, count - 1)
+
+        def picture(cache):
+            data = cache.read(cache.picture_path(work.result_key))
+            if data is None or concept is None:
+                return data
+            strip = decode_picture(data)
+            size = strip.shape[1] // count
+            return encode_picture(strip[:, concept * size : (concept + 1) * size])
+
+        return self._result(run, work, picture)
+
     def probe_impl(self, ctx, experiment: str, args) -> bytes:
         """Probe image `image` of a run as a PNG (more than three channels: `bands` as RGB)."""
         run = self._run(ctx, experiment, args.get("run", ""))
@@ -744,6 +824,17 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                 return http_util.Respond(request, body, "image/png")
         else:
             code, body = self.atlas_impl(*self._context(request), request.args)
+        return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+
+    @wrappers.Request.application
+    def _serve_concepts(self, request):
+        check_same_site(request)
+        if request.args.get("format") == "png":
+            code, body = self.concepts_picture_impl(*self._context(request), request.args)
+            if code == 200:
+                return http_util.Respond(request, body, "image/png")
+        else:
+            code, body = self.concepts_impl(*self._context(request), request.args)
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
 
     @wrappers.Request.application

@@ -264,7 +264,7 @@ def test_mistakes_are_told(logged, tmp_path, monkeypatch):
     for count in (0, 257, 2.5):
         with pytest.raises(ValueError, match="count must be a whole number of concepts"):
             tb_microscope.concepts(run, 1, "mix", count=count)
-    with pytest.raises(ValueError, match=r"at most node 'mix''s 12 units.*method='sae'"):
+    with pytest.raises(ValueError, match=r"at most the 12 units of node 'mix'.*method='sae'"):
         tb_microscope.concepts(run, 1, "mix", count=13)
     with pytest.raises(NodeNotFoundError):
         tb_microscope.concepts(run, 1, "mixer")

@@ -22,6 +22,7 @@ from werkzeug import wrappers
 
 import tb_microscope
 from tb_microscope.analysis.attribution import HEAT_ALPHA
+from tb_microscope.analysis.concepts import render_concepts
 from tb_microscope.demo.train import train
 from tb_microscope.server.plugin import MicroscopePlugin
 from tb_microscope.store.local import RunStore
@@ -360,6 +361,70 @@ def test_an_atlas_through_the_route_is_the_librarys(client, logdir, tmp_path):
         ],
     )
     assert plugin.service.stats["analyses"] == analyses  # nothing refused was queued
+
+
+def test_concepts_through_the_route_are_the_librarys(client, logdir, tmp_path):
+    plugin, http = client
+    query = "concepts?run=demo&step=3&node=pool2&count=4"  # nmf, the default, after a ReLU
+    first = http.get(f"{BASE}/{query}")
+    assert first.status_code == 202 and json.loads(first.data)["status"] in ("queued", "running")
+    result = wait_for_json(http, query)
+    run = tb_microscope.open_run(logdir / "demo")
+    direct = tb_microscope.concepts(run, 3, "pool2", count=4, device="cpu", cache_dir=tmp_path)
+    pictures = render_concepts(
+        run, direct, size=SIZE, iterations=ITERATIONS, device="cpu", cache_dir=tmp_path
+    )
+    urls = [f"{query}&format=png&concept={k}" for k in range(4)]
+    assert result == {**direct.to_dict(), "size": SIZE, "pictures": urls}
+    assert (result["method"], result["reference_step"], result["count"]) == ("nmf", 10, 4)
+    for k, url in enumerate(urls):
+        picture = http.get(f"{BASE}/{url}")
+        assert picture.status_code == 200 and picture.headers["Content-Type"] == "image/png"
+        np.testing.assert_array_equal(read_png(picture.data), pictures[k])
+    strip = read_png(http.get(f"{BASE}/{query}&format=png").data)  # all of them in a row
+    np.testing.assert_array_equal(strip, np.concatenate(list(pictures), axis=1))
+    # a concept's examples: its strongest probe images, strongest first
+    examples = wait_for_json(http, f"{query}&view=examples&concept=1&examples=3")
+    assert examples["unit"] == 1
+    assert [e["index"] for e in examples["examples"]] == result["top"][1][:3]
+    codes = [e["activation"] for e in examples["examples"]]
+    assert codes == sorted(codes, reverse=True) and codes[0] > 0
+    assert all(e["crop"].startswith("data:image/png;base64,") for e in examples["examples"])
+    # the reference step itself: each concept is its own counterpart
+    last = wait_for_json(http, "concepts?run=demo&step=10&node=pool2&count=4")
+    assert last["similarity"] == [1.0] * 4 and last["step"] == last["reference_step"] == 10
+    signed = wait_for_json(http, "concepts?run=demo&step=3&node=conv2&count=4&method=sae")
+    assert signed["method"] == "sae" and 0 < signed["explained"] <= 1
+    wait_until_idle(plugin)
+    analyses = plugin.service.stats["analyses"]
+    assert json.loads(http.get(f"{BASE}/{query}").data) == result  # from the cache
+    assert plugin.service.stats["analyses"] == analyses
+    good = "run=demo&step=3&node=pool2"
+    assert_refused(
+        http,
+        "concepts",
+        [
+            (f"{good}&method=ica", 400, b"method 'ica' is not known; methods: nmf, sae, pca"),
+            (f"{good}&count=0", 400, b"count must be from 1"),
+            (f"{good}&count=33", 400, b"at most the 32 units of node 'pool2'"),
+            (f"{good}&count=65&method=sae", 400, b"--microscope_max_count 64"),
+            (f"{good}&reference_step=4", 404, b"4"),
+            (f"{good}&quality=best", 400, b"quality must be one of full"),
+            (f"{good}&view=examples", 400, b"missing query parameter 'concept'"),
+            (f"{good}&view=examples&count=4&concept=4", 400, b"concept must be from 0 to 3"),
+            (f"{good}&view=units", 400, b"view must be concepts or examples"),
+            (f"{query[9:]}&format=png&concept=9", 400, b"concept must be from 0 to 3"),
+            ("run=demo&step=3&node=nope", 404, b"nope"),
+        ],
+    )
+    assert plugin.service.stats["analyses"] == analyses  # nothing refused was queued
+    # NMF on a node with negative activations fails after its fit, saying what to use instead
+    refused = "concepts?run=demo&step=3&node=conv2&count=4"
+    deadline = time.monotonic() + 120
+    while (response := http.get(f"{BASE}/{refused}")).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert response.status_code == 400 and b"method='sae'" in response.data, response.data
 
 
 def test_an_atlas_preview_is_cheaper_and_never_beyond_the_servers_settings():
