@@ -42,7 +42,9 @@ def fitted_canvas(model: nn.Module, run: Run, size: int, device: torch.device) -
         space = InputSpace(run.input_spec, device)
         first_error = None
         for tried in dict.fromkeys(s for s in sides if least <= s <= most):
-            x = torch.full((1, run.input_spec.channels, tried, tried), 0.5, device=device)
+            x = torch.full(
+                (1, run.input_spec.channels, tried, tried), 0.5, device=device, dtype=torch.float32
+            )
             try:
                 with torch.no_grad():
                     model(space(x))
@@ -62,5 +64,7 @@ def fitted_canvas(model: nn.Module, run: Run, size: int, device: torch.device) -
 def grey_image(model: nn.Module, run: Run, size: int, device: torch.device) -> torch.Tensor:
     """One mid-grey input of the canvas the engine optimizes at `size`, needing a gradient."""
     canvas = fitted_canvas(model, run, size, device)
-    x = torch.full((1, run.input_spec.channels, *canvas.input), 0.5, device=device)
+    x = torch.full(
+        (1, run.input_spec.channels, *canvas.input), 0.5, device=device, dtype=torch.float32
+    )
     return x.requires_grad_(True)

@@ -27,7 +27,7 @@ from ..run import Run
 PAD = 12
 JITTERS = (8, 4)
 REFERENCE_SIZE = 128
-SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)])
+SCALES = torch.tensor([1 + (i - 5) / 50 for i in range(11)], dtype=torch.float32)
 ANGLES = torch.tensor(list(range(-10, 11)) + [0] * 5, dtype=torch.float32)
 
 # The square root of ImageNet's RGB colour covariance (its singular vectors scaled by the square
@@ -91,7 +91,10 @@ class FourierImages:
         freqs = frequency_grid(size, size)
         shape = (1, channels, *freqs.shape, 2)
         self.spectra = [
-            (torch.randn(shape, generator=torch.Generator().manual_seed(s)) * 0.01)
+            (
+                torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+                * 0.01
+            )
             .to(device)
             .requires_grad_(True)
             for s in seeds
@@ -112,7 +115,9 @@ class FourierImages:
         # lucid divides the image by 4 before its colours are mixed: exact in the matrix (a
         # power of two), one operation fewer
         colour = COLOUR_CORRELATION / 4.0  # RGB x decorrelated
-        self.colour = torch.tensor(colour, device=device) if channels == 3 else None
+        self.colour = (
+            torch.tensor(colour, device=device, dtype=torch.float32) if channels == 3 else None
+        )
 
     def __call__(self) -> torch.Tensor:
         """The images in [0, 1] (N x C x size x size)."""
@@ -229,8 +234,8 @@ class RandomTransforms:
         )
 
 
-_ANGLE_COS = torch.tensor([math.cos(math.radians(a)) for a in ANGLES.tolist()])
-_ANGLE_SIN = torch.tensor([math.sin(math.radians(a)) for a in ANGLES.tolist()])
+_ANGLE_COS = torch.tensor([math.cos(math.radians(a)) for a in ANGLES.tolist()], dtype=torch.float32)
+_ANGLE_SIN = torch.tensor([math.sin(math.radians(a)) for a in ANGLES.tolist()], dtype=torch.float32)
 
 
 def _affine_maps(first, second, scale, angle, size: int, canvas: tuple[int, int]):

@@ -658,3 +658,29 @@ def test_a_restarted_servers_disk_budget_counts_every_cached_file_and_evicts_the
     assert not (tmp_path / f"results/{old}.npz").exists()
     assert (tmp_path / f"results/{c}.npz").exists()
     assert smaller.total == 4500
+
+
+FLOAT64_SCRIPT = """
+import sys
+import numpy as np
+import torch
+torch.set_default_dtype(torch.float64)  # as a script that computes in double precision does
+import tb_microscope
+from tb_microscope.analysis.concepts import render_concepts
+run = tb_microscope.open_run(sys.argv[1])
+a = tb_microscope.render(run, 2, "conv2", [0, 1], size=16, iterations=4, device="cpu")
+b = tb_microscope.render(
+    run, 2, "conv2", [0], technique="diversity", size=16, iterations=4, device="cpu"
+)
+found = tb_microscope.concepts(run, 2, "pool2", count=3, cache_dir=sys.argv[2])
+pictures = render_concepts(run, found, size=16, iterations=4, cache_dir=sys.argv[2])
+print(a.images.dtype, a.images.shape, b.images.shape, pictures.shape)
+"""
+
+
+def test_rendering_works_where_the_default_dtype_is_float64(tmp_path):
+    """torch.set_default_dtype is the process's: the images optimized are float32 whatever it
+    is, as the model is (the script runs in a process of its own, not to change the tests')."""
+    train(tmp_path / "demo", steps=2, log=lambda *_: None)
+    proc = run_python("-c", FLOAT64_SCRIPT, tmp_path / "demo", tmp_path / "cache")
+    assert proc.stdout.split("\n")[0] == "uint8 (2, 16, 16, 3) (4, 16, 16, 3) (3, 16, 16, 3)"
