@@ -129,11 +129,18 @@ class RenderService:
         self.devices = service_devices(device)
         # With a Ray cluster, each worker sends its renders to an actor of its own (analyses
         # stay here, on this process's device).
+        # A cluster it cannot join is said (in the log and the status route) and the pictures
+        # rendered here: failing would make TensorBoard drop the whole tab without a word.
         self.pool = None
+        self.ray_error: str | None = None
         if ray_address:
             from ..execution.ray_executor import ActorPool, RayExecutor
 
-            self.pool = ActorPool(ray_address, allow_pickle)
+            try:
+                self.pool = ActorPool(ray_address, allow_pickle)
+            except MicroscopeError as e:
+                self.ray_error = f"{e}. Rendering in the TensorBoard process instead."
+                log.error("tb_microscope: %s", self.ray_error)
         self.cache_dir = cache_dir
         self.allow_pickle = allow_pickle
         self.max_queued = max_queued
@@ -354,6 +361,7 @@ class RenderService:
                 "workers": sum(t is not None and t.is_alive() for t in self._workers),
                 "restarted": self.restarted,
                 "ray": None if self.pool is None else self.pool.describe(),
+                "ray_error": self.ray_error,
                 "memory_bytes": self.memory.bytes,
                 "memory_entries": len(self.memory),
                 "cache_bytes": None if self.budget is None else self.budget.total,
