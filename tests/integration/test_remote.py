@@ -2,7 +2,8 @@
 (`moto_server`), `open_run` on the URL rendering what the same run logged locally renders, a
 missing bucket or missing credentials refused when the Logger starts, a truncated snapshot object
 and a store that stops answering mid-upload, the CLI on a URL, and TensorBoard's tab on
-`--logdir s3://...`."""
+`--logdir s3://...`; and `gs://` against a real GCS emulator (`gcp-storage-emulator`): a run read
+back as logged, a missing bucket refused."""
 
 import io
 import json
@@ -17,6 +18,7 @@ from PIL import Image
 import tb_microscope
 from conftest import TinyCNN, http, run_python, tensorboard, train_step
 from tb_microscope.errors import CorruptSnapshotError, MicroscopeError, RunNotFoundError
+from tb_microscope.store.remote import find_remote_runs
 
 PLUGIN = "/data/plugin/tb_microscope"
 SIZE, ITERATIONS = 16, 4
@@ -82,6 +84,32 @@ def test_the_cli_takes_a_url(logged, s3_server, tmp_path):
     atlas += ["--iterations", str(ITERATIONS), "--layout", "pca", "-o", tmp_path / "atlas.png"]
     run_python("-m", "tb_microscope.cli", *atlas, "--device", "cpu", env=env)
     assert Image.open(tmp_path / "atlas.png").size[0] > 0
+
+
+def test_a_run_at_a_gs_url_reads_back_as_the_same_run_logged_locally(gcs_server, tmp_path):
+    url = f"{gcs_server.bucket('lab-gcs')}/runs/exp1"
+    log_run(url)
+    log_run(tmp_path / "local" / "exp1")
+    remote_run = tb_microscope.open_run(url)
+    local_run = tb_microscope.open_run(tmp_path / "local" / "exp1")
+    assert remote_run.name == url and remote_run.steps == local_run.steps == [0, 1, 2]
+    assert [n.name for n in remote_run.nodes] == [n.name for n in local_run.nodes]
+    assert torch.equal(remote_run.probe_images(), local_run.probe_images())
+    x = torch.rand(2, 3, 16, 16)
+    for step in remote_run.steps:
+        assert torch.equal(remote_run.load_model(step)(x), local_run.load_model(step)(x))
+    assert find_remote_runs(url.rsplit("/", 2)[0]) == [url]
+
+
+def test_a_missing_gcs_bucket_is_said_when_the_logger_starts(gcs_server):
+    url, x = "gs://no-such-gcs-bucket/runs/x", torch.rand(2, 3, 16, 16)
+    for start in (
+        lambda: tb_microscope.Logger(url, TinyCNN(), x),
+        lambda: tb_microscope.open_run(url),
+    ):
+        with pytest.raises(RunNotFoundError, match="bucket 'no-such-gcs-bucket' exists") as err:
+            start()
+        assert "STORAGE_EMULATOR_HOST" in str(err.value) and "AWS" not in str(err.value)
 
 
 def test_a_missing_bucket_is_said_when_the_logger_starts(s3_server):
