@@ -151,9 +151,13 @@ def test_a_truncated_snapshot_object_is_never_read(s3_server):
     whole = s3.get_object(Bucket="trunc", Key=key.format(1))["Body"].read()
     s3.put_object(Bucket="trunc", Key=key.format(5), Body=whole[: len(whole) // 2])
     run = tb_microscope.open_run(url)
-    assert run.steps == [0, 1, 5]
-    with pytest.raises(CorruptSnapshotError, match="step 5"):
+    assert run.steps == [0, 1, 5]  # listed, as a truncated file in a run directory is
+    with pytest.raises(CorruptSnapshotError) as err:
         run.load_model(5)
+    message = str(err.value)  # as a run directory's (test_faults.py), naming the object
+    assert f"snapshot of step 5 in run '{url}'" in message and "truncated" in message
+    assert f"({url}/plugins/tb_microscope/snapshots/step-000000005.safetensors: " in message
+    assert "other steps are unaffected" in message and "delete this object" in message
     assert not run.store.snapshot_path(5).exists()  # nothing half is kept in the mirror
     run.load_model(1)
 
