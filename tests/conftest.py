@@ -441,3 +441,100 @@ def s3_server(tmp_path_factory):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+class GcsServer:
+    """A real GCS-compatible server (`gcp-storage-emulator`, pure Python, its JSON API) on
+    127.0.0.1 and a free port; `env` is what a client needs: gcsfs reads the endpoint from
+    STORAGE_EMULATOR_HOST and fsspec gives it the anonymous token from FSSPEC_GS_TOKEN.
+
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs (2026.x) otherwise asks Google's gRPC Storage
+    Control API for each bucket's layout, which an emulator does not serve; every such call waits
+    out its timeout (30 s, retried) before gcsfs falls back to the JSON API."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "FSSPEC_GS_TOKEN": "anon",
+            "FSSPEC_GS_PROJECT": "test",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        emulator = Path(sys.executable).parent / "gcp-storage-emulator"
+        command = [str(emulator), "-d", str(self.root / "data"), "start"]
+        with open(self.root / "gcs.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [*command, "-H", "127.0.0.1", "--port", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "gcs.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.url + "/storage/v1/b", timeout=5):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(
+            "the GCS emulator did not start: " + (self.root / "gcs.log").read_text()
+        )
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket `name` (through the JSON API); returns its URL, gs://name."""
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30):
+            return f"gs://{name}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    """A GCS emulator for the module; the test process's environment and fsspec's configuration
+    point gcsfs at it while the module runs (the classic GCSFileSystem: see `GcsServer`)."""
+    import fsspec
+
+    server = GcsServer(tmp_path_factory.mktemp("gcs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    import gcsfs.core
+
+    protocols = ("gs", "gcs")
+    classes = {p: fsspec.get_filesystem_class(p) for p in protocols}
+    config = {p: fsspec.config.conf.get(p) for p in protocols}
+    for p in protocols:  # gcsfs may have been imported before the variable was set
+        fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
+        fsspec.config.conf[p] = {"token": "anon", "project": "test"}
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
+    try:
+        yield server
+    finally:
+        for p in protocols:
+            fsspec.register_implementation(p, classes[p], clobber=True)
+            if config[p] is None:
+                fsspec.config.conf.pop(p, None)
+            else:
+                fsspec.config.conf[p] = config[p]
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

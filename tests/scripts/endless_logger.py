@@ -1,4 +1,5 @@
-"""Logs a 128 MB model at every step until killed (for the kill-mid-snapshot test)."""
+"""Logs a 128 MB model at every step until killed (for the kill-mid-snapshot tests):
+`endless_logger.py LOGDIR [BACKLOG_MB]`."""
 
 import sys
 
@@ -15,7 +16,8 @@ def model() -> nn.Module:
 
 if __name__ == "__main__":
     net = model()
-    logger = tb_microscope.Logger(sys.argv[1], net, torch.rand(2, 4096))
+    options = {"backlog_mb": float(sys.argv[2])} if len(sys.argv) > 2 else {}
+    logger = tb_microscope.Logger(sys.argv[1], net, torch.rand(2, 4096), **options)
     step = 0
     while True:
         logger.log(step, force=True)

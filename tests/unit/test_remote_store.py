@@ -113,8 +113,9 @@ def test_a_truncated_object_is_never_read_as_a_snapshot(tmp_path, url):
     fs.pipe_file(f"{prefix}/step-000000011.safetensors", whole[: len(whole) // 2])
     run = RemoteRunStore(url)
     assert run.steps() == [10, 11]
-    with pytest.raises(CorruptSnapshotError, match="step 11"):
+    with pytest.raises(CorruptSnapshotError, match="delete this object") as err:
         run.read_snapshot(11)
+    assert f"({url}/plugins/tb_microscope/snapshots/step-000000011.safetensors: " in str(err.value)
     assert not run.snapshot_path(11).exists()  # nothing half is kept in the mirror
     assert torch.equal(run.read_snapshot(10)["conv1.bias"], torch.zeros(8))
 

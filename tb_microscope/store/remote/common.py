@@ -16,6 +16,8 @@ from ..paths import PLUGIN_NAME, remote_protocol, user_cache_root
 # store does not answer; a read timeout bounds each socket read, not a whole download.
 S3_CONFIG = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3}}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# the variables that name another endpoint (an S3-compatible store, a GCS emulator), by extra
+_ENDPOINTS = {"s3": "AWS_ENDPOINT_URL / S3_ENDPOINT", "gcs": "STORAGE_EMULATOR_HOST"}
 
 
 class RemoteUnavailableError(MicroscopeError):
@@ -89,6 +91,8 @@ def remote_error(e: BaseException, what: str, url: str) -> MicroscopeError:
     name = type(e).__name__
     text = str(e).strip().splitlines()[0][:300] if str(e).strip() else name
     protocol = remote_protocol(url)
+    endpoint = _ENDPOINTS.get(_EXTRAS.get(protocol, ""))
+    endpoint = f" (and {endpoint}, if you use one)" if endpoint else ""
     if "Credentials" in name or "credentials" in text.lower():
         how = {
             "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)",
@@ -100,8 +104,7 @@ def remote_error(e: BaseException, what: str, url: str) -> MicroscopeError:
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         return RunNotFoundError(
             f"could not {what} at {url}: {text}. Check that the bucket '{bucket}' exists (create "
-            "it first) and that the URL (and AWS_ENDPOINT_URL / S3_ENDPOINT, if you use one) is "
-            "right"
+            f"it first) and that the URL{endpoint} is right"
         )
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return RemoteUnavailableError(
@@ -109,8 +112,7 @@ def remote_error(e: BaseException, what: str, url: str) -> MicroscopeError:
             "read and write there"
         )
     return RemoteUnavailableError(
-        f"could not {what} at {url} ({name}: {text}); check that the store is reachable (and "
-        "AWS_ENDPOINT_URL / S3_ENDPOINT, if you use one)"
+        f"could not {what} at {url} ({name}: {text}); check that the store is reachable{endpoint}"
     )
 
 

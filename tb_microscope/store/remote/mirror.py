@@ -22,12 +22,20 @@ import threading
 import time
 from pathlib import Path
 
-from ...errors import MicroscopeError, RunNotFoundError, StepNotFoundError
-from ..index import SMALL_FILES
+from ...errors import CorruptSnapshotError, MicroscopeError, RunNotFoundError, StepNotFoundError
+from ..index import SMALL_FILES, snapshot_rel
 from ..local import read_header, write_bytes_atomic
 from ..mirror import MirrorStore, snapshot_budget
-from ..paths import MANIFEST, PROBE, SNAPSHOTS
-from .common import filesystem, mirror_dir, normalize, object_version, plugin_prefix, remote_error
+from ..paths import MANIFEST, PLUGIN_NAME, PROBE, SNAPSHOTS
+from .common import (
+    filesystem,
+    join,
+    mirror_dir,
+    normalize,
+    object_version,
+    plugin_prefix,
+    remote_error,
+)
 
 LIST_EVERY_S = 3.0
 VERSIONS = "versions.json"  # the mirror's record: small file -> the version of its object
@@ -210,3 +218,13 @@ class RemoteRunStore(MirrorStore):
         if path.stat().st_size != size:
             raise ValueError(f"{path.stat().st_size:,} bytes where {size:,} were listed")
         read_header(path)
+
+    def _corrupt(self, step: int, path: Path, why: str) -> CorruptSnapshotError:
+        """As a run directory says it, naming the object in the store rather than the mirror's
+        file: the mirror is only a cache of the object, which is what to delete."""
+        where = join(self.url, "plugins", PLUGIN_NAME, snapshot_rel(step))
+        return CorruptSnapshotError(
+            f"the snapshot of step {step} in run '{self.url}' is corrupt or truncated ({where}: "
+            f"{why}). The other steps are unaffected; delete this object to drop the step, or log "
+            "the step again."
+        )
