@@ -465,7 +465,7 @@ def _fit_key(
     return ResultKey(CONCEPTS, node, 0, options, ((step, run.snapshot_version(step)),))
 
 
-def _needs_library(method: str) -> None:
+def needs_library(method: str) -> None:
     """The method's library, imported now: a missing extra is said before any work."""
     if method == "nmf":
         _sklearn_nmf()
@@ -521,7 +521,7 @@ def concepts(
     run.snapshot_version(reference_step)
     if run.manifest.probe is None:
         raise _no_probe(run)
-    _needs_library(method)
+    needs_library(method)
     cache = cache_dir if isinstance(cache_dir, RenderCache) else RenderCache(run, cache_dir)
     device = torch.device(device) if device is not None else default_device()
     given = {step: model, reference_step: reference_model if reference_step != step else model}
