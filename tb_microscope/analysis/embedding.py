@@ -8,6 +8,11 @@ depends on its direction, not its size), centred, projected onto their first two
 axes. PCA keeps what varies most and draws clusters less apart than UMAP does, but needs
 nothing beyond numpy. Either layout is then scaled into [0, 1] as lucid's `normalize_layout`
 does: outliers beyond the 1st and 99th percentiles clipped, a margin of a tenth of the range.
+
+A process's first UMAP layout compiles umap-learn's and pynndescent's numba functions, about
+half a minute on a CPU (pynndescent's NN-descent, which takes its distance as an argument, is
+not kept in numba's disk cache, so every process compiles it again); `warm_up_umap` compiles
+them ahead, on random activations of the types and settings an atlas's layouts use.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ UMAP_NEIGHBORS = 20  # lucid's activation atlas notebooks
 UMAP_MIN_DIST = 0.01
 UMAP_METRIC = "cosine"
 UMAP_LEAST = 16  # fewer activations than this are laid out by PCA (UMAP's graph needs more)
+# From this many activations on, umap-learn finds the neighbours by pynndescent's NN-descent,
+# below it exactly (sklearn's pairwise distances): each road compiles functions of its own.
+UMAP_APPROXIMATE = 4096
+WARM_UP_SIZES = (256, UMAP_APPROXIMATE)  # activations laid out to warm up: one of each road
+WARM_UP_DIMENSIONS = 8
+WARM_UP_EPOCHS = 2  # the epochs are a Python loop: how many changes no type numba compiles for
 PERCENTILES = (1.0, 99.0)  # the layout's outliers beyond these are clipped to them
 MARGIN = 0.1  # of the clipped layout's range, added around it
 
@@ -80,9 +91,10 @@ def pca_layout(activations: np.ndarray) -> np.ndarray:
     return x @ axes.T
 
 
-def umap_layout(activations: np.ndarray, seed: int) -> np.ndarray:
+def umap_layout(activations: np.ndarray, seed: int, epochs: int | None = None) -> np.ndarray:
     """M x 2: UMAP of the activations (cosine metric), seeded (which makes it single-threaded:
-    umap-learn's parallel epochs are not reproducible)."""
+    umap-learn's parallel epochs are not reproducible), over `epochs` epochs (default:
+    umap-learn's, 500 up to 10,000 activations)."""
     import umap
 
     reducer = umap.UMAP(
@@ -92,8 +104,23 @@ def umap_layout(activations: np.ndarray, seed: int) -> np.ndarray:
         metric=UMAP_METRIC,
         random_state=seed,
         n_jobs=1,
+        n_epochs=epochs,
     )
     return np.asarray(reducer.fit_transform(activations.astype(np.float32)), dtype=np.float64)
+
+
+def warm_up_umap() -> bool:
+    """Compile what a process's first UMAP layout compiles, by laying out random activations
+    (float32, as `umap_layout` passes them) with the atlas's settings through both of
+    umap-learn's roads to the neighbours (WARM_UP_SIZES), over a few epochs: a layout after
+    this compiles nothing. False, doing nothing, without umap-learn (atlases use PCA)."""
+    if not umap_installed():
+        return False
+    rng = np.random.default_rng(0)
+    for rows in WARM_UP_SIZES:
+        activations = rng.random((rows, WARM_UP_DIMENSIONS), dtype=np.float32)
+        umap_layout(activations, seed=0, epochs=WARM_UP_EPOCHS)
+    return True
 
 
 def normalized(layout: np.ndarray) -> np.ndarray:

@@ -107,6 +107,13 @@ def define_flags(parser) -> None:
         "directories you trust",
     )
     group.add_argument(
+        "--microscope_no_warm_up",
+        action="store_true",
+        help="do not compile UMAP (umap-learn's numba functions, about half a minute on a "
+        "CPU) and import the concepts' libraries in the background when a run with probe "
+        "images is first listed; the first atlas or concepts then waits for them",
+    )
+    group.add_argument(
         "--microscope_ray_address",
         default="",
         help="render the tab's pictures on this Ray cluster (extra tb-microscope[ray]): "

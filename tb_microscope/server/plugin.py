@@ -31,6 +31,7 @@ from werkzeug import wrappers
 from .. import limits
 from ..analysis.attribution import METHODS, captum_attr
 from ..analysis.concepts import check_concepts_request, needs_library
+from ..analysis.warmup import WARM_UP
 from ..analysis.weights import default_source
 from ..errors import MicroscopeError, RunNotFoundError, StepNotFoundError, first_line
 from ..execution.cache import decode_picture, encode_picture
@@ -126,6 +127,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             ray_address=getattr(flags, "microscope_ray_address", "") or None,
             workers=getattr(flags, "microscope_workers", 0) or None,
         )
+        # Compile UMAP and import concepts' libraries once a run with probe images is listed.
+        self._warm_up = not getattr(flags, "microscope_no_warm_up", False)
         uri = getattr(flags, "microscope_mlflow_tracking_uri", "") or ""
         experiments = getattr(flags, "microscope_mlflow_experiments", "") or ""
         self._mlflow = (
@@ -257,6 +260,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                         "probe": None if probe is None else dataclasses.asdict(probe),
                     }
                 )
+                if probe is not None and self._warm_up:
+                    WARM_UP.start()  # at once: once per process, on a thread of its own
             except MicroscopeError as e:
                 out.append({"run": name, "error": str(e)})
             except Exception as e:  # a bug or a fault of the machine: this run only, logged
@@ -265,6 +270,11 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                     {"run": name, "error": f"internal error in tb_microscope ({first_line(e)})"}
                 )
         return out
+
+    def status_impl(self) -> dict:
+        """What the render service is doing, and where the analyses' warm-up is
+        (`analysis/warmup.py`)."""
+        return {**self.service.snapshot(), "warm_up": WARM_UP.state()}
 
     @staticmethod
     def techniques_impl() -> list[dict]:
@@ -861,7 +871,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_status(self, request):
-        return http_util.Respond(request, self.service.snapshot(), "application/json")
+        return http_util.Respond(request, self.status_impl(), "application/json")
 
 
 class MicroscopeLoader(base_plugin.TBLoader):

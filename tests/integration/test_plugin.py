@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -99,6 +100,39 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, query, 
     assert get(f"{base}/data/plugin/tb_microscope/runs")[0] == 200
 
 
+def test_listing_a_run_with_probe_images_warms_up_the_analyses_once(server):
+    base, _ = server
+    status = f"{base}/data/plugin/tb_microscope/status"
+    barrier, listed = threading.Barrier(8), []
+
+    def list_runs():
+        barrier.wait()
+        listed.append(get(f"{base}/data/plugin/tb_microscope/runs"))
+
+    listers = [threading.Thread(target=list_runs) for _ in range(8)]
+    for lister in listers:
+        lister.start()
+    for lister in listers:
+        lister.join()
+    assert [code for code, _, _ in listed] == [200] * 8
+    assert json.loads(listed[0][2])[0]["probe"] is not None  # the demo's run has probe images
+    deadline = time.monotonic() + 600
+    while (warm_up := json.loads(get(status)[2])["warm_up"])["status"] != "done":
+        assert warm_up["status"] == "running", warm_up  # started by the first listing
+        assert time.monotonic() < deadline, "the warm-up did not finish"
+        time.sleep(0.5)
+    assert isinstance(warm_up["parts"]["umap"], float) and warm_up["seconds"] > 0, warm_up
+
+
+def test_no_warm_up_with_its_flag(tmp_path):
+    train(tmp_path / "demo", steps=2, log=lambda *_: None)
+    with tensorboard(tmp_path, "--microscope_no_warm_up") as base:
+        runs = json.loads(get(f"{base}/data/plugin/tb_microscope/runs")[2])
+        assert runs[0]["probe"] is not None
+        state = json.loads(get(f"{base}/data/plugin/tb_microscope/status")[2])
+        assert state["warm_up"] == {"status": "idle", "seconds": None, "parts": {}}
+
+
 def test_a_new_run_appears_without_a_restart(server):
     base, logdir = server
     with tb_microscope.Logger(logdir / "later", SmallCNN(), torch.rand(2, 3, 32, 32)) as logger:
@@ -122,5 +156,6 @@ def test_flags_are_listed_by_helpfull():
         "--microscope_size",
         "--microscope_iterations",
         "--microscope_allow_pickle",
+        "--microscope_no_warm_up",
     ):
         assert flag in out
