@@ -48,12 +48,22 @@ def run_python(*args, cwd=None, timeout=600, check=True, **kwargs) -> subprocess
 
 
 @contextlib.contextmanager
-def tensorboard(logdir, *flags: str, env: dict | None = None, output: list | None = None):
+def tensorboard(
+    logdir,
+    *flags: str,
+    env: dict | None = None,
+    output: list | None = None,
+    warm_up: bool = False,
+):
     """A real `tensorboard` process on 127.0.0.1 and a free port; yields its base URL. Its output
-    (stdout and stderr) is appended to `output` line by line as it comes, when given."""
+    (stdout and stderr) is appended to `output` line by line as it comes, when given. Without
+    `warm_up`, the server does not warm up the analyses' libraries (half a minute of numba
+    compiling, which would slow every other test on a 2-core machine; test_plugin.py tests it)."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
     command += ["--host", "127.0.0.1", "--port", "0", "--reload_interval", "1"]
     command += ["--microscope_device", "cpu", *flags]
+    if not warm_up and "--microscope_no_warm_up" not in flags:
+        command.append("--microscope_no_warm_up")
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )

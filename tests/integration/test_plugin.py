@@ -100,28 +100,28 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, query, 
     assert get(f"{base}/data/plugin/tb_microscope/runs")[0] == 200
 
 
-def test_listing_a_run_with_probe_images_warms_up_the_analyses_once(server):
-    base, _ = server
-    status = f"{base}/data/plugin/tb_microscope/status"
-    barrier, listed = threading.Barrier(8), []
+def test_listing_a_run_with_probe_images_starts_the_warm_up(server):
+    """Eight listings at once start the warm-up (test_warmup.py checks that it starts once
+    however many threads ask, and what it warms); the listings do not wait for it."""
+    _, logdir = server
+    with tensorboard(logdir, warm_up=True) as base:
+        status = f"{base}/data/plugin/tb_microscope/status"
+        assert json.loads(get(status)[2])["warm_up"]["status"] == "idle"  # nothing listed yet
+        barrier, listed = threading.Barrier(8), []
 
-    def list_runs():
-        barrier.wait()
-        listed.append(get(f"{base}/data/plugin/tb_microscope/runs"))
+        def list_runs():
+            barrier.wait()
+            listed.append(get(f"{base}/data/plugin/tb_microscope/runs"))
 
-    listers = [threading.Thread(target=list_runs) for _ in range(8)]
-    for lister in listers:
-        lister.start()
-    for lister in listers:
-        lister.join()
-    assert [code for code, _, _ in listed] == [200] * 8
-    assert json.loads(listed[0][2])[0]["probe"] is not None  # the demo's run has probe images
-    deadline = time.monotonic() + 600
-    while (warm_up := json.loads(get(status)[2])["warm_up"])["status"] != "done":
-        assert warm_up["status"] == "running", warm_up  # started by the first listing
-        assert time.monotonic() < deadline, "the warm-up did not finish"
-        time.sleep(0.5)
-    assert isinstance(warm_up["parts"]["umap"], float) and warm_up["seconds"] > 0, warm_up
+        listers = [threading.Thread(target=list_runs) for _ in range(8)]
+        for lister in listers:
+            lister.start()
+        for lister in listers:
+            lister.join()
+        assert [code for code, _, _ in listed] == [200] * 8
+        assert json.loads(listed[0][2])[0]["probe"] is not None  # the demo's has probe images
+        warm_up = json.loads(get(status)[2])["warm_up"]
+        assert warm_up["status"] in ("running", "done"), warm_up
 
 
 def test_no_warm_up_with_its_flag(tmp_path):

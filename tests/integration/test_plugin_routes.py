@@ -40,6 +40,7 @@ def make_plugin(logdir, **flags):
         microscope_size=SIZE,
         microscope_iterations=ITERATIONS,
         microscope_cache_dir="",
+        microscope_no_warm_up=True,  # not half a minute of numba compiling beside each test
         microscope_allow_pickle=False,
     )
     context = base_plugin.TBContext(

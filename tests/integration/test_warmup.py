@@ -4,13 +4,10 @@ UMAP layout after it compiles nothing (numba's compilations are watched through 
 import threading
 
 import numpy as np
-import pytest
 from numba.core import event
 
 from tb_microscope.analysis import embedding
 from tb_microscope.analysis.warmup import DONE, SKIPPED, WarmUp
-
-pytest.importorskip("umap")
 
 
 class Compilations(event.Listener):
