@@ -312,7 +312,19 @@ class ConceptFilmstrip {
     this.step = step;
     const index = this.steps.indexOf(step);
     this.frames.forEach((frame, i) => frame.el.classList.toggle('current', i === index));
+    requestAnimationFrame(() => this.reveal(index));
     this.draw();
+  }
+
+  // Scroll the strip (only it, never the page) so that the current step's frame shows.
+  reveal(index) {
+    const frame = this.frames[index]?.el;
+    const strip = frame?.parentElement;
+    if (!strip) return;
+    const left = frame.offsetLeft, right = left + frame.offsetWidth;
+    if (left < strip.scrollLeft || right > strip.scrollLeft + strip.clientWidth) {
+      strip.scrollLeft = left - (strip.clientWidth - frame.offsetWidth) / 2;
+    }
   }
 
   draw() {
