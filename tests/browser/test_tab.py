@@ -814,7 +814,7 @@ def test_the_concepts_view_keeps_concept_k_over_steps_and_opens_a_concepts_page(
     expect(grid).to_have_attribute("data-step", str(steps[-1]), timeout=WAIT_MS)
     cell.locator(".concept-frame").click()
     assert url_state(page)["concept"] == "2" and url_state(page)["count"] == "8"
-    expect(frame.locator(".concept-view .address")).to_have_text("pool2 · concept 2")
+    expect(frame.locator(".concept-view h2")).to_have_text("pool2 · concept 2")
     expect(frame.locator(".crumbs")).to_contain_text("model › pool2 › concepts › concept 2")
     big = frame.locator(".concept-big")
     expect(big).to_have_attribute("data-step", str(steps[-1]), timeout=4 * WAIT_MS)
