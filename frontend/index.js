@@ -1,7 +1,8 @@
 // The Microscope tab. TensorBoard loads this ES module in the plugin's iframe and calls render().
 //
 // Views, picked by what the URL names: the model (a run's nodes and edges), a node (the grid of
-// its units at a step, or its activation atlas), a unit (its techniques, filmstrip and
+// its units at a step, its activation atlas, or its concepts), a concept (its picture, examples
+// and filmstrip), a unit (its techniques, filmstrip and
 // evolution), and compare (two panes).
 // Everything the tab shows comes from the plugin's routes; nothing is loaded from other hosts.
 
@@ -10,11 +11,15 @@ import {errorBox, h, select, StepSlider} from './dom.js';
 import {host, isOurTab, readState, stateHash, writeState} from './state.js';
 import {AtlasView, DEFAULT_GRID, GRID_RANGE} from './atlas.js';
 import {CompareView} from './compare.js';
+import {ConceptsView, ConceptView, conceptsMethod, defaultCount, maxCount, METHODS}
+  from './concepts.js';
 import {modelView} from './model.js';
 import {NodeView} from './node.js';
 import {UnitView} from './unit.js';
 
 const REFRESH_MS = 5000;  // new runs and snapshots appear without a reload
+// What leaving a node's concepts forgets.
+const NO_CONCEPTS = {concepts: null, concept: null, method: null, count: null, reference: null};
 
 function listNames(names, limit = 12) {
   if (names.length <= limit) return names.join(', ');
@@ -28,7 +33,7 @@ class App {
     this.seq = 0;
     this.nodeLists = new Map();
     this.runSelect = select([], '', (run) => this.navigate({run, step: null, node: null,
-      unit: null, compare: false, atlas: null}), {id: 'run', 'aria-label': 'run'});
+      unit: null, compare: false, atlas: null, ...NO_CONCEPTS}), {id: 'run', 'aria-label': 'run'});
     this.slider = new StepSlider((step) => this.navigate({step}, true),
       (step) => this.navigate({step}), 'step');
     this.crumbs = h('nav', {class: 'crumbs', 'aria-label': 'view'});
@@ -113,6 +118,7 @@ class App {
   next(patch) {
     const state = {...(this.state || readState()), ...patch};
     if ('node' in patch && !('unit' in patch)) state.unit = null;
+    if ('node' in patch && !('concept' in patch)) state.concept = null;
     for (const key of Object.keys(state)) if (state[key] === null) delete state[key];
     return state;
   }
@@ -177,6 +183,8 @@ class App {
         + `${GRID_RANGE[0]} to ${GRID_RANGE[1]}`);
     }
     if (state.grid === DEFAULT_GRID) delete state.grid;
+    if (state.concepts) this.checkConcepts(state, run, node);
+    else for (const key of ['concept', 'method', 'count', 'reference']) delete state[key];
     if (state.compare) {
       if (state.node === undefined) throw new Error('pick a node or a unit to compare');
       if (!technique.image) state.technique = 'channel';  // the panes draw
@@ -195,11 +203,41 @@ class App {
     return {state, run, nodes, edges};
   }
 
+  // What in the URL's concepts cannot be shown, said as an Error.
+  checkConcepts(state, run, node) {
+    if (node === undefined) throw new Error('pick a node to see its concepts');
+    if (!run.probe) {
+      throw new Error(`run '${state.run}' has no probe images, which concepts are fitted to; `
+        + 'log it with tb_microscope.Logger(..., probe=images) (a few hundred training inputs)');
+    }
+    if (state.method !== undefined && !METHODS.includes(state.method)) {
+      throw new Error(`method '${state.method}' is not one that finds concepts; methods: `
+        + `${METHODS.join(', ')}`);
+    }
+    const method = conceptsMethod(state, node);
+    const most = maxCount(this, node, method);
+    if (state.count !== undefined && !(Number.isInteger(state.count) && state.count >= 1
+      && state.count <= most)) {
+      throw new Error(`count '${state.count}' is not a number of concepts from 1 to ${most} `
+        + `(method ${method} on node '${node.name}')`);
+    }
+    const count = state.count ?? defaultCount(node, method);
+    if (state.concept !== undefined && !(Number.isInteger(state.concept) && state.concept >= 0
+      && state.concept < count)) {
+      throw new Error(`concept '${state.concept}' is not one of the ${count} concepts `
+        + `(0 … ${count - 1})`);
+    }
+    if (state.reference !== undefined && !run.steps.includes(state.reference)) {
+      throw new Error(`reference step ${state.reference} is not logged in run '${state.run}'`);
+    }
+  }
+
   async update() {
     if (!isOurTab()) return;  // another TensorBoard tab is showing; its URL is not ours
     const seq = ++this.seq;
     const wanted = readState();
-    if (!Object.keys(wanted).some((key) => !['compare', 'align', 'atlas'].includes(key))
+    if (!Object.keys(wanted).some((key) => !['compare', 'align', 'atlas', 'concepts']
+      .includes(key))
       && this.state) {
       writeState(this.state, true);  // back on our tab with a bare #tb_microscope: stay put
       return;
@@ -218,16 +256,22 @@ class App {
     Object.assign(this, {state, run, nodes, edges, rendered});
     writeState(state, true);  // the URL names the defaults it was given, so a link is exact
     this.showHeader();
+    const concepts = `${state.run}|${state.node}|${state.method}|${state.count}|${state.reference}`;
     const key = (state.compare ? `compare|${state.node}|${state.unit}|${state.technique}`
       : state.unit !== undefined ? `unit|${state.run}|${state.node}|${state.unit}`
-        : state.node !== undefined && state.atlas ? `atlas|${state.run}|${state.node}|${state.grid}`
-          : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`)
+        : state.concepts && state.concept !== undefined ? `concept|${concepts}|${state.concept}`
+          : state.concepts ? `concepts|${concepts}`
+            : state.node !== undefined && state.atlas ? `atlas|${state.run}|${state.node}|${state.grid}`
+              : state.node !== undefined ? `node|${state.run}|${state.node}` : `model|${state.run}`)
       + `|${state.bands ?? ''}`;
     if (this.view?.key === key && this.view.update(state)) return;
     this.view?.destroy();
     const node = nodes.find((n) => n.name === state.node);
     if (state.compare) this.view = new CompareView(this, state);
     else if (state.unit !== undefined) this.view = new UnitView(this, state, node);
+    else if (node && state.concepts && state.concept !== undefined) {
+      this.view = new ConceptView(this, state, node);
+    } else if (node && state.concepts) this.view = new ConceptsView(this, state, node);
     else if (node && state.atlas) this.view = new AtlasView(this, state, node);
     else if (node) this.view = new NodeView(this, state, node);
     else this.view = modelView(this, state);
@@ -293,10 +337,19 @@ class App {
         event.preventDefault();
         this.navigate(patch);
       }}));
-    const parts = [crumb('model', {node: null, compare: false, atlas: null},
+    const parts = [crumb('model', {node: null, compare: false, atlas: null, ...NO_CONCEPTS},
       state.node === undefined)];
     if (state.node !== undefined) {
-      parts.push(' › ', crumb(state.node, {node: state.node, compare: false},
+      parts.push(' › ', crumb(state.node, state.concepts ? {node: state.node, compare: false,
+        ...NO_CONCEPTS} : {node: state.node, compare: false},
+      state.unit === undefined && !state.compare && !state.concepts));
+    }
+    if (state.concepts) {
+      parts.push(' › ', crumb('concepts', {unit: null, concept: null, compare: false},
+        state.unit === undefined && state.concept === undefined && !state.compare));
+    }
+    if (state.concepts && state.concept !== undefined) {
+      parts.push(' › ', crumb(`concept ${state.concept}`, {unit: null, compare: false},
         state.unit === undefined && !state.compare));
     }
     if (state.unit !== undefined) {
@@ -305,7 +358,8 @@ class App {
     }
     if (state.compare) parts.push(' › ', h('span', {class: 'address', text: 'compare'}));
     this.crumbs.replaceChildren(...parts);
-    this.compareButton.hidden = state.node === undefined;
+    this.compareButton.hidden = state.node === undefined
+      || (state.concepts && state.unit === undefined);
     this.compareButton.setAttribute('aria-pressed', String(Boolean(state.compare)));
   }
 
@@ -338,7 +392,9 @@ class App {
       ArrowDown: () => state.unit !== undefined && state.unit < this.unitCount() - 1
         && {unit: state.unit + 1},
       Escape: () => (state.compare ? {compare: false}
-        : state.unit !== undefined ? {unit: null} : state.atlas ? {atlas: null}
+        : state.unit !== undefined ? {unit: null}
+          : state.concept !== undefined ? {concept: null, reference: null}
+            : state.concepts ? NO_CONCEPTS : state.atlas ? {atlas: null}
           : state.node !== undefined && {node: null}),
     };
     if (event.key === ' ' && this.view instanceof UnitView) {

@@ -77,23 +77,29 @@ export class NodeGrid {
   }
 }
 
-// The head of a node's views: its name and shape, the switch between its units and its atlas
-// (an atlas needs the run's probe images), and the view's own `controls`.
+// The head of a node's views: its name and shape, the switch between its units, its atlas and
+// its concepts (both need the run's probe images), and the view's own `controls`.
 export function nodeHead(app, node, current, ...controls) {
   const probe = Boolean(app.run.probe);
   const view = (name, patch, title) => h('button', {class: 'view-switch', id: `view-${name}`,
     text: name, title, 'aria-pressed': String(current === name),
-    disabled: name === 'atlas' && !probe,
+    disabled: name !== 'units' && !probe,
     onclick: () => current !== name && app.navigate(patch)});
+  const away = {concepts: null, concept: null, method: null, count: null, reference: null};
   return h('div', {class: 'view-head'},
     h('h2', {}, h('span', {class: 'address', text: node.name})),
     h('span', {class: 'muted',
       text: `${node.module} · ${node.units} units · ${layoutText(node)} ${node.shape.join('×')}`}),
     h('span', {class: 'switch', role: 'group', 'aria-label': 'view of the node'},
-      view('units', {atlas: null}, 'each unit\'s picture'),
-      view('atlas', {atlas: true}, probe
+      view('units', {atlas: null, ...away}, 'each unit\'s picture'),
+      view('atlas', {atlas: true, ...away}, probe
         ? 'an activation atlas: the space the units span together, on the probe images'
         : 'an atlas is made of probe images: log the run with tb_microscope.Logger(..., '
+          + 'probe=images)'),
+      view('concepts', {concepts: true, atlas: null}, probe
+        ? 'concepts: directions of the node\'s activation space found by a dictionary fitted to '
+          + 'its activations on the probe images, each drawn as a picture'
+        : 'concepts are fitted to probe images: log the run with tb_microscope.Logger(..., '
           + 'probe=images)')),
     ...controls);
 }

@@ -5,9 +5,9 @@
 
 const PREFIX = 'p.tb_microscope.';
 const KEYS = ['run', 'step', 'node', 'unit', 'technique', 'compare', 'run2', 'step2', 'bands', 'sort',
-  'align', 'atlas', 'grid'];
-const NUMBERS = new Set(['step', 'unit', 'step2', 'grid']);
-const FLAGS = ['compare', 'align', 'atlas'];  // true as '1' in the URL, else left out
+  'align', 'atlas', 'grid', 'concepts', 'method', 'count', 'concept', 'reference'];
+const NUMBERS = new Set(['step', 'unit', 'step2', 'grid', 'count', 'concept', 'reference']);
+const FLAGS = ['compare', 'align', 'atlas', 'concepts'];  // true as '1' in the URL, else left out
 
 function hostWindow() {
   try {
@@ -30,8 +30,7 @@ export function isOurTab() {
   return tab === undefined || tab === 'tb_microscope';
 }
 
-// The state in the URL: strings, but numbers for step, unit, step2 and grid, and booleans for
-// the FLAGS.
+// The state in the URL: strings, but numbers for the NUMBERS, and booleans for the FLAGS.
 export function readState() {
   const state = {};
   for (const part of parts()) {

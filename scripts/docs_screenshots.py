@@ -81,6 +81,8 @@ def main() -> None:
             shoot(page, unit, "unit", ".filmstrip", steps)
             compare = f"{base}&p.tb_microscope.node=conv2&p.tb_microscope.compare=1"
             shoot(page, f"{compare}&p.tb_microscope.step2=0", "compare", ".pane", 64)
+            concepts = f"{base}&p.tb_microscope.node=pool2&p.tb_microscope.concepts=1"
+            shoot(page, concepts, "concepts", also=".concepts-grid[data-state='done']")
             nodes = len(tb_microscope.open_run(Path(args.logdir) / "demo").nodes)
             page.goto(base)  # the model page, once its dynamics heatmap is there
             rows = page.frame_locator("iframe[src*='tb_microscope']").locator(

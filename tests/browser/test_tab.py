@@ -745,6 +745,129 @@ def test_the_atlas_view_keeps_its_layout_over_steps_and_opens_a_cells_units(serv
     assert not errors, f"the page threw: {errors}"
 
 
+def concepts_of(frame, step, node, count, method, reference):
+    """The concepts route's answer, as the tab got it (from the cache by now)."""
+    query = (
+        f"concepts?run=demo&step={step}&node={node}&count={count}&method={method}"
+        f"&reference_step={reference}&quality=full"
+    )
+    return frame.evaluate(f"async () => (await fetch('{query}')).json()")
+
+
+def test_the_concepts_view_keeps_concept_k_over_steps_and_opens_a_concepts_page(served, browser):
+    base, logdir = served
+    steps = steps_of(logdir)
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    frame = open_tab(page, base, run="demo", node="pool2")
+    frame.locator("#view-concepts").click()  # the node's units / atlas / concepts switch
+    assert url_state(page)["concepts"] == "1"
+    grid = frame.locator(".concepts-grid")
+    expect(grid).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    expect(grid).to_have_attribute("data-step", str(steps[-1]))
+    expect(grid).to_have_attribute("data-reference-step", str(steps[-1]))
+    expect(grid).to_have_attribute("data-method", "nmf")
+    expect(frame.locator(".concept")).to_have_count(16)  # the default count
+    assert frame.locator(".concepts-note").is_hidden()  # pool2 is after a ReLU: nmf fits
+
+    # fewer concepts: the count picker
+    frame.locator("#concepts-count").select_option("8")
+    assert url_state(page)["count"] == "8"
+    expect(frame.locator(".concept")).to_have_count(8)
+    expect(grid).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    found = concepts_of(frame, steps[-1], "pool2", 8, "nmf", steps[-1])
+    pictures = frame.evaluate(IMAGES_JS, ".concept-picture")
+    assert len(pictures) == 8 and all(p["decoded"] and p["width"] == SIZE for p in pictures)
+    assert sum(p["std"] > 2 for p in pictures) >= 6, pictures
+    explained = frame.locator(".concepts-explained")
+    expect(explained).to_contain_text(f"R² {found['explained']:.2f}")
+    expect(explained).to_contain_text(
+        f"reconstructs {round(100 * found['explained'])}% of the activations' variance"
+    )
+    cell = frame.locator(".concept[data-concept='2']")
+    expect(cell.locator("figcaption")).to_contain_text("concept 2")
+    expect(cell.locator(".concept-similarity")).to_have_text("1.00")  # the reference step itself
+    units = cell.locator(".concept-units a")
+    assert [int(u.inner_text()) for u in units.all()] == found["units"][2]
+    shoot(page, "node-concepts")
+
+    # an earlier step: concept 2 stays in its element, its picture the new step's
+    handle = cell.element_handle()
+    frame.locator("#step").focus()
+    frame.locator("#step").press("Home")
+    expect(grid).to_have_attribute("data-step", str(steps[0]), timeout=WAIT_MS)
+    expect(grid).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    assert handle.evaluate("(el) => el.isConnected && el.dataset.concept") == "2"
+    src = handle.evaluate("(el) => el.querySelector('img').src")
+    assert f"step={steps[0]}&" in src and f"reference_step={steps[-1]}&" in src, src
+    assert "concept=2" in src
+    early = concepts_of(frame, steps[0], "pool2", 8, "nmf", steps[-1])
+    expect(cell.locator(".concept-similarity")).to_have_text(f"{early['similarity'][2]:.2f}")
+    first = frame.evaluate(IMAGES_JS, ".concept-picture")
+    assert all(p["decoded"] for p in first) and first[2]["hash"] != pictures[2]["hash"]
+    shoot(page, "node-concepts-step-0")
+
+    # concept 2's page: its picture, its examples, a frame per logged step and its similarity
+    frame.locator("#step").press("End")
+    expect(grid).to_have_attribute("data-step", str(steps[-1]), timeout=WAIT_MS)
+    cell.locator(".concept-frame").click()
+    assert url_state(page)["concept"] == "2" and url_state(page)["count"] == "8"
+    expect(frame.locator(".concept-view h2")).to_have_text("pool2 · concept 2")
+    expect(frame.locator(".crumbs")).to_contain_text("model › pool2 › concepts › concept 2")
+    big = frame.locator(".concept-big")
+    expect(big).to_have_attribute("data-step", str(steps[-1]), timeout=4 * WAIT_MS)
+    (shown,) = frame.evaluate(IMAGES_JS, ".concept-big")
+    assert shown["decoded"] and shown["hash"] == pictures[2]["hash"]
+    examples = frame.locator(".concept-example")
+    expect(examples).to_have_count(8, timeout=WAIT_MS)
+    top = [int(e.get_attribute("data-index")) for e in examples.all()]
+    assert top == found["top"][2][:8]
+    expect(examples.first).to_contain_text(f"probe #{top[0]} · code ")
+    frame.wait_for_function(
+        "() => [...document.querySelectorAll('.concept-crop')]"
+        ".every((img) => img.complete && img.naturalWidth)"
+    )
+    frames = wait_rendered(frame, ".concept-filmstrip", len(steps))
+    assert all(f["decoded"] and f["width"] == SIZE for f in frames)
+    labels = frame.locator(".concept-filmstrip figcaption").all_inner_texts()
+    assert labels == [str(s) for s in steps]
+    expect(frame.locator(".concept-chart")).to_have_attribute("data-values", str(len(steps)))
+    expect(frame.locator(".concept-chart circle")).to_have_count(len(steps))
+    shoot(page, "concept")
+
+    # Escape: back to the concepts, then to the node's units
+    page.keyboard.press("Escape")
+    expect(grid).to_be_visible()
+    assert "concept" not in url_state(page) and url_state(page)["concepts"] == "1"
+    page.keyboard.press("Escape")
+    expect(frame.locator(".node-view")).to_be_visible()
+    assert "concepts" not in url_state(page) and "count" not in url_state(page)
+    context.close()
+    assert not errors, f"the page threw: {errors}"
+
+
+def test_concepts_of_a_signed_node_fall_back_from_nmf_to_sae_unless_nmf_is_asked_for(served, page):
+    base, _ = served
+    frame = open_tab(page, base, run="demo", node="conv2", concepts=1, count=4)
+    grid = frame.locator(".concepts-grid")
+    expect(grid).to_have_attribute("data-state", "done", timeout=4 * WAIT_MS)
+    expect(grid).to_have_attribute("data-method", "sae")
+    note = frame.locator(".concepts-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("sparse autoencoder (sae)")
+    expect(frame.locator("#concepts-method")).to_have_value("sae")
+    assert "method" not in url_state(page)
+    shoot(page, "node-concepts-fallback")
+    # nmf picked: its error, as the server says it
+    frame.locator("#concepts-method").select_option("nmf")
+    assert url_state(page)["method"] == "nmf"
+    expect(grid).to_have_attribute("data-state", "failed", timeout=4 * WAIT_MS)
+    expect(frame.locator(".concepts-view .error")).to_contain_text("method='sae'")
+    assert frame.locator(".concepts-note").is_hidden()
+
+
 def test_polling_backs_off_and_stops_when_the_server_cannot_serve_what_it_calls_done(
     served, page, read_only
 ):
