@@ -750,6 +750,28 @@ def concept_attribution(
     is a non-negative least-squares fit and an SAE's a top-k of a ReLU, both 0 (with no
     gradient) wherever the concept is absent; for NMF's non-negative directions and the SAE's
     linear encoder the projection is what the code grows with. Needs the `[attribution]` extra."""
+    values, notes = concept_attribution_and_notes(
+        run, concepts, concept, image, method=method, device=device, model=model,
+        should_stop=should_stop,
+    )  # fmt: skip
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return values
+
+
+def concept_attribution_and_notes(
+    run: Run,
+    concepts: Concepts,
+    concept: int,
+    image: int | torch.Tensor,
+    *,
+    method: str = "integrated_gradients",
+    device: str | torch.device | None = None,
+    model: nn.Module | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """`concept_attribution`'s values, and the notes it would warn of, for a caller that shows
+    them itself (the plugin's tab)."""
     check_method(method)
     captum_attr()
     if isinstance(concept, bool) or not isinstance(concept, int | np.integer):
@@ -764,10 +786,7 @@ def concept_attribution(
     device = torch.device(device) if device is not None else default_device()
     model = frozen(model if model is not None else run.load_model(concepts.step, device))
     direction = torch.from_numpy(np.asarray(concepts.directions[int(concept)], np.float32))
-    values, notes = attribute(
+    return attribute(
         run, model, target, lambda: ConceptObjective(model, target, direction), pixels,
         method=method, device=device, should_stop=should_stop,
     )  # fmt: skip
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return values

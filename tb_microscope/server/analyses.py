@@ -17,7 +17,12 @@ import numpy as np
 
 from ..analysis.atlas import activation_atlas
 from ..analysis.attribution import attribution_and_notes, heat_map
-from ..analysis.concepts import concept_examples, concepts, render_concepts
+from ..analysis.concepts import (
+    concept_attribution_and_notes,
+    concept_examples,
+    concepts,
+    render_concepts,
+)
 from ..analysis.dynamics import align_units, model_dynamics, node_dynamics
 from ..analysis.examples import dataset_examples
 from ..analysis.history import unit_history
@@ -125,12 +130,16 @@ def _attribution(
         model=models.get(run, step),
         should_stop=should_stop,
     )
+    return _attribution_json(work, values, notes)
+
+
+def _attribution_json(work: Analysis, values: np.ndarray, notes: list[str]) -> dict:
     height, width = values.shape
     return {
         "unit": work.unit,
-        "step": step,
-        "image": image,
-        "method": method,
+        "step": work.option("step"),
+        "image": work.option("image"),
+        "method": work.option("attribution") or work.option("method"),
         "height": height,
         "width": width,
         "values": _significant(values),
@@ -229,6 +238,20 @@ def _concept_examples(
     return _examples_json(k, examples)
 
 
+def _concept_attribution(
+    service: Host, run: Run, work: Analysis, models: DeviceModels, should_stop, progress
+) -> dict:
+    """Which pixels of probe image `image` drive concept `work.unit` at the work's step (its
+    direction's projection as the objective, by the `attribution` method), as a unit's
+    attribution result has it (`unit` is the concept; `method` the attribution method)."""
+    found = _fitted_concepts(service, run, work, models, should_stop=should_stop)
+    values, notes = concept_attribution_and_notes(
+        run, found, work.unit, work.option("image"), method=work.option("attribution"),
+        device=models.device, model=models.get(run, found.step), should_stop=should_stop,
+    )  # fmt: skip
+    return _attribution_json(work, values, notes)
+
+
 def _history(
     service: Host, run: Run, work: Analysis, models: DeviceModels, should_stop, progress
 ) -> dict:
@@ -287,6 +310,7 @@ ADAPTERS: dict[str, Analyze] = {
     "atlas": _atlas,
     "concepts": _concepts,
     "concept-examples": _concept_examples,
+    "concept-attribution": _concept_attribution,
     "dynamics": _dynamics,
     "align": _align,
 }

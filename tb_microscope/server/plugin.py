@@ -676,8 +676,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         `method` (nmf by default), matched to `reference_step` (default: the last logged step,
         so that concept k stays in its place along the slider); their pictures at `quality`
         full or preview (an atlas's cells). With `concept` and `view=examples`: that concept's
-        `examples` (8 by default) strongest probe images instead. What is wrong in the request
-        is said before anything is queued."""
+        `examples` (8 by default) strongest probe images instead; with `concept`, `image` and
+        `view=attribution`: which pixels of probe image `image` drive the concept, by the
+        `attribution` method (one of METHODS; the first by default). What is wrong in the
+        request is said before anything is queued."""
         run, step, node = self._unit_args(ctx, experiment, args)
         self._probe_needed(run, "concepts are fitted to")
         count = capped_arg(
@@ -700,8 +702,25 @@ class MicroscopePlugin(base_plugin.TBPlugin):
                 args, "examples", 8, (1, 64), self._max_count, "--microscope_max_count"
             )
             return run, self._work(run, "concept-examples", node.name, concept, options, steps)
+        if view == "attribution":
+            concept = int_arg(args, "concept", None, 0, count - 1)
+            attribution = args.get("attribution") or METHODS[0]
+            if attribution not in METHODS:
+                raise errors.InvalidArgumentError(
+                    f"attribution must be one of {', '.join(METHODS)}, got {attribution!r}"
+                )
+            if args.get("image") is None:
+                raise errors.InvalidArgumentError("missing query parameter 'image' (a probe image)")
+            (image,) = self._probe_images(run, [int_arg(args, "image")])
+            with public_errors():
+                captum_attr()  # without Captum: a 400 naming the extra to install
+            options.update(image=image, attribution=attribution)
+            kind = "concept-attribution"
+            return run, self._work(run, kind, node.name, concept, options, steps)
         if view != "concepts":
-            raise errors.InvalidArgumentError(f"view must be concepts or examples, got {view!r}")
+            raise errors.InvalidArgumentError(
+                f"view must be concepts, examples or attribution, got {view!r}"
+            )
         quality = args.get("quality", "full")
         if quality not in self._atlas:
             raise errors.InvalidArgumentError(
@@ -716,7 +735,8 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         """A node's concepts at a step (see `analysis/concepts.py`): (202, status) while a
         worker computes them, then (200, what `Concepts.to_dict` holds, `size`, and `pictures`:
         concept k's picture's URL, relative to the plugin's routes). With `view=examples` and
-        `concept`: (200, that concept's dataset examples, as the examples route has a unit's)."""
+        `concept`: (200, that concept's dataset examples, as the examples route has a unit's);
+        with `view=attribution`: (200, the attribution, as the attribution route has a unit's)."""
         run, work = self._concepts_work(ctx, experiment, args)
         code, body = self._result(run, work)
         if code == 200 and work.kind == "concepts":

@@ -22,7 +22,7 @@ from werkzeug import wrappers
 
 import tb_microscope
 from tb_microscope.analysis.attribution import HEAT_ALPHA
-from tb_microscope.analysis.concepts import render_concepts
+from tb_microscope.analysis.concepts import concept_attribution_and_notes, render_concepts
 from tb_microscope.demo.train import train
 from tb_microscope.server.plugin import MicroscopePlugin
 from tb_microscope.store.local import RunStore
@@ -391,6 +391,13 @@ def test_concepts_through_the_route_are_the_librarys(client, logdir, tmp_path):
     codes = [e["activation"] for e in examples["examples"]]
     assert codes == sorted(codes, reverse=True) and codes[0] > 0
     assert all(e["crop"].startswith("data:image/png;base64,") for e in examples["examples"])
+    # which pixels of a probe image drive a concept: its direction's projection as the objective
+    image = result["top"][1][0]
+    found = wait_for_json(http, f"{query}&view=attribution&concept=1&image={image}")
+    values, notes = concept_attribution_and_notes(run, direct, 1, image, device="cpu")
+    assert (found["unit"], found["image"], found["method"]) == (1, image, "integrated_gradients")
+    np.testing.assert_allclose(np.array(found["values"]), values, rtol=1e-3, atol=1e-6)
+    assert found["notes"] == notes and found["overlay"].startswith("data:image/png;base64,")
     # the reference step itself: each concept is its own counterpart
     last = wait_for_json(http, "concepts?run=demo&step=10&node=pool2&count=4")
     assert last["similarity"] == [1.0] * 4 and last["step"] == last["reference_step"] == 10
@@ -413,7 +420,10 @@ def test_concepts_through_the_route_are_the_librarys(client, logdir, tmp_path):
             (f"{good}&quality=best", 400, b"quality must be one of full"),
             (f"{good}&view=examples", 400, b"missing query parameter 'concept'"),
             (f"{good}&view=examples&count=4&concept=4", 400, b"concept must be from 0 to 3"),
-            (f"{good}&view=units", 400, b"view must be concepts or examples"),
+            (f"{good}&view=units", 400, b"view must be concepts, examples or attribution"),
+            (f"{good}&view=attribution&concept=0", 400, b"missing query parameter 'image'"),
+            (f"{good}&view=attribution&concept=0&image=0&attribution=x", 400, b"attribution must"),
+            (f"{good}&view=attribution&concept=0&image=100000", 400, b"image"),
             (f"{query[9:]}&format=png&concept=9", 400, b"concept must be from 0 to 3"),
             ("run=demo&step=3&node=nope", 404, b"nope"),
         ],
