@@ -230,10 +230,10 @@ class MlflowServer:
     temporary folder); `stop()` kills it at once, `start()` brings it back on the same port and
     stores."""
 
+    log, ready = "gcs.log", "/storage/v1/b"
+
     def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(root)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -368,57 +368,40 @@ def lightning_module():
     return Module()
 
 
-class S3Server:
-    """A real S3-compatible server (`moto_server`) on 127.0.0.1 and a free port; `env` is the
-    environment a client needs (credentials, region, the endpoint for boto3 / s3fs and for
-    TensorBoard's S3_ENDPOINT). `pause()` / `resume()` stop and continue it (SIGSTOP / SIGCONT):
-    what a client sees of a store that hangs."""
+class StoreServer:
+    """A real object store's server process on 127.0.0.1 and a free port, in a session of its
+    own (so that signals reach all of it), logging to `root`/`log`. Subclasses say how it is
+    started (`command`) and where it answers once it is up (`ready`)."""
+
+    log = "server.log"
+    ready = "/"
 
     def __init__(self, root: Path):
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": self.url,
-            "S3_ENDPOINT": self.url,
-        }
         self.proc: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        moto = Path(sys.executable).parent / "moto_server"
-        with open(self.root / "moto.log", "a") as log:
+        with open(self.root / self.log, "a") as log:
             self.proc = subprocess.Popen(
-                [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "moto.log").read_text()[-3000:]
+            assert self.proc.poll() is None, (self.root / self.log).read_text()[-3000:]
             try:
-                with urllib.request.urlopen(self.url + "/moto-api/", timeout=5):
+                with urllib.request.urlopen(self.url + self.ready, timeout=5):
                     return
             except OSError:
                 time.sleep(0.2)
-        raise AssertionError("moto_server did not start: " + (self.root / "moto.log").read_text())
+        raise AssertionError(f"{type(self).__name__} did not start: {self.log_text()}")
 
-    def bucket(self, name: str) -> str:
-        """Create the bucket `name`; returns its URL, s3://name."""
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        ).create_bucket(Bucket=name)
-        return f"s3://{name}"
+    def log_text(self) -> str:
+        return (self.root / self.log).read_text()[-3000:]
 
     def pause(self) -> None:
         os.killpg(self.proc.pid, signal.SIGSTOP)
@@ -434,11 +417,55 @@ class S3Server:
         self.proc = None
 
 
+class S3Server(StoreServer):
+    """A real S3-compatible server (`moto_server`) on 127.0.0.1 and a free port; `env` is the
+    environment a client needs (credentials, region, the endpoint for boto3 / s3fs and for
+    TensorBoard's S3_ENDPOINT). `pause()` / `resume()` stop and continue it (SIGSTOP / SIGCONT):
+    what a client sees of a store that hangs."""
+
+    log, ready = "moto.log", "/moto-api/"
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.url,
+            "S3_ENDPOINT": self.url,
+        }
+
+    def command(self) -> list[str]:
+        moto = Path(sys.executable).parent / "moto_server"
+        return [str(moto), "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket `name`; returns its URL, s3://name."""
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """A moto S3 server for the module; the test process's environment points at it while the
     module runs (s3fs, boto3 and TensorBoard read it from there)."""
-    server = S3Server(tmp_path_factory.mktemp("s3"))
+    with serving(S3Server(tmp_path_factory.mktemp("s3"))) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(server: StoreServer):
+    """`server` started, and the test process's environment pointing at it (its `env`), until
+    the block ends: then the environment is as it was and the server stopped."""
     server.start()
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)
@@ -453,7 +480,7 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
-class GcsServer:
+class GcsServer(StoreServer):
     """A real GCS-compatible server (`gcp-storage-emulator`, pure Python, its JSON API) on
     127.0.0.1 and a free port; `env` is what a client needs: gcsfs reads the endpoint from
     STORAGE_EMULATOR_HOST and fsspec gives it the anonymous token from FSSPEC_GS_TOKEN.
@@ -462,39 +489,21 @@ class GcsServer:
     Control API for each bucket's layout, which an emulator does not serve; every such call waits
     out its timeout (30 s, retried) before gcsfs falls back to the JSON API."""
 
+    log, ready = "gcs.log", "/storage/v1/b"
+
     def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(root)
         self.env = {
             "STORAGE_EMULATOR_HOST": self.url,
             "FSSPEC_GS_TOKEN": "anon",
             "FSSPEC_GS_PROJECT": "test",
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         }
-        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
         emulator = Path(sys.executable).parent / "gcp-storage-emulator"
-        command = [str(emulator), "-d", str(self.root / "data"), "start"]
-        with open(self.root / "gcs.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [*command, "-H", "127.0.0.1", "--port", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "gcs.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.url + "/storage/v1/b", timeout=5):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(
-            "the GCS emulator did not start: " + (self.root / "gcs.log").read_text()
-        )
+        data = str(self.root / "data")
+        return [str(emulator), "-d", data, "start", "-H", "127.0.0.1", "--port", str(self.port)]
 
     def bucket(self, name: str) -> str:
         """Create the bucket `name` (through the JSON API); returns its URL, gs://name."""
@@ -506,12 +515,6 @@ class GcsServer:
         with urllib.request.urlopen(request, timeout=30):
             return f"gs://{name}"
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
 
 @pytest.fixture(scope="module")
 def gcs_server(tmp_path_factory):
@@ -519,32 +522,23 @@ def gcs_server(tmp_path_factory):
     point gcsfs at it while the module runs (the classic GCSFileSystem: see `GcsServer`)."""
     import fsspec
 
-    server = GcsServer(tmp_path_factory.mktemp("gcs"))
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    import gcsfs.core
-
     protocols = ("gs", "gcs")
-    classes = {p: fsspec.get_filesystem_class(p) for p in protocols}
-    config = {p: fsspec.config.conf.get(p) for p in protocols}
-    for p in protocols:  # gcsfs may have been imported before the variable was set
-        fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
-        fsspec.config.conf[p] = {"token": "anon", "project": "test"}
-    gcsfs.core.GCSFileSystem.clear_instance_cache()
-    try:
-        yield server
-    finally:
-        for p in protocols:
-            fsspec.register_implementation(p, classes[p], clobber=True)
-            if config[p] is None:
-                fsspec.config.conf.pop(p, None)
-            else:
-                fsspec.config.conf[p] = config[p]
+    with serving(GcsServer(tmp_path_factory.mktemp("gcs"))) as server:
+        import gcsfs.core  # after the environment is set: it reads some of it on import
+
+        classes = {p: fsspec.get_filesystem_class(p) for p in protocols}
+        config = {p: fsspec.config.conf.get(p) for p in protocols}
+        for p in protocols:  # gcsfs may have been imported before the variable was set
+            fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
+            fsspec.config.conf[p] = {"token": "anon", "project": "test"}
         gcsfs.core.GCSFileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+        try:
+            yield server
+        finally:
+            for p in protocols:
+                fsspec.register_implementation(p, classes[p], clobber=True)
+                if config[p] is None:
+                    fsspec.config.conf.pop(p, None)
+                else:
+                    fsspec.config.conf[p] = config[p]
+            gcsfs.core.GCSFileSystem.clear_instance_cache()

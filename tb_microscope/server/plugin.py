@@ -845,27 +845,25 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, overlay_png(body), "image/png")
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
 
-    @wrappers.Request.application
-    def _serve_atlas(self, request):
-        check_same_site(request)
+    def _json_or_picture(self, request, impl, picture_impl):
+        """A computed view's JSON (`impl`), or with `format=png` its picture (`picture_impl`);
+        either is a status (202) while it is computed."""
+        check_same_site(request)  # each of these routes starts work
         if request.args.get("format") == "png":
-            code, body = self.atlas_picture_impl(*self._context(request), request.args)
+            code, body = picture_impl(*self._context(request), request.args)
             if code == 200:
                 return http_util.Respond(request, body, "image/png")
         else:
-            code, body = self.atlas_impl(*self._context(request), request.args)
+            code, body = impl(*self._context(request), request.args)
         return http_util.Respond(request, json.dumps(body), "application/json", code=code)
 
     @wrappers.Request.application
+    def _serve_atlas(self, request):
+        return self._json_or_picture(request, self.atlas_impl, self.atlas_picture_impl)
+
+    @wrappers.Request.application
     def _serve_concepts(self, request):
-        check_same_site(request)
-        if request.args.get("format") == "png":
-            code, body = self.concepts_picture_impl(*self._context(request), request.args)
-            if code == 200:
-                return http_util.Respond(request, body, "image/png")
-        else:
-            code, body = self.concepts_impl(*self._context(request), request.args)
-        return http_util.Respond(request, json.dumps(body), "application/json", code=code)
+        return self._json_or_picture(request, self.concepts_impl, self.concepts_picture_impl)
 
     @wrappers.Request.application
     def _serve_probe(self, request):
