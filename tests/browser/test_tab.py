@@ -128,7 +128,18 @@ def wait_rendered(frame, selector, count):
     )
     failed = frame.locator(f"{selector} .cell[data-status='failed']")
     assert failed.count() == 0, failed.first.get_attribute("title")
-    return frame.evaluate(IMAGES_JS, f"{selector} .cell[data-status='done'] img")
+    images = f"{selector} .cell[data-status='done'] img"
+    wait_loaded(frame, images)  # a cell is done as its <img> is made, before it decodes
+    return frame.evaluate(IMAGES_JS, images)
+
+
+def wait_loaded(frame, selector):
+    """Wait until every <img> under `selector` has loaded (or failed to: then it has no size)."""
+    frame.wait_for_function(
+        "(selector) => [...document.querySelectorAll(selector)].every((img) => img.complete)",
+        arg=selector,
+        timeout=WAIT_MS,
+    )
 
 
 def assert_real_images(images, textured=0.75):
@@ -257,6 +268,7 @@ def assert_overlays(frame, selector, count, width=32):
     expect(frame.locator(f"{selector} [data-attribution='done']")).to_have_count(
         count, timeout=WAIT_MS
     )
+    wait_loaded(frame, f"{selector} img.attribution")
     overlays = frame.evaluate(IMAGES_JS, f"{selector} img.attribution")
     assert len(overlays) == count, overlays
     for overlay in overlays:
