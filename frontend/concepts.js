@@ -3,10 +3,12 @@
 // feature visualization. Each step's concepts are matched to those of a reference step (the run's
 // last logged step when the view opened), so moving the slider keeps concept k in its place and
 // swaps its picture. A concept's page shows it as a unit's page does: its picture, its dataset
-// examples, and a filmstrip over training with its similarity to the reference step.
+// examples (each with its attribution overlaid, when asked), and a filmstrip over training with
+// its similarity to the reference step.
 
 import {getResult, route} from './api.js';
-import {errorBox, h, lineChart, select, UnitCell} from './dom.js';
+import {AttributionControls, Attributions, errorBox, h, lineChart, OverlaidImage, select,
+  UnitCell} from './dom.js';
 import {nodeHead} from './node.js';
 
 export const METHODS = ['nmf', 'sae', 'pca'];
@@ -342,7 +344,9 @@ class ConceptFilmstrip {
 }
 
 // A concept's page: its picture large, its dataset examples at the step shown, and concept k over
-// training.
+// training. With the attribution on, each example shows which of its pixels drive the concept (by
+// the method picked); the overlay, its method and the attributions fetched are kept while the
+// steps are scrubbed.
 export class ConceptView {
   constructor(app, state, node) {
     Object.assign(this, {app, node, concept: state.concept});
@@ -355,6 +359,14 @@ export class ConceptView {
     this.pictureState = h('p', {class: 'muted concepts-status', role: 'status', text: 'waiting'});
     this.facts = h('div', {class: 'concept-facts'});
     this.examples = h('div', {class: 'examples concept-examples'});
+    this.exampleImages = [];  // [probe image index, its OverlaidImage]
+    const methods = app.settings.attribution_methods;
+    this.attributionOptions = {overlay: false, method: methods[0]};
+    this.controls = new AttributionControls(methods, this.attributionOptions, 'the concept',
+      () => this.showAttributions());
+    this.attributions = new Attributions((step, index, method, signal, onWait) => this.query.get(
+      step, {view: 'attribution', concept: this.concept, image: index, attribution: method},
+      signal, onWait, () => this.showNote()));
     this.filmstrip = new ConceptFilmstrip(app, this.query, state.concept);
     this.el = h('section', {class: 'concept-view'},
       h('div', {class: 'view-head'},
@@ -366,7 +378,9 @@ export class ConceptView {
       h('div', {class: 'unit-body'},
         h('div', {class: 'technique-panel'}, h('div', {class: 'concept-big-frame'}, this.picture),
           this.pictureState, this.facts,
-          h('h3', {text: 'Dataset examples: the probe images it is strongest on'}), this.examples),
+          h('h3', {text: 'Dataset examples: the probe images it is strongest on'}),
+          h('div', {class: 'examples-controls'}, ...this.controls.els), this.attributions.notes,
+          this.examples),
         h('div', {class: 'over-training'}, this.filmstrip.el)));
     this.showNote();
     this.update(state);
@@ -383,6 +397,7 @@ export class ConceptView {
     this.step = state.step;
     this.controller?.abort();
     this.controller = new AbortController();
+    this.attributions.restart();
     this.showPicture(state.step, this.controller.signal);
     this.showExamples(state.step, this.controller.signal);
     return true;
@@ -426,6 +441,8 @@ export class ConceptView {
   async showExamples(step, signal) {
     const waiting = h('p', {class: 'muted', text: 'loading…'});
     this.examples.replaceChildren(waiting);
+    delete this.examples.dataset.step;
+    this.exampleImages = [];
     try {
       const data = await this.query.get(step, {view: 'examples', concept: this.concept,
         examples: EXAMPLES}, signal, (wait) => {
@@ -439,22 +456,37 @@ export class ConceptView {
         const box = h('div', {class: 'box', style: `top:${100 * top / height}%;`
           + `left:${100 * left / width}%;height:${100 * (bottom - top) / height}%;`
           + `width:${100 * (right - left) / width}%`});
+        const image = new OverlaidImage(example.image, box, 'example-image',
+          `probe image ${example.index}`);
+        this.exampleImages.push([example.index, image]);
         return h('figure', {class: 'example concept-example', dataset: {index: example.index}},
-          h('div', {class: 'concept-shots'},
-            h('div', {class: 'example-image'}, h('img', {src: example.image,
-              alt: `probe image ${example.index}`}), box),
+          h('div', {class: 'concept-shots'}, image.el,
             h('img', {class: 'concept-crop', src: example.crop, alt: '',
               title: `the region of probe image ${example.index} where the concept is strongest`})),
           h('figcaption', {}, `probe #${example.index} · code ${example.activation.toFixed(2)}`));
       }));
       if (!data.examples.length) this.examples.replaceChildren(h('p', {text: 'no probe images'}));
+      this.examples.dataset.step = step;
+      this.showAttributions();
     } catch (error) {
       if (!signal.aborted) this.examples.replaceChildren(errorBox(error.message));
     }
   }
 
+  // Each example's attribution at the step shown, while the overlay is on.
+  showAttributions() {
+    this.attributions.restart();
+    this.controls.refresh();
+    const {overlay, method} = this.attributionOptions;
+    for (const [index, image] of this.exampleImages) {
+      if (!overlay) image.hide();
+      else this.attributions.get(this.step, index, method, (result) => image.show(result));
+    }
+  }
+
   destroy() {
     this.controller?.abort();
+    this.attributions.destroy();
     this.filmstrip.destroy();
   }
 }

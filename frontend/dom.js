@@ -1,5 +1,5 @@
 // Small DOM helpers and the widgets the views share: a unit's image cell, the step slider, a
-// select, and a line chart.
+// select, a line chart, and attribution over dataset examples (a unit's or a concept's).
 
 // h('div', {class: 'x', onclick: f}, child, 'text', ...): an element with attributes and children.
 export function h(tag, attrs = {}, ...children) {
@@ -162,4 +162,116 @@ export function lineChart(labels, series, {lo, hi, marker, onPick} = {}) {
     });
   }
   return svg;
+}
+
+// A probe image with an attribution's heat map over it (red raises the unit or concept, blue
+// lowers it); the heat map stays hidden until it is there, or while the overlay is off.
+export class OverlaidImage {
+  constructor(src, box, className = 'example-image', alt = '') {
+    this.overlay = h('img', {class: 'attribution', alt: '', hidden: true});
+    this.state = h('span', {class: 'attribution-state'});
+    this.el = h('div', {class: className}, h('img', {src, alt}), this.overlay, box, this.state);
+  }
+
+  // {status: 'queued' | 'running'} while it is computed, then the result, or {error}.
+  show(result) {
+    this.el.dataset.attribution = result.overlay ? 'done' : result.error ? 'failed' : 'waiting';
+    this.el.title = result.error || (result.overlay ? `${result.method.replace('_', ' ')}: `
+      + `from ${result.min.toPrecision(3)} to ${result.max.toPrecision(3)}, `
+      + `sum ${result.sum.toPrecision(3)}` : '');
+    this.state.textContent = result.overlay ? '' : result.error ? 'failed'
+      : result.status === 'running' ? 'computing…' : 'queued…';
+    if (result.overlay && this.overlay.getAttribute('src') !== result.overlay) {
+      this.overlay.src = result.overlay;
+    }
+    this.overlay.hidden = !result.overlay;
+  }
+
+  hide() {
+    this.overlay.hidden = true;
+    this.state.textContent = '';
+    delete this.el.dataset.attribution;
+    this.el.title = '';
+  }
+}
+
+// The attribution controls over dataset examples: an "attribution" checkbox, its method (one of
+// `methods`) and the heat map's key, for `what` ('the unit', 'the concept'). `options` holds the
+// overlay (on or off) and the method, kept by the page so that scrubbing the steps keeps them;
+// onChange() follows a change of either.
+export class AttributionControls {
+  constructor(methods, options, what, onChange) {
+    this.options = options;
+    this.toggle = h('input', {type: 'checkbox', id: 'attribution-overlay', checked: options.overlay,
+      onchange: () => {
+        options.overlay = this.toggle.checked;
+        onChange();
+      }});
+    this.methodSelect = select(methods.map((m) => [m, m.replace('_', ' ')]), options.method,
+      (method) => {
+        options.method = method;
+        onChange();
+      }, {id: 'attribution-method', 'aria-label': 'attribution method'});
+    this.legend = h('span', {class: 'heat-legend muted'}, h('span', {class: 'key raises'}),
+      `raises ${what}`, h('span', {class: 'key lowers'}), 'lowers it');
+    this.els = [h('label', {class: 'control'}, this.toggle, ' attribution'),
+      h('label', {class: 'control'}, 'method ', this.methodSelect), this.legend];
+    this.refresh();
+  }
+
+  // The method and the key dimmed while the overlay is off.
+  refresh() {
+    this.methodSelect.disabled = !this.options.overlay;
+    this.legend.classList.toggle('off', !this.options.overlay);
+  }
+}
+
+// The attributions a page of dataset examples shows: each asked of `fetch(step, index, method,
+// signal, onWait)` (a promise of the route's result) once, and kept in `results` (without its
+// values: the heat map says enough here) for the page's life; the notes they come with (a
+// method's caveat), in `this.notes`.
+export class Attributions {
+  constructor(fetch, results = new Map()) {
+    Object.assign(this, {fetch, results});
+    this.notes = h('p', {class: 'muted notes', hidden: true});
+    this.restart();
+  }
+
+  // Drops the requests in flight (the step, the method or the overlay changed).
+  restart() {
+    this.controller?.abort();
+    this.controller = new AbortController();
+  }
+
+  // The attribution of probe image `index` at `step` by `method`, to onResult as it comes (its
+  // waiting states first).
+  get(step, index, method, onResult) {
+    const key = `${step}|${index}|${method}`;
+    if (this.results.has(key)) {
+      this.note(this.results.get(key).notes);
+      onResult(this.results.get(key));
+      return;
+    }
+    onResult({status: 'queued'});
+    const signal = this.controller.signal;
+    this.fetch(step, index, method, signal, onResult).then((result) => {
+      const {values, ...shown} = result;
+      this.results.set(key, shown);
+      this.note(shown.notes);
+      if (!signal.aborted) onResult(shown);
+    }).catch((error) => {
+      if (!signal.aborted) onResult({error: error.message});
+    });
+  }
+
+  note(notes = []) {
+    const known = new Set(this.notes.textContent ? this.notes.textContent.split('\n') : []);
+    notes.forEach((note) => known.add(note));
+    this.notes.textContent = [...known].join('\n');
+    this.notes.hidden = !known.size;
+  }
+
+  destroy() {
+    this.controller?.abort();
+  }
 }

@@ -4,7 +4,8 @@
 // as an animation, and its evolution curve.
 
 import {getResult, watchUnits} from './api.js';
-import {errorBox, h, lineChart, select, UnitCell} from './dom.js';
+import {AttributionControls, Attributions, errorBox, h, lineChart, OverlaidImage, select,
+  UnitCell} from './dom.js';
 
 const FRAME_MS = 350;
 
@@ -148,38 +149,6 @@ function examplesOptions(app) {
     caricatures: false, results: new Map()};
 }
 
-// A probe image with an attribution's heat map over it (red raises the unit, blue lowers it);
-// the heat map stays hidden until it is there, or while the overlay is off.
-class OverlaidImage {
-  constructor(src, box, className = 'example-image') {
-    this.overlay = h('img', {class: 'attribution', alt: '', hidden: true});
-    this.state = h('span', {class: 'attribution-state'});
-    this.el = h('div', {class: className}, h('img', {src, alt: ''}), this.overlay, box,
-      this.state);
-  }
-
-  // {status: 'queued' | 'running'} while it is computed, then the result, or {error}.
-  show(result) {
-    this.el.dataset.attribution = result.overlay ? 'done' : result.error ? 'failed' : 'waiting';
-    this.el.title = result.error || (result.overlay ? `${result.method.replace('_', ' ')}: `
-      + `from ${result.min.toPrecision(3)} to ${result.max.toPrecision(3)}, `
-      + `sum ${result.sum.toPrecision(3)}` : '');
-    this.state.textContent = result.overlay ? '' : result.error ? 'failed'
-      : result.status === 'running' ? 'computing…' : 'queued…';
-    if (result.overlay && this.overlay.getAttribute('src') !== result.overlay) {
-      this.overlay.src = result.overlay;
-    }
-    this.overlay.hidden = !result.overlay;
-  }
-
-  hide() {
-    this.overlay.hidden = true;
-    this.state.textContent = '';
-    delete this.el.dataset.attribution;
-    this.el.title = '';
-  }
-}
-
 // The examples tab: the probe images that excite the unit most, its peak's region boxed. With the
 // overlay on, each example shows which of its pixels drive the unit (attribution, by the method
 // picked), and the example picked (the first, until one is clicked) has its attribution at every
@@ -189,15 +158,15 @@ class ExamplesPanel {
   constructor(app, state, options) {
     Object.assign(this, {app, state, options, examples: []});
     this.controller = new AbortController();
-    this.overlayToggle = h('input', {type: 'checkbox', id: 'attribution-overlay',
-      checked: options.overlay, onchange: () => this.setOverlay(this.overlayToggle.checked)});
-    this.methodSelect = select(app.settings.attribution_methods.map((m) => [m,
-      m.replace('_', ' ')]), options.method, (method) => this.setMethod(method),
-    {id: 'attribution-method', 'aria-label': 'attribution method'});
+    this.controls = new AttributionControls(app.settings.attribution_methods, options, 'the unit',
+      () => this.refresh());
+    const {run, node, unit} = state;
+    this.attributions = new Attributions((step, index, method, signal, onWait) => getResult(
+      'attribution', {run, step, node, unit, image: index, method}, signal, onWait),
+    options.results);
     this.caricatureToggle = h('input', {type: 'checkbox', id: 'caricatures',
       checked: options.caricatures,
       onchange: () => this.setCaricatures(this.caricatureToggle.checked)});
-    this.notes = h('p', {class: 'muted notes', hidden: true});
     this.grid = h('div', {class: 'examples'}, h('p', {class: 'muted', text: 'loading…'}));
     this.stripTitle = h('h3', {});
     this.strip = h('div', {class: 'strip'});
@@ -205,12 +174,9 @@ class ExamplesPanel {
       this.strip);
     this.el = h('div', {class: 'examples-panel'},
       h('div', {class: 'examples-controls'},
-        h('label', {class: 'control'}, this.overlayToggle, ' attribution'),
-        h('label', {class: 'control'}, 'method ', this.methodSelect),
-        h('span', {class: 'heat-legend muted'}, h('span', {class: 'key raises'}), 'raises the unit',
-          h('span', {class: 'key lowers'}), 'lowers it'),
+        ...this.controls.els,
         h('label', {class: 'control'}, this.caricatureToggle, ' caricatures')),
-      this.notes, this.grid, this.stripSection);
+      this.attributions.notes, this.grid, this.stripSection);
     const [, height, width] = app.run.probe?.shape || [0, 1, 1];
     getResult('examples', {run: state.run, step: state.step, node: state.node, unit: state.unit,
       count: 12}, this.controller.signal, waiting(this.grid.firstChild)).then((data) => {
@@ -239,16 +205,6 @@ class ExamplesPanel {
     return {example, image, caricature, el};
   }
 
-  setOverlay(on) {
-    this.options.overlay = on;
-    this.refresh();
-  }
-
-  setMethod(method) {
-    this.options.method = method;
-    this.refresh();
-  }
-
   setCaricatures(on) {
     this.options.caricatures = on;
     this.showCaricatures();
@@ -267,48 +223,17 @@ class ExamplesPanel {
   }
 
   refresh() {
-    this.attributions?.abort();
-    this.attributions = new AbortController();
-    const {overlay} = this.options;
-    this.methodSelect.disabled = !overlay;
+    this.attributions.restart();
+    const {overlay, method} = this.options;
+    this.controls.refresh();
     this.el.classList.toggle('overlaid', overlay);
     this.stripSection.hidden = !overlay || !this.examples.length;
     for (const {example, image} of this.examples) {
       if (!overlay) image.hide();
-      else this.attribute(this.state.step, example.index, (result) => image.show(result));
+      else this.attributions.get(this.state.step, example.index, method, (r) => image.show(r));
     }
     if (overlay) this.showStrip();
     this.showCaricatures();
-  }
-
-  // The attribution of probe image `index` at `step` by the current method, to onResult as it
-  // comes (its waiting states first); kept for the unit view's life.
-  attribute(step, index, onResult) {
-    const {run, node, unit} = this.state;
-    const {method, results} = this.options;
-    const key = `${step}|${index}|${method}`;
-    if (results.has(key)) {
-      onResult(results.get(key));
-      return;
-    }
-    onResult({status: 'queued'});
-    const signal = this.attributions.signal;
-    getResult('attribution', {run, step, node, unit, image: index, method}, signal, onResult)
-      .then((result) => {
-        const {values, ...shown} = result;  // the heat map says enough here; keep it light
-        results.set(key, shown);
-        this.note(result.notes);
-        if (!signal.aborted) onResult(shown);
-      }).catch((error) => {
-        if (!signal.aborted) onResult({error: error.message});
-      });
-  }
-
-  note(notes = []) {
-    const known = new Set(this.notes.textContent ? this.notes.textContent.split('\n') : []);
-    notes.forEach((note) => known.add(note));
-    this.notes.textContent = [...known].join('\n');
-    this.notes.hidden = !known.size;
   }
 
   // The selected example's attribution at every logged step, the current step marked; a frame
@@ -322,7 +247,7 @@ class ExamplesPanel {
       + `(${this.options.method.replace('_', ' ')}) at every logged step`;
     this.strip.replaceChildren(...this.app.run.steps.map((step) => {
       const frame = new OverlaidImage(image, null, 'strip-image');
-      this.attribute(step, index, (result) => frame.show(result));
+      this.attributions.get(step, index, this.options.method, (result) => frame.show(result));
       return h('a', {class: `strip-frame${step === this.state.step ? ' current' : ''}`,
         href: this.app.link({step}), dataset: {step},
         onclick: (event) => {
@@ -351,7 +276,7 @@ class ExamplesPanel {
 
   destroy() {
     this.controller.abort();
-    this.attributions?.abort();
+    this.attributions.destroy();
     this.caricatureController?.abort();
   }
 }

@@ -128,7 +128,18 @@ def wait_rendered(frame, selector, count):
     )
     failed = frame.locator(f"{selector} .cell[data-status='failed']")
     assert failed.count() == 0, failed.first.get_attribute("title")
-    return frame.evaluate(IMAGES_JS, f"{selector} .cell[data-status='done'] img")
+    images = f"{selector} .cell[data-status='done'] img"
+    wait_loaded(frame, images)  # a cell is done as its <img> is made, before it decodes
+    return frame.evaluate(IMAGES_JS, images)
+
+
+def wait_loaded(frame, selector):
+    """Wait until every <img> under `selector` has loaded (or failed to: then it has no size)."""
+    frame.wait_for_function(
+        "(selector) => [...document.querySelectorAll(selector)].every((img) => img.complete)",
+        arg=selector,
+        timeout=WAIT_MS,
+    )
 
 
 def assert_real_images(images, textured=0.75):
@@ -257,6 +268,7 @@ def assert_overlays(frame, selector, count, width=32):
     expect(frame.locator(f"{selector} [data-attribution='done']")).to_have_count(
         count, timeout=WAIT_MS
     )
+    wait_loaded(frame, f"{selector} img.attribution")
     overlays = frame.evaluate(IMAGES_JS, f"{selector} img.attribution")
     assert len(overlays) == count, overlays
     for overlay in overlays:
@@ -754,6 +766,20 @@ def concepts_of(frame, step, node, count, method, reference):
     return frame.evaluate(f"async () => (await fetch('{query}')).json()")
 
 
+def concept_attribution(frame, step, concept, image, reference):
+    """The integrated gradients of probe image `image` for concept `concept` of pool2's 8 nmf
+    concepts matched to step `reference`, as the tab got it (from the cache by now)."""
+    query = (
+        f"concepts?run=demo&step={step}&node=pool2&count=8&method=nmf&reference_step={reference}"
+        f"&view=attribution&concept={concept}&image={image}&attribution=integrated_gradients"
+    )
+    status, body = frame.evaluate(
+        f"async () => {{ const r = await fetch('{query}'); return [r.status, await r.json()]; }}"
+    )
+    assert status == 200, body
+    return body
+
+
 def test_the_concepts_view_keeps_concept_k_over_steps_and_opens_a_concepts_page(served, browser):
     base, logdir = served
     steps = steps_of(logdir)
@@ -837,7 +863,36 @@ def test_the_concepts_view_keeps_concept_k_over_steps_and_opens_a_concepts_page(
     expect(frame.locator(".concept-chart circle")).to_have_count(len(steps))
     shoot(page, "concept")
 
-    # Escape: back to the concepts, then to the node's units
+    # its examples' attribution: which pixels drive the concept, each as the route has it
+    assert frame.locator(".concept-example img.attribution:visible").count() == 0  # off until asked
+    methods = frame.locator("#attribution-method option").all_inner_texts()
+    assert methods == ["integrated gradients", "saliency", "guided backprop"]
+    frame.locator("#attribution-overlay").check()
+    assert_overlays(frame, ".concept-examples", 8)
+    attribution = concept_attribution(frame, steps[-1], 2, top[0], steps[-1])
+    assert (attribution["unit"], attribution["image"]) == (2, top[0])
+    overlay = examples.first.locator("img.attribution")
+    assert overlay.get_attribute("src") == attribution["overlay"]
+    expect(examples.first.locator(".example-image")).to_have_attribute(
+        "title", re.compile(r"^integrated gradients: from ")
+    )
+    shoot(page, "concept-attribution")
+    # an earlier step: the overlay stays on, each example's heat map the new step's
+    frame.locator("#step").focus()
+    frame.locator("#step").press("Home")
+    expect(frame.locator(".concept-examples")).to_have_attribute(
+        "data-step", str(steps[0]), timeout=WAIT_MS
+    )
+    assert frame.locator("#attribution-overlay").is_checked()
+    assert_overlays(frame, ".concept-examples", 8)
+    early = int(examples.first.get_attribute("data-index"))
+    attribution = concept_attribution(frame, steps[0], 2, early, steps[-1])
+    assert examples.first.locator("img.attribution").get_attribute("src") == attribution["overlay"]
+    frame.locator("#attribution-overlay").uncheck()
+    assert frame.locator(".concept-example img.attribution:visible").count() == 0
+
+    # Escape (from the page, not a control): back to the concepts, then to the node's units
+    frame.locator(".concept-view h2").click()
     page.keyboard.press("Escape")
     expect(grid).to_be_visible()
     assert "concept" not in url_state(page) and url_state(page)["concepts"] == "1"
