@@ -230,10 +230,10 @@ class MlflowServer:
     temporary folder); `stop()` kills it at once, `start()` brings it back on the same port and
     stores."""
 
-    log, ready = "gcs.log", "/storage/v1/b"
-
     def __init__(self, root: Path):
-        super().__init__(root)
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
