@@ -629,13 +629,10 @@ class MicroscopePlugin(base_plugin.TBPlugin):
         options = {"image": image, "method": method}
         return self._analysis(ctx, experiment, args, "attribution", options)
 
-    def _atlas_work(self, ctx, experiment: str, args) -> tuple[object, Analysis]:
-        """The run and the atlas work a request names: `grid` cells a side (20 by default),
-        `quality` full or preview, laid out at `layout_step` (default: the last logged step,
-        so that every step of the slider shares one layout)."""
-        run, step, node = self._unit_args(ctx, experiment, args)
-        self._probe_needed(run, "an activation atlas is made of")
-        grid = capped_arg(args, "grid", 20, limits.GRID, self._max_grid, "--microscope_max_grid")
+    def _atlas_quality(self, args) -> dict:
+        """The `preview`, `size` and `iterations` of an atlas's cells (or concepts' pictures) at
+        the request's `quality`, full (the default) or preview (full where no preview would be
+        cheaper)."""
         quality = args.get("quality", "full")
         if quality not in self._atlas:
             raise errors.InvalidArgumentError(
@@ -643,11 +640,20 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             )
         preview = quality == "preview" and self._atlas["preview"] is not None
         settings = self._atlas["preview" if preview else "full"]
+        return {"preview": preview, "size": settings.size, "iterations": settings.iterations}
+
+    def _atlas_work(self, ctx, experiment: str, args) -> tuple[object, Analysis]:
+        """The run and the atlas work a request names: `grid` cells a side (20 by default),
+        `quality` full or preview, laid out at `layout_step` (default: the last logged step,
+        so that every step of the slider shares one layout)."""
+        run, step, node = self._unit_args(ctx, experiment, args)
+        self._probe_needed(run, "an activation atlas is made of")
+        grid = capped_arg(args, "grid", 20, limits.GRID, self._max_grid, "--microscope_max_grid")
         layout_step = run.steps[-1]
         if args.get("layout_step") is not None:
             layout_step = self._step(run, args, "layout_step")
-        options = {"step": step, "grid": grid, "layout_step": layout_step, "preview": preview}
-        options.update(size=settings.size, iterations=settings.iterations)
+        options = {"step": step, "grid": grid, "layout_step": layout_step}
+        options.update(self._atlas_quality(args))
         steps = sorted({step, layout_step})
         return run, self._work(run, "atlas", node.name, 0, options, steps)
 
@@ -721,14 +727,7 @@ class MicroscopePlugin(base_plugin.TBPlugin):
             raise errors.InvalidArgumentError(
                 f"view must be concepts, examples or attribution, got {view!r}"
             )
-        quality = args.get("quality", "full")
-        if quality not in self._atlas:
-            raise errors.InvalidArgumentError(
-                f"quality must be one of {', '.join(self._atlas)}, got {quality!r}"
-            )
-        preview = quality == "preview" and self._atlas["preview"] is not None
-        settings = self._atlas["preview" if preview else "full"]
-        options.update(preview=preview, size=settings.size, iterations=settings.iterations)
+        options.update(self._atlas_quality(args))
         return run, self._work(run, "concepts", node.name, 0, options, steps)
 
     def concepts_impl(self, ctx, experiment: str, args) -> tuple[int, dict]:
