@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import io
 import sys
-from pathlib import Path
 
 from ..limits import check_grid, check_iterations, check_size
-from .common import device_of, open_one_run, png_output
+from .common import check_given, device_of, open_one_run, png_output, write_png
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
-    for value, check, flag in (
+    check_given(
         (args.size, check_size, "--size"),
         (args.iterations, check_iterations, "--iterations"),
         (args.grid, check_grid, "--grid"),
-    ):
-        if value is not None:
-            check(value, flag)
+    )
     png_output(args.output, "atlas.png")
     run = open_one_run(args.run, args.allow_pickle)
-    from PIL import Image
-
     from ..analysis.atlas import activation_atlas
-    from ..store.local import write_bytes_atomic
 
     device = device_of(args.device)
 
@@ -48,9 +41,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
         progress=progress,
     )
     sys.stderr.write("\n")
-    buffer = io.BytesIO()
-    Image.fromarray(found.image).save(buffer, format="PNG")
-    write_bytes_atomic(Path(args.output), buffer.getvalue())
+    write_png(args.output, found.image)
     side = found.image.shape[0]
     print(
         f"{found.node} at step {found.step}: {len(found.cells)} of {found.grid}x{found.grid} "

@@ -92,6 +92,22 @@ def png_output(output: str, example: str) -> None:
         raise MicroscopeError(f"--output is a PNG file ({example}); got {output!r}")
 
 
+def check_given(*checks) -> None:
+    """Each (value, check, flag) whose value was given (not None) checked, before any work: a
+    value out of bounds is an error naming its flag."""
+    for value, check, flag in checks:
+        if value is not None:
+            check(value, flag)
+
+
+def write_png(output: str, image) -> None:
+    """`image` (uint8 H x W x 3, or x 4) written to `output` as a PNG, whole or not at all."""
+    from ..execution.cache import encode_picture
+    from ..store.local import write_bytes_atomic
+
+    write_bytes_atomic(Path(output), encode_picture(image))
+
+
 def device_of(text: str | None):
     """The torch device `--device` names (None: the default), or an error naming the flag."""
     import torch

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
-from pathlib import Path
 
 from ..limits import check_concepts, check_iterations, check_size
-from .common import device_of, open_one_run, png_output
+from .common import check_given, device_of, open_one_run, png_output, write_png
 
 BLANK = 255  # the grey level of the grid's unused tiles (white)
 
@@ -29,18 +27,12 @@ def grid_of(pictures, columns: int):
 
 def cmd_concepts(args: argparse.Namespace) -> int:
     check_concepts(args.count, "--count")
-    for value, check, flag in (
-        (args.size, check_size, "--size"),
-        (args.iterations, check_iterations, "--iterations"),
-    ):
-        if value is not None:
-            check(value, flag)
+    check_given(
+        (args.size, check_size, "--size"), (args.iterations, check_iterations, "--iterations")
+    )
     png_output(args.output, "concepts.png")
     run = open_one_run(args.run, args.allow_pickle)
-    from PIL import Image
-
     from ..analysis.concepts import concepts, render_concepts
-    from ..store.local import write_bytes_atomic
 
     device = device_of(args.device)
 
@@ -75,9 +67,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     )
     sys.stderr.write("\n")
     columns = math.ceil(math.sqrt(found.count))
-    buffer = io.BytesIO()
-    Image.fromarray(grid_of(pictures, columns)).save(buffer, format="PNG")
-    write_bytes_atomic(Path(args.output), buffer.getvalue())
+    write_png(args.output, grid_of(pictures, columns))
     rows, size = math.ceil(found.count / columns), pictures.shape[1]
     print(
         f"{found.count} concepts of {found.node} at step {found.step} by {found.method} explain "
