@@ -19,27 +19,15 @@ Prints each time, the cells drawn, and the process's peak resident memory after 
 """
 
 import argparse
-import resource
 import tempfile
-import time
 
 import torch
 import torchvision
+from timing import peak_mib, timed
 
 import tb_microscope
 from tb_microscope.demo.data import CLASSES, make_images
 from tb_microscope.execution.cache import RenderCache
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def timed(label: str, work):
-    start = time.perf_counter()
-    result = work()
-    print(f"{label:<62} {time.perf_counter() - start:8.1f} s   peak RSS {peak_mib():6.0f} MiB")
-    return result
 
 
 def main() -> None:

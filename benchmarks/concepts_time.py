@@ -22,13 +22,14 @@ extras.
 """
 
 import argparse
-import resource
+import functools
 import tempfile
-import time
 
 import numpy as np
 import torch
 import torchvision
+from timing import peak_mib
+from timing import timed as timed_line
 
 import tb_microscope
 from tb_microscope.analysis.atlas import sampled_activations
@@ -37,16 +38,7 @@ from tb_microscope.demo.data import CLASSES, make_images
 from tb_microscope.execution.cache import RenderCache
 from tb_microscope.optvis.tap import frozen
 
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def timed(label: str, work):
-    start = time.perf_counter()
-    result = work()
-    print(f"{label:<66} {time.perf_counter() - start:8.2f} s   peak RSS {peak_mib():6.0f} MiB")
-    return result
+timed = functools.partial(timed_line, width=66, digits=2)
 
 
 def main() -> None:
