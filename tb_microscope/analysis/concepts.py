@@ -67,6 +67,7 @@ from ..optvis.engine import default_device
 from ..optvis.param import canvas_for
 from ..optvis.probe import as_rgb, probe_images
 from ..optvis.tap import NodeTap, frozen
+from ..optvis.torch_state import restores_torch_state
 from ..run import Run, open_run
 from .atlas import (
     MAX_SAMPLES,
@@ -485,6 +486,7 @@ def needs_library(method: str) -> None:
         overcomplete_sae()
 
 
+@restores_torch_state
 def concepts(
     run: Run | str,
     step: int,
@@ -616,6 +618,7 @@ def _pictures_key(run: Run, concepts: Concepts, size: int, iterations: int) -> R
     )
 
 
+@restores_torch_state
 def render_concepts(
     run: Run,
     concepts: Concepts,
@@ -668,6 +671,7 @@ def render_concepts(
     return pictures
 
 
+@restores_torch_state
 def concept_examples(
     run: Run,
     concepts: Concepts,
@@ -759,6 +763,7 @@ def concept_attribution(
     return values
 
 
+@restores_torch_state
 def concept_attribution_and_notes(
     run: Run,
     concepts: Concepts,

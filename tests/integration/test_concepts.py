@@ -324,6 +324,24 @@ def test_pictures_examples_and_attribution_of_concepts(logged, cache):
         concept_attribution(run, found, 4, image)
 
 
+def test_concepts_are_made_inside_a_callers_no_grad_block(logged, tmp_path):
+    """As every analysis: called from `torch.no_grad()` (a notebook, a validation hook), the
+    pictures' optimization and the examples' boxes still have gradients to follow."""
+    run, _ = logged
+    found = tb_microscope.concepts(run, 1, "mix", count=KINDS, cache_dir=tmp_path / "a")
+    pictures = render_concepts(run, found, size=16, iterations=4, cache_dir=tmp_path / "a")
+    examples = concept_examples(run, found, count=2, device="cpu")
+    with torch.no_grad():
+        again = tb_microscope.concepts(run, 1, "mix", count=KINDS, cache_dir=tmp_path / "b")
+        redrawn = render_concepts(run, again, size=16, iterations=4, cache_dir=tmp_path / "b")
+        boxes = concept_examples(run, again, count=2, device="cpu")
+        heat = concept_attribution(run, again, 0, 0, method="saliency", device="cpu")
+    np.testing.assert_array_equal(redrawn, pictures)
+    assert [[e.box for e in c] for c in boxes] == [[e.box for e in c] for c in examples]
+    assert np.abs(heat).max() > 0
+    assert torch.is_grad_enabled()
+
+
 def test_the_cli_writes_the_concepts_as_a_png_grid(logged, tmp_path, capsys):
     run, _ = logged
     out = tmp_path / "concepts.png"
