@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..limits import check_grid, check_iterations, check_size
-from .common import check_given, device_of, open_one_run, png_output, write_png
+from .common import (
+    check_given,
+    device_of,
+    fraction_line,
+    open_one_run,
+    png_output,
+    write_png,
+)
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -21,26 +27,22 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     device = device_of(args.device)
 
-    def progress(fraction: float) -> None:
-        sys.stderr.write(f"\ratlas of {args.node} at step {args.step}: {fraction:4.0%}")
-        sys.stderr.flush()
-
-    found = activation_atlas(
-        run,
-        args.step,
-        args.node,
-        grid=args.grid,
-        size=args.size,
-        iterations=args.iterations,
-        seed=args.seed,
-        device=device,
-        layout_step=args.layout_step,
-        preview=args.preview,
-        layout_method=args.layout,
-        cache_dir=args.cache_dir,
-        progress=progress,
-    )
-    sys.stderr.write("\n")
+    with fraction_line(f"atlas of {args.node} at step {args.step}") as progress:
+        found = activation_atlas(
+            run,
+            args.step,
+            args.node,
+            grid=args.grid,
+            size=args.size,
+            iterations=args.iterations,
+            seed=args.seed,
+            device=device,
+            layout_step=args.layout_step,
+            preview=args.preview,
+            layout_method=args.layout,
+            cache_dir=args.cache_dir,
+            progress=progress,
+        )
     write_png(args.output, found.image)
     side = found.image.shape[0]
     print(

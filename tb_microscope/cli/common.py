@@ -4,6 +4,7 @@ stdout or a file."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,6 +99,25 @@ def check_given(*checks) -> None:
     for value, check, flag in checks:
         if value is not None:
             check(value, flag)
+
+
+@contextlib.contextmanager
+def fraction_line(what: str):
+    """A report of the fraction done (`what: 42%`, rewritten in place on stderr) for the block,
+    whose line is ended when the block ends, however it ends: an error is then said on a line
+    of its own."""
+    written = []
+
+    def report(fraction: float) -> None:
+        sys.stderr.write(f"\r{what}: {fraction:4.0%}")
+        sys.stderr.flush()
+        written.append(True)
+
+    try:
+        yield report
+    finally:
+        if written:
+            sys.stderr.write("\n")
 
 
 def write_png(output: str, image) -> None:

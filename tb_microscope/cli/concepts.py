@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from ..limits import check_concepts, check_iterations, check_size
-from .common import check_given, device_of, open_one_run, png_output, write_png
+from .common import (
+    check_given,
+    device_of,
+    fraction_line,
+    open_one_run,
+    png_output,
+    write_png,
+)
 
 BLANK = 255  # the grey level of the grid's unused tiles (white)
 
@@ -36,36 +42,31 @@ def cmd_concepts(args: argparse.Namespace) -> int:
 
     device = device_of(args.device)
 
-    def progress(what: str):
-        def report(fraction: float) -> None:
-            sys.stderr.write(f"\r{what} of {args.node} at step {args.step}: {fraction:4.0%}")
-            sys.stderr.flush()
-
-        return report
-
-    found = concepts(
-        run,
-        args.step,
-        args.node,
-        count=args.count,
-        method=args.method,
-        seed=args.seed,
-        device=device,
-        reference_step=args.reference_step,
-        cache_dir=args.cache_dir,
-        progress=progress("concepts"),
-    )
-    pictures = render_concepts(
-        run,
-        found,
-        size=args.size,
-        iterations=args.iterations,
-        preview=args.preview,
-        device=device,
-        cache_dir=args.cache_dir,
-        progress=progress("pictures"),
-    )
-    sys.stderr.write("\n")
+    where = f"of {args.node} at step {args.step}"
+    with fraction_line(f"concepts {where}") as progress:
+        found = concepts(
+            run,
+            args.step,
+            args.node,
+            count=args.count,
+            method=args.method,
+            seed=args.seed,
+            device=device,
+            reference_step=args.reference_step,
+            cache_dir=args.cache_dir,
+            progress=progress,
+        )
+    with fraction_line(f"pictures {where}") as progress:
+        pictures = render_concepts(
+            run,
+            found,
+            size=args.size,
+            iterations=args.iterations,
+            preview=args.preview,
+            device=device,
+            cache_dir=args.cache_dir,
+            progress=progress,
+        )
     columns = math.ceil(math.sqrt(found.count))
     write_png(args.output, grid_of(pictures, columns))
     rows, size = math.ceil(found.count / columns), pictures.shape[1]
